@@ -1,0 +1,46 @@
+# nfvi: `make test` and `make reproduce` set themselves up on first use (a .venv in this folder).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch/torchvision versions installed into the venv; override e.g. TORCH="torch torchvision" for the newest.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+PROFILE ?= quick
+export NFVI_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),./data)
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-fast lint reproduce report bench clean-outputs
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
+	@echo "  variables: PROFILE=smoke|quick|paper (reproduce), NFVI_DATA=<data folder>, TORCH=<pip spec>"
+
+$(BIN)/nfvi: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install $(TORCH)
+	$(BIN)/pip install -e '.[dev,launchers,uci]'
+	@touch $@
+
+install: $(BIN)/nfvi ## create .venv and install nfvi (editable) with dev extras
+
+test: $(BIN)/nfvi ## set up, then run the whole test suite (under 10 minutes on 2 CPU cores)
+	$(BIN)/pytest -q
+
+test-fast: $(BIN)/nfvi ## set up, then run the tests not marked slow
+	$(BIN)/pytest -q -m "not slow"
+
+lint: $(BIN)/nfvi ## ruff check and format check
+	$(BIN)/ruff check nfvi tests benchmarks
+	$(BIN)/ruff format --check nfvi tests benchmarks
+
+reproduce: $(BIN)/nfvi ## set up, then run the paper's experiments at PROFILE (smoke|quick|paper), tables and figures
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/reproduce.sh $(PROFILE)
+
+report: $(BIN)/nfvi ## rebuild every table and figure from outputs/
+	$(BIN)/nfvi report
+
+bench: $(BIN)/nfvi ## speed and quality benchmarks (tables in benchmarks/results/)
+	$(BIN)/python -m benchmarks.run
+
+clean-outputs: ## delete outputs/ (all runs!)
+	rm -rf outputs/* && touch outputs/.gitkeep

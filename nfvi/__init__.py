@@ -1,0 +1,17 @@
+"""nfvi: variational inference with normalizing flows (Rezende & Mohamed, ICML 2015).
+
+Public API: :mod:`nfvi.flows` (``build_flow``), :mod:`nfvi.transforms`, :mod:`nfvi.energies`
+(``ENERGIES``), :func:`nfvi.load_model` and :mod:`nfvi.evaluate` (``log_marginal_likelihood``).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["__version__", "load_model"]
+
+
+def load_model(run_dir):
+    """The trained VAE of a ``nfvi train`` run directory, in eval mode (see :mod:`nfvi.vae.model`)."""
+    from nfvi.vae.checkpoint import load_model as _load
+
+    return _load(run_dir)

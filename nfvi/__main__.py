@@ -1,0 +1,3 @@
+from nfvi.cli import main
+
+main()

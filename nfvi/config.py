@@ -1,0 +1,107 @@
+"""Typed config schemas shared by every command, registered in Hydra's ConfigStore.
+
+Each YAML option under ``conf/<group>/`` lists its schema (``base_<group>``) first in its defaults,
+so a misspelled key or a value of the wrong type fails at composition with Hydra's message. Each
+command module (``nfvi.energy_fit``, ``nfvi.vae.train``, ...) defines its own primary schema next to
+its code and registers it as ``base_<command>`` with :func:`store`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from nfvi.errors import NfviError, check_choice, check_range
+from nfvi.flows import FLOW_KINDS, Flow, build_flow
+
+__all__ = [
+    "FlowConfig",
+    "OptimConfig",
+    "PathsConfig",
+    "store",
+    "flow_from_config",
+    "optimizer_from_config",
+    "select_device",
+]
+
+
+@dataclass
+class FlowConfig:
+    """``flow=<kind>`` picks the option; ``flow.length=K`` the number of layers (0 = identity)."""
+
+    kind: str = "planar"
+    length: int = 10
+    hidden: int = 64  # nice: width of each coupling MLP
+    mix: str = "alternate"  # nice: alternate | permute
+    w_floor: float = 0.1  # planar, amortized only: ||w|| >= w_floor (paper.md section 13)
+
+
+@dataclass
+class OptimConfig:
+    """``optim=rmsprop|adam|adamax``; ``momentum`` is used by rmsprop only."""
+
+    name: str = "rmsprop"
+    lr: float = 1e-5
+    momentum: float = 0.9
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class PathsConfig:
+    """Where data live and where runs go. ``NFVI_DATA`` sets the default data root."""
+
+    data_dir: str = "${oc.env:NFVI_DATA,./data}"
+    output_dir: str = "outputs"
+
+
+OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam, "adamax": torch.optim.Adamax}
+
+
+def store(name: str, node, group: str | None = None) -> None:
+    """Register a schema ``node`` under ``name`` (and ``group``) in Hydra's ConfigStore."""
+    ConfigStore.instance().store(name=name, node=node, group=group)
+
+
+store("base_flow", FlowConfig, group="flow")
+store("base_optim", OptimConfig, group="optim")
+store("base_paths", PathsConfig, group="paths")
+
+
+def flow_from_config(cfg: FlowConfig | DictConfig, dim: int, context_dim: int = 0) -> Flow:
+    """``build_flow`` with the options of ``cfg`` that apply to its kind."""
+    check_choice("flow", cfg.kind, FLOW_KINDS)
+    options = {}
+    if cfg.kind == "nice":
+        options = {"hidden": cfg.hidden, "mix": cfg.mix}
+    elif cfg.kind == "planar" and context_dim > 0:
+        options = {"w_floor": cfg.w_floor}
+    return build_flow(cfg.kind, dim, cfg.length, context_dim=context_dim, **options)
+
+
+def optimizer_from_config(cfg: OptimConfig | DictConfig, params) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg.name`` with its settings."""
+    check_choice("optim.name", cfg.name, OPTIMIZERS)
+    check_range("optim.lr", cfg.lr, low=0.0, kind="a positive learning rate")
+    kwargs = {"lr": cfg.lr, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    if cfg.name == "rmsprop":
+        kwargs["momentum"] = cfg.momentum
+    return OPTIMIZERS[cfg.name](params, **kwargs)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; ``cpu``, ``cuda`` or ``cuda:N`` force one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise NfviError(f"device={name!r} is not allowed; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NfviError(f"device={name!r} was asked for but CUDA is not available here; use device=auto or cpu")
+    return device
+
+
