@@ -39,20 +39,42 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+SKIP_PREFIXES = ("full_key:", "object_type=", "reference_type=", "To append", "Config search path", "provider=", "path=")
+
+
 def one_line(exc: BaseException) -> str:
-    """Fold an exception (and its causes) into one line, dropping Hydra's hints and OmegaConf's key dumps."""
+    """Fold an exception (and its causes) into one line, dropping Hydra's hints and OmegaConf's key dumps.
+
+    Hydra's "Available options in 'flow':" block becomes a comma-separated list without the ``base_*`` schemas.
+    """
     parts: list[str] = []
     while exc is not None:
-        for line in str(exc).splitlines():
-            line = line.strip()
-            if not line or line.startswith(("full_key:", "object_type=", "reference_type=", "To append", "Config search path")):
+        options: list[str] | None = None
+        for raw in str(exc).splitlines():
+            line = raw.strip()
+            if not line or line.startswith(SKIP_PREFIXES):
                 continue
-            if line.startswith(("provider=", "path=", "file://", "pkg://", "structured://")):
-                continue
-            if line not in parts:
+            if line.startswith("Available options in"):
+                parts.append(line.rstrip(":"))
+                options = []
+            elif options is not None and raw.startswith(("\t", "  ")):
+                if not line.startswith("base_"):
+                    options.append(line)
+            elif line not in parts:
+                if options:
+                    parts.append(": " + ", ".join(options))
+                options = None
                 parts.append(line)
+        if options:
+            parts.append(": " + ", ".join(options))
         exc = exc.__cause__
-    return " ".join(p if p.endswith((".", ":")) else p + ";" for p in parts).rstrip(";")
+    text = ""
+    for part in parts:
+        if part.startswith(": ") or not text:
+            text += part
+        else:
+            text += ("" if text.endswith((".", ":", ";")) else ";") + " " + part
+    return text
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -100,14 +122,40 @@ def main(argv: list[str] | None = None) -> None:
 
     import hydra
 
+    from nfvi.errors import NfviError
+
     _install_error_reporter(command)
 
     @functools.wraps(task)
     def task_function(cfg):
-        return task(cfg)
+        try:
+            return task(cfg)
+        except NfviError as exc:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"nfvi {command}: error: {one_line(exc)}", file=sys.stderr)
+            if not _is_multirun():
+                sys.exit(2)
+            # In a sweep, one failed job (a NaN, a bad combination) should not cancel the others: report it,
+            # carry on, and exit non-zero once the sweep is done.
+            _failed_jobs.append(str(exc))
+            return {"error": str(exc)}
 
     sys.argv = [f"nfvi-{command}", *rest]
     hydra.main(config_path=str(CONF_DIR), config_name=command, version_base="1.3")(task_function)()
+    if _failed_jobs:
+        print(f"nfvi {command}: error: {len(_failed_jobs)} job(s) of the sweep failed (see above)", file=sys.stderr)
+        sys.exit(1)
+
+
+_failed_jobs: list[str] = []
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 if __name__ == "__main__":

@@ -1,0 +1,85 @@
+"""The ``nfvi`` command line: dispatch, help, config discovery and one-line user errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nfvi.cli import COMMANDS, one_line
+from tests.conftest import CONF_DIR
+
+
+def nfvi(*args, cwd=None, check=False):
+    return subprocess.run(
+        [sys.executable, "-m", "nfvi", *args], cwd=cwd, capture_output=True, text=True, check=check, timeout=120
+    )
+
+
+def test_help_lists_every_command_with_one_line():
+    out = nfvi("--help").stdout
+    for name, (_, _, description) in COMMANDS.items():
+        assert f"  {name}" in out and description in out
+
+
+def test_unknown_command_is_one_line_error():
+    result = nfvi("trian")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "nfvi: error: unknown command 'trian'; choose one of: " + ", ".join(COMMANDS)
+
+
+def test_conf_is_found_from_any_working_directory(tmp_path):
+    result = nfvi("report", "--info", "searchpath", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"file://{CONF_DIR}" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("paths.bogus=1", "Key 'bogus' not in 'PathsConfig'"),
+        ("paths=nope", "Could not find 'paths/nope'; Available options in 'paths': default"),
+        ("tasks=[foo]", "report.tasks contains 'foo'; choose from: energy, vae, cde"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(tmp_path, override, expected):
+    result = nfvi("report", override, f"paths.output_dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nfvi report: error:") and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_failed_sweep_jobs_are_reported_and_exit_nonzero(tmp_path):
+    result = nfvi("report", "-m", "tasks=[foo],[bar]", f"paths.output_dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "'foo'" in result.stderr and "'bar'" in result.stderr and "2 job(s) of the sweep failed" in result.stderr
+
+
+def test_one_line_folds_causes_and_hydra_option_lists():
+    class Cause(Exception):
+        pass
+
+    exc = ValueError("In 'energy': Could not find 'flow/foo'\n\nAvailable options in 'flow':\n\tbase_flow\n\tnice\n\tplanar")
+    exc.__cause__ = Cause("Key 'x' not in 'FlowConfig'\n    full_key: flow.x\n    object_type=FlowConfig")
+    assert one_line(exc) == (
+        "In 'energy': Could not find 'flow/foo'; Available options in 'flow': nice, planar; Key 'x' not in 'FlowConfig'"
+    )
+
+
+def test_report_writes_nothing_without_results(tmp_path):
+    result = nfvi("report", f"paths.output_dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2 and "no results.json found" in result.stderr
+    assert not list(tmp_path.glob("*.log"))
+
+
+def test_report_collects_results_json(tmp_path):
+    from nfvi.report import collect
+
+    run = tmp_path / "a" / "b"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"task": "energy", "kl": 0.1, "units": {"kl": "nats"}}))
+    frame = collect([tmp_path])
+    assert frame.loc[0, "kl"] == 0.1 and frame.loc[0, "units/kl"] == "nats" and frame.loc[0, "run_dir"] == str(run)
