@@ -9,6 +9,7 @@ its code and registers it as ``base_<command>`` with :func:`store`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -36,7 +37,7 @@ class FlowConfig:
     length: int = 10
     hidden: int = 64  # nice: width of each coupling MLP
     mix: str = "alternate"  # nice: alternate | permute
-    w_floor: float = 0.1  # planar, amortized only: ||w|| >= w_floor (paper.md section 13)
+    w_floor: Optional[float] = 0.1  # planar, amortized only: ||w|| >= w_floor (paper.md section 13); null = off
 
 
 @dataclass

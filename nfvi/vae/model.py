@@ -1,0 +1,274 @@
+"""The DLGM / VAE of paper Sec. 6.2: encoder, diagonal-Gaussian q_0, amortized flow, decoder.
+
+::
+
+    model = build_model(ModelConfig(), FlowConfig(kind="planar", length=10), x_dim=784)
+    z_k, log_qk = model.posterior(x, num_samples=5)     # (S, B, D), (S, B)
+    log_pxz = model.log_joint(x, z_k)                  # (S, B): log p(x | z_K) + log p(z_K)
+
+Architecture (``model=maxout``, the paper's): one hidden layer of 400 maxout units over windows of
+4 (a ``Linear`` to 400*4, then the max over each window) in the encoder and in the decoder, 40
+latent variables and a Bernoulli likelihood on logits. The encoder's hidden features ``h`` (B, H)
+feed the Gaussian head ``(mu, sigma)`` *and* the flow's fused parameter head (the amortization of
+paper Sec. 4.3 / 6.2), so each data point gets its own ``u_k, w_k, b_k``.
+
+Parts are chosen by name so other data fit in later: ``model.name`` picks an *architecture*
+(a function returning an encoder ``x (B, *x_shape) -> h (B, H)`` with an ``out_dim``, and a decoder
+``z (*, D) -> params (*, *x_shape)``), and ``model.likelihood`` picks the distribution of x built from
+the decoder's output. Register a new one with :func:`register_architecture`.
+
+Choice for q_0's scale: ``sigma = softplus(raw) + model.min_scale``. Softplus grows linearly (no
+``exp`` overflow for large raw values) and the floor keeps ``log sigma`` (and so ``log q_0``)
+bounded, the two ways an ``exp(log_sigma)`` head can produce inf/NaN early in training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torch.distributions import Bernoulli, Distribution, Independent, Normal
+
+from nfvi.config import FlowConfig, flow_from_config, store
+from nfvi.errors import NfviError, check_choice, check_range
+from nfvi.flows import Flow
+
+__all__ = [
+    "ACTIVATIONS",
+    "ARCHITECTURES",
+    "LIKELIHOODS",
+    "Maxout",
+    "ModelConfig",
+    "PosteriorSample",
+    "VAE",
+    "build_model",
+    "register_architecture",
+]
+
+ACTIVATIONS = ("maxout", "tanh", "relu")
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+@dataclass
+class ModelConfig:
+    """``model=maxout`` (the paper's) or ``model=mlp``; the keys every architecture reads."""
+
+    name: str = "maxout"  # architecture: maxout | mlp
+    latent_dim: int = 40  # D, the number of latent variables
+    hidden: int = 400  # units per hidden layer (maxout: units after the max)
+    maxout_window: int = 4  # maxout: pieces per unit (paper: windows of 4)
+    activation: str = "maxout"  # maxout | tanh | relu
+    layers: int = 1  # hidden layers in the encoder and in the decoder (paper: 1)
+    likelihood: str = "bernoulli"  # distribution of x given the decoder's output
+    min_scale: float = 1e-4  # q_0: sigma = softplus(raw) + min_scale
+
+
+store("base_model", ModelConfig, group="model")
+
+
+class Maxout(nn.Module):
+    """``out`` maxout units: ``Linear(n_in, out * window)``, then the max over consecutive windows."""
+
+    def __init__(self, n_in: int, n_out: int, window: int):
+        super().__init__()
+        self.window = window
+        self.linear = nn.Linear(n_in, n_out * window)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x).unflatten(-1, (-1, self.window)).amax(-1)
+
+
+def _hidden_layer(n_in: int, cfg) -> nn.Module:
+    if cfg.activation == "maxout":
+        return Maxout(n_in, cfg.hidden, cfg.maxout_window)
+    return nn.Sequential(nn.Linear(n_in, cfg.hidden), nn.Tanh() if cfg.activation == "tanh" else nn.ReLU())
+
+
+class MLPEncoder(nn.Module):
+    """``x (B, *x_shape) -> h (B, hidden)``: flatten, then ``layers`` hidden layers."""
+
+    def __init__(self, x_shape: tuple[int, ...], cfg):
+        super().__init__()
+        n_in = math.prod(x_shape)
+        self.net = nn.Sequential(*[_hidden_layer(n_in if i == 0 else cfg.hidden, cfg) for i in range(cfg.layers)])
+        self.out_dim = cfg.hidden
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.flatten(1))
+
+
+class MLPDecoder(nn.Module):
+    """``z (*, D) -> params (*, *x_shape)``: ``layers`` hidden layers, then a linear output."""
+
+    def __init__(self, x_shape: tuple[int, ...], cfg):
+        super().__init__()
+        self.x_shape = x_shape
+        layers = [_hidden_layer(cfg.latent_dim if i == 0 else cfg.hidden, cfg) for i in range(cfg.layers)]
+        self.net = nn.Sequential(*layers, nn.Linear(cfg.hidden, math.prod(x_shape)))
+
+    @property
+    def output_bias(self) -> Tensor:
+        return self.net[-1].bias
+
+    def forward(self, z: Tensor) -> Tensor:
+        out = self.net(z)
+        return out if len(self.x_shape) == 1 else out.unflatten(-1, self.x_shape)
+
+
+#: name -> builder(x_shape, model_cfg) -> (encoder, decoder); see the module docstring for the contract.
+ARCHITECTURES: dict[str, Callable[[tuple[int, ...], object], tuple[nn.Module, nn.Module]]] = {}
+
+
+def register_architecture(name: str):
+    """Decorator: make ``model.name=<name>`` build ``(encoder, decoder)`` with the decorated function."""
+
+    def wrap(builder):
+        ARCHITECTURES[name] = builder
+        return builder
+
+    return wrap
+
+
+@register_architecture("maxout")
+@register_architecture("mlp")
+def _mlp_architecture(x_shape, cfg):
+    return MLPEncoder(x_shape, cfg), MLPDecoder(x_shape, cfg)
+
+
+def _bernoulli(params: Tensor, event_dims: int) -> Distribution:
+    return Independent(Bernoulli(logits=params, validate_args=False), event_dims, validate_args=False)
+
+
+#: name -> (decoder output (*, *x_shape), number of event dims) -> distribution over x.
+LIKELIHOODS: dict[str, Callable[[Tensor, int], Distribution]] = {"bernoulli": _bernoulli}
+
+
+class PosteriorSample(NamedTuple):
+    """One pass z_0 -> z_K: shapes ``(S, B, D)`` for z and ``(S, B)`` for the log terms."""
+
+    z_0: Tensor
+    z_k: Tensor
+    log_q0: Tensor  # log q_0(z_0 | x)
+    log_det: Tensor  # sum_k log|det df_k/dz_{k-1}|, so log q_K(z_K | x) = log_q0 - log_det
+
+
+class VAE(nn.Module):
+    """DLGM with a flow posterior ``q_K(z | x)`` (paper Sec. 4 and 6.2). See the module docstring.
+
+    Args:
+        encoder: ``x (B, *x_shape) -> h (B, H)``, with attribute ``out_dim = H``.
+        decoder: ``z (*, D) -> params (*, *x_shape)`` for the likelihood.
+        flow: a flow on R^D whose parameters are computed from ``h`` (``context_dim = H``) or global.
+        latent_dim: D.
+        x_shape: shape of one data point, e.g. ``(784,)``.
+        likelihood: key of :data:`LIKELIHOODS`.
+        min_scale: floor on q_0's standard deviations.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        flow: Flow,
+        latent_dim: int,
+        x_shape: tuple[int, ...],
+        likelihood: str = "bernoulli",
+        min_scale: float = 1e-4,
+    ):
+        super().__init__()
+        check_choice("model.likelihood", likelihood, LIKELIHOODS)
+        self.encoder, self.decoder, self.flow = encoder, decoder, flow
+        self.latent_dim, self.x_shape = latent_dim, tuple(x_shape)
+        self.likelihood, self.min_scale = likelihood, min_scale
+        self.gaussian_head = nn.Linear(encoder.out_dim, 2 * latent_dim)  # [mu, raw sigma]
+        self.register_buffer("_zeros", torch.zeros(latent_dim), persistent=False)
+        self.register_buffer("_ones", torch.ones(latent_dim), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self._zeros.device
+
+    @property
+    def prior(self) -> Distribution:
+        """``p(z) = N(0, I)`` over R^D, on the model's device and dtype."""
+        return Independent(Normal(self._zeros, self._ones, validate_args=False), 1, validate_args=False)
+
+    def prepare(self, x: Tensor) -> Tensor:
+        """``x`` as ``(B, *x_shape)`` on the model's device and dtype (accepts e.g. ``(B, 1, 28, 28)``)."""
+        return x.to(device=self._zeros.device, dtype=self._zeros.dtype).reshape(x.shape[0], *self.x_shape)
+
+    def _q0_params(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h = self.encoder(self.prepare(x))
+        loc, raw = self.gaussian_head(h).chunk(2, dim=-1)
+        return loc, F.softplus(raw) + self.min_scale, h
+
+    def encode(self, x: Tensor) -> tuple[Distribution, Tensor]:
+        """``q_0(z | x) = Independent(Normal(mu, sigma), 1)`` (batch ``(B,)``) and the flow's context ``h (B, H)``."""
+        loc, scale, h = self._q0_params(x)
+        return Independent(Normal(loc, scale, validate_args=False), 1, validate_args=False), h
+
+    def sample_posterior(self, x: Tensor, num_samples: int) -> PosteriorSample:
+        """Draw ``S = num_samples`` paths ``z_0 ~ q_0(. | x)``, ``z_K = f_K o ... o f_1(z_0)`` per data point.
+
+        The standard-normal noise is drawn in (data point, sample) order, so a data point's draws do
+        not depend on how many other points share the call: exactly so on the CPU generator when the
+        draws' sizes (S * D per point) are multiples of 16, PyTorch's block for normal sampling (e.g.
+        D = 40 and even S); otherwise only in distribution.
+        """
+        loc, scale, h = self._q0_params(x)
+        batch, dim = loc.shape
+        eps = torch.randn(batch, num_samples, dim, dtype=loc.dtype, device=loc.device).transpose(0, 1)
+        z_0 = (loc + scale * eps).contiguous()
+        log_q0 = -0.5 * (eps.square().sum(-1) + dim * LOG_2PI) - scale.log().sum(-1)
+        z_k, log_det = self.flow(z_0, h)
+        return PosteriorSample(z_0, z_k, log_q0, log_det)
+
+    def posterior(self, x: Tensor, num_samples: int) -> tuple[Tensor, Tensor]:
+        """``z_K (S, B, D)`` and ``log q_K(z_K | x) = log q_0(z_0 | x) - sum_k log|det J_k|`` ``(S, B)`` (Eq. 7)."""
+        sample = self.sample_posterior(x, num_samples)
+        return sample.z_k, sample.log_q0 - sample.log_det
+
+    def decode(self, z: Tensor) -> Distribution:
+        """``p(x | z)`` with batch shape ``z.shape[:-1]`` and event shape ``x_shape``."""
+        return LIKELIHOODS[self.likelihood](self.decoder(z), len(self.x_shape))
+
+    def log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
+        """``log p(x | z)``, shape ``z.shape[:-1]``; ``x (B, *x_shape)`` broadcasts against ``z (*, B, D)``."""
+        return self.decode(z).log_prob(self.prepare(x))
+
+    def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
+        """``log p(x | z) + log p(z)``, shape ``z.shape[:-1]``. Pass ``z = z_K``: the prior is taken at z."""
+        return self.log_likelihood(x, z) + self.prior.log_prob(z)
+
+    @torch.no_grad()
+    def init_output_bias(self, x_mean: Tensor, eps: float = 1e-3) -> None:
+        """Bernoulli only: set the decoder's output bias to ``logit(mean of the training data)``."""
+        if self.likelihood != "bernoulli" or not hasattr(self.decoder, "output_bias"):
+            raise NfviError(f"init_output_bias needs a Bernoulli MLP decoder, got model.likelihood={self.likelihood}")
+        p = x_mean.to(self.decoder.output_bias).reshape(-1).clamp(eps, 1 - eps)
+        self.decoder.output_bias.copy_(torch.logit(p))
+
+
+def build_model(model_cfg: ModelConfig | DictConfig, flow_cfg: FlowConfig | DictConfig, x_dim: int | tuple) -> VAE:
+    """The VAE of ``model_cfg`` with the flow of ``flow_cfg`` (amortized on the encoder's features).
+
+    ``x_dim``: size of one flat data point (784 for MNIST), or a shape tuple for other decoders.
+    """
+    check_choice("model", model_cfg.name, ARCHITECTURES)
+    check_choice("model.activation", model_cfg.activation, ACTIVATIONS)
+    if model_cfg.name == "maxout" and model_cfg.activation != "maxout":
+        raise NfviError(f"model=maxout needs model.activation=maxout, got {model_cfg.activation!r}; use model=mlp")
+    check_choice("model.likelihood", model_cfg.likelihood, LIKELIHOODS)
+    for key in ("latent_dim", "hidden", "maxout_window", "layers"):
+        check_range(f"model.{key}", getattr(model_cfg, key), low=1, kind="a whole number")
+    check_range("model.min_scale", model_cfg.min_scale, low=0.0, kind="a non-negative number")
+    x_shape = (int(x_dim),) if isinstance(x_dim, int) else tuple(int(n) for n in x_dim)
+    encoder, decoder = ARCHITECTURES[model_cfg.name](x_shape, model_cfg)
+    flow = flow_from_config(flow_cfg, model_cfg.latent_dim, context_dim=encoder.out_dim)
+    return VAE(encoder, decoder, flow, model_cfg.latent_dim, x_shape, model_cfg.likelihood, model_cfg.min_scale)
