@@ -1,0 +1,192 @@
+"""Binarized 28x28 image datasets for the VAE experiments: ``dataset=mnist|mnist_static|omniglot|fashion_mnist|fake``.
+
+:func:`load_dataset` returns an :class:`ImageData` with flat ``(N, 784)`` float32 splits:
+
+- ``train``: Bernoulli means in [0, 1] (grey / 255) when ``dynamic`` (the trainer draws a fresh
+  :func:`binarize` sample every epoch), exactly 0/1 otherwise;
+- ``valid`` and ``test``: exactly 0/1, binarized once with a generator seeded from ``split_seed``, so
+  every run and every load sees the same validation and test images.
+
+Where a dataset has no validation split, ``valid_size`` images are carved from the training images
+by a permutation seeded with ``split_seed`` (both splits keep the original order). Files are read
+from the data root (``paths.data_dir``, default ``$NFVI_DATA`` or ``./data``) and fetched from their
+public source when missing (:mod:`nfvi.data.sources`).
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from nfvi.config import store
+from nfvi.data import sources
+from nfvi.data.fake import fake_images
+from nfvi.download import DownloadError
+from nfvi.errors import NfviError, check_choice, check_range
+
+__all__ = ["DATASETS", "DatasetConfig", "ImageData", "load_dataset", "binarize", "split_generator"]
+
+log = logging.getLogger(__name__)
+
+DATASETS: tuple[str, ...] = ("mnist", "mnist_static", "omniglot", "fashion_mnist", "fake")
+#: the ``binarize`` values each dataset allows (mnist_static has no grey levels to draw from)
+BINARIZE: dict[str, tuple[str, ...]] = {name: ("dynamic", "static") for name in DATASETS} | {
+    "mnist_static": ("static",)
+}
+STATIC_VALID_SIZE = 10000  # Larochelle's fixed validation split
+IMAGE_SHAPE = (1, 28, 28)
+OMNIGLOT_FALLBACK_NOTE = (
+    "omniglot: chardata.mat (Burda et al.'s 28x28 split, 24,345/8,070) is not in the data root; using "
+    "omniglot28_rawresize.npz (24,345/8,115, resized here from the raw images): numbers are NOT comparable "
+    "to published Omniglot results"
+)
+
+
+@dataclass
+class DatasetConfig:
+    """``dataset=<name>`` picks the option; see ``docs/data.md``."""
+
+    name: str = "mnist"  # mnist | mnist_static | omniglot | fashion_mnist | fake
+    binarize: str = "dynamic"  # dynamic: fresh Bernoulli draw of train each epoch | static: train fixed 0/1
+    valid_size: int = 10000  # carved from train with split_seed (not mnist_static: fixed 10k; not fake)
+    split_seed: int = 0  # seed of that carve and of the one-time binarization of valid/test
+    fake_size: int = 0  # fake only: generated images per split
+
+
+store("base_dataset", DatasetConfig, group="dataset")
+
+
+@dataclass
+class ImageData:
+    """The three splits of a dataset, flat ``(N, 784)`` float32 (see the module docstring)."""
+
+    name: str
+    train: torch.Tensor
+    valid: torch.Tensor
+    test: torch.Tensor
+    dynamic: bool
+    image_shape: tuple = IMAGE_SHAPE
+    source: str = ""  # the file(s) the data came from ("generated" for fake)
+    note: str = ""  # a caveat to carry into results (e.g. the Omniglot stand-in); empty when none
+
+    def __repr__(self) -> str:
+        sizes = "/".join(str(len(x)) for x in (self.train, self.valid, self.test))
+        kind = "dynamic" if self.dynamic else "static"
+        return f"ImageData(name={self.name!r}, train/valid/test={sizes}, {kind}, source={self.source!r})"
+
+
+def split_generator(seed: int, stream: str) -> torch.Generator:
+    """A CPU generator for one named random stream of ``seed`` (streams are independent of each other)."""
+    state = np.random.SeedSequence([int(seed), zlib.crc32(stream.encode())]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def binarize(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One Bernoulli draw per pixel (``torch.bernoulli``): a float32 tensor of 0s and 1s, shaped like ``probs``."""
+    return torch.bernoulli(probs.float(), generator=generator)
+
+
+def _flat_unit(x: np.ndarray) -> torch.Tensor:
+    """(N, 28, 28) or (N, 784) uint8 grey levels (or floats in [0, 1]) -> (N, 784) float32 in [0, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(x).reshape(len(x), 784))
+    return t.float().div_(255.0) if t.dtype == torch.uint8 else t.float()
+
+
+def _from_grey(cfg, name: str, train: np.ndarray, test: np.ndarray, source: str, note: str = "") -> ImageData:
+    """Carve the validation split, binarize valid/test once, and binarize train once if ``static``."""
+    n = len(train)
+    valid_size, seed = int(cfg.valid_size), int(cfg.split_seed)
+    check_range(
+        "dataset.valid_size", valid_size, low=0, high=n - 1, kind=f"an integer (the {name} training set has {n})"
+    )
+    if valid_size:
+        perm = torch.randperm(n, generator=split_generator(seed, "carve")).numpy()
+        valid_idx, train_idx = np.sort(perm[:valid_size]), np.sort(perm[valid_size:])
+        valid, train = train[valid_idx], train[train_idx]
+    else:
+        valid = train[:0]
+    train_t = _flat_unit(train)
+    if cfg.binarize == "static":
+        train_t = binarize(train_t, split_generator(seed, "train"))
+    return ImageData(
+        name=name,
+        train=train_t,
+        valid=binarize(_flat_unit(valid), split_generator(seed, "valid")),
+        test=binarize(_flat_unit(test), split_generator(seed, "test")),
+        dynamic=cfg.binarize == "dynamic",
+        source=source,
+        note=note,
+    )
+
+
+def _omniglot(cfg, root: Path) -> ImageData:
+    chardata, rawresize = root / "chardata.mat", root / sources.NPZ_FILES["omniglot_rawresize"].filename
+    if not chardata.exists() and rawresize.exists():
+        arrays, path = sources.load_npz(root, sources.NPZ_FILES["omniglot_rawresize"])
+        log.warning(OMNIGLOT_FALLBACK_NOTE)
+        return _from_grey(cfg, "omniglot", arrays["x_train"], arrays["x_test"], str(path), OMNIGLOT_FALLBACK_NOTE)
+    if not chardata.exists():
+        try:
+            sources.fetch_chardata(chardata)
+        except DownloadError as exc:
+            raise NfviError(
+                f"dataset=omniglot needs chardata.mat (or the stand-in {rawresize.name}) in {root}; fetching "
+                f"chardata.mat from {exc.url} failed: {exc.reason}; put a copy there or set NFVI_DATA / "
+                f"paths.data_dir (nothing was written)"
+            ) from None
+    train, test = sources.read_chardata(chardata)
+    return _from_grey(cfg, "omniglot", train, test, str(chardata))
+
+
+def _field(cfg, key: str):
+    return getattr(cfg, key, getattr(DatasetConfig, key))
+
+
+def load_dataset(cfg: DatasetConfig | DictConfig, root: str | Path) -> ImageData:
+    """Load (fetching if needed) the dataset ``cfg.name`` from the data root ``root``; see the module docstring."""
+    cfg = DatasetConfig(**{k: _field(cfg, k) for k in DatasetConfig.__dataclass_fields__})
+    name = cfg.name
+    check_choice("dataset", name, DATASETS)
+    check_choice(f"dataset.binarize (for dataset={name})", cfg.binarize, BINARIZE[name])
+    check_range("dataset.split_seed", cfg.split_seed, low=0, kind="a non-negative integer")
+    if name == "fake":
+        check_range("dataset.fake_size", cfg.fake_size, low=1, kind="a positive integer (images per split)")
+    elif cfg.fake_size != 0:
+        raise NfviError(f"dataset.fake_size={cfg.fake_size!r} applies to dataset=fake only; leave it at 0")
+    if name == "mnist_static" and cfg.valid_size != STATIC_VALID_SIZE:
+        raise NfviError(
+            f"dataset.valid_size={cfg.valid_size!r} does not apply to mnist_static, whose validation split is "
+            f"fixed at {STATIC_VALID_SIZE}; leave it at {STATIC_VALID_SIZE}"
+        )
+    root = Path(root).expanduser()
+
+    if name == "fake":
+        seed = cfg.split_seed
+        train, valid, test = (
+            fake_images(cfg.fake_size, split_generator(seed, f"fake/{s}"))[0] for s in ("train", "valid", "test")
+        )
+        data = ImageData(
+            name=name,
+            train=binarize(train, split_generator(seed, "train")) if cfg.binarize == "static" else train,
+            valid=binarize(valid, split_generator(seed, "valid")),
+            test=binarize(test, split_generator(seed, "test")),
+            dynamic=cfg.binarize == "dynamic",
+            source="generated",
+        )
+    elif name == "mnist_static":
+        arrays, path = sources.load_npz(root, sources.NPZ_FILES[name])
+        splits = [torch.from_numpy(arrays[s]).reshape(len(arrays[s]), -1).float() for s in ("train", "valid", "test")]
+        data = ImageData(name, *splits, dynamic=False, source=str(path))
+    elif name == "omniglot":
+        data = _omniglot(cfg, root)
+    else:  # mnist, fashion_mnist
+        arrays, path = sources.load_npz(root, sources.NPZ_FILES[name])
+        data = _from_grey(cfg, name, arrays["x_train"], arrays["x_test"], str(path))
+    log.info("%r", data)
+    return data
