@@ -1,0 +1,137 @@
+"""``nfvi report`` for ``task == "cde"``: test NLL per dataset and model beside the benchmark's NF row.
+
+``write(frame, out_dir)`` takes one row per ``nfvi cde`` run (its flattened results.json) and writes
+
+- ``cde.md``: a dataset x model table of test NLL (mean ± std over seeds, nats, original units of
+  y, best model per dataset in bold) with the benchmark's NF column, then the long table with the
+  standardised-units NLL, seeds and run folders;
+- ``cde.csv``: the long table as numbers.
+
+When several runs share a (dataset, model) cell, the most recent one (``finished_at``) is used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from nfvi.cde.data import BENCHMARK_NF_NLL, DATASETS
+from nfvi.runs import atomic_write_text
+
+__all__ = ["write", "summarize", "pivot"]
+
+_KIND_ORDER = {"gaussian": 0, "mdn": 1, "planar": 2, "radial": 3, "nice": 4}
+
+
+def _col(frame: pd.DataFrame, name: str, default=None) -> pd.Series:
+    return frame[name] if name in frame else pd.Series([default] * len(frame), index=frame.index)
+
+
+def summarize(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (dataset, model_name): the latest run's numbers, sorted by dataset then model."""
+    rows = frame.copy()
+    rows["finished_at"] = _col(rows, "finished_at", "").fillna("").astype(str)
+    rows = rows.sort_values("finished_at").groupby(["dataset", "model_name"], as_index=False).tail(1)
+    out = pd.DataFrame(
+        {
+            "dataset": rows["dataset"],
+            "y_dim": _col(rows, "y_dim"),
+            "model": rows["model_name"],
+            "n_seeds": _col(rows, "n_seeds"),
+            "test_nll_mean": rows["test_nll_mean"].astype(float),
+            "test_nll_std": _col(rows, "test_nll_std").astype(float),
+            "test_nll_standardized_mean": _col(rows, "test_nll_standardized_mean").astype(float),
+            "test_nll_standardized_std": _col(rows, "test_nll_standardized_std").astype(float),
+            "benchmark_nf_nll": rows["dataset"].map(BENCHMARK_NF_NLL),
+            "true_nll": _col(rows, "true_nll"),
+            "run_dir": _col(rows, "run_dir", ""),
+        }
+    )
+    order = {name: i for i, name in enumerate(DATASETS)}
+    keys = [(order.get(d, len(order)), *_model_key(m)) for d, m in zip(out["dataset"], out["model"], strict=True)]
+    return out.iloc[sorted(range(len(out)), key=keys.__getitem__)].reset_index(drop=True)
+
+
+def _model_key(label: str) -> tuple[int, int, str]:
+    """Sort ``gaussian < mdn (C=.) < planar (K=.) < radial (K=.) < nice`` and by K within a kind."""
+    kind = label.split(" ")[0]
+    digits = "".join(ch for ch in label.split("=")[-1] if ch.isdigit()) if "=" in label else ""
+    return _KIND_ORDER.get(kind, len(_KIND_ORDER)), int(digits or 0), label
+
+
+def _pm(mean, std, digits: int = 2) -> str:
+    if pd.isna(mean):
+        return ""
+    return f"{mean:.{digits}f}" if pd.isna(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def pivot(summary: pd.DataFrame) -> pd.DataFrame:
+    """Dataset rows x model columns of ``mean ± std`` (original units), best per row in bold, + NF (benchmark).
+
+    A ``true density`` column (the synthetic sets' conditional entropy) appears when any row has one.
+    """
+    models = sorted(set(summary["model"]), key=_model_key)
+    truth = "true_nll" in summary and summary["true_nll"].notna().any()
+    table = []
+    for dataset, rows in summary.groupby("dataset", sort=False):
+        y_dim = rows["y_dim"].iloc[0]
+        line = {"dataset": f"{dataset} ({int(y_dim)}-D)" if pd.notna(y_dim) else dataset}
+        best = rows["test_nll_mean"].min()
+        for _, r in rows.iterrows():
+            cell = _pm(r["test_nll_mean"], r["test_nll_std"])
+            line[r["model"]] = f"**{cell}**" if r["test_nll_mean"] == best and len(rows) > 1 else cell
+        nf = BENCHMARK_NF_NLL.get(dataset)
+        line["NF (benchmark)"] = f"{nf:.2f}" if nf is not None else ""
+        if truth:
+            t = rows["true_nll"].dropna()
+            line["true density"] = f"{float(t.iloc[0]):.2f}" if len(t) else ""
+        table.append(line)
+    extra = ["true density"] if truth else []
+    return pd.DataFrame(table, columns=["dataset", *models, "NF (benchmark)", *extra]).fillna("")
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    cols = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
+    for _, row in frame.iterrows():
+        lines.append("| " + " | ".join("" if pd.isna(v) else str(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def write(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Write ``cde.md`` and ``cde.csv`` into ``out_dir``; return their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(frame)
+    long = summary.assign(
+        **{
+            "test NLL (original y)": [
+                _pm(m, s, 3) for m, s in zip(summary.test_nll_mean, summary.test_nll_std, strict=True)
+            ],
+            "test NLL (standardised y)": [
+                _pm(m, s, 3)
+                for m, s in zip(summary.test_nll_standardized_mean, summary.test_nll_standardized_std, strict=True)
+            ],
+        }
+    )[["dataset", "y_dim", "model", "n_seeds", "test NLL (original y)", "test NLL (standardised y)", "run_dir"]]
+    text = "\n".join(
+        [
+            "# Conditional density estimation: test NLL (nats per test point, lower is better)",
+            "",
+            "Mean ± sample std over seeds (random 70/30 splits); original units of y. `NF (benchmark)` is the",
+            "normalizing-flow row of the DDN suite's tables (Chen et al., AAAI 2022); whether its y was",
+            "standardised is unconfirmed, so compare it with both columns of the second table.",
+            "",
+            _markdown(pivot(summary)),
+            "",
+            "## All runs (latest per dataset and model)",
+            "",
+            _markdown(long),
+            "",
+        ]
+    )
+    md, csv = out_dir / "cde.md", out_dir / "cde.csv"
+    atomic_write_text(md, text)
+    atomic_write_text(csv, summary.to_csv(index=False))
+    return [md, csv]
