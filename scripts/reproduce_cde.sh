@@ -6,7 +6,7 @@
 #   scripts/reproduce_cde.sh paper   # all 7 sets x {gaussian, mdn, planar, radial} x K in {4, 8}, 5 seeds
 #
 # Uses `nfvi` from PATH and NFVI_DATA (default ../shared/data if present). Writes into
-# outputs/reproduce_cde/<profile>/{baselines,flows}/<run>/ and the table into outputs/reproduce_cde/<profile>/tables/.
+# OUT_DIR (2nd argument; default outputs/reproduce/<profile>/cde)/{baselines,flows}/<run>/ and the table into OUT_DIR/tables/.
 # Safe to re-run: each run folder is overwritten. Single-threaded (OMP_NUM_THREADS=1 unless set).
 set -euo pipefail
 PROFILE="${1:-quick}"
@@ -30,7 +30,7 @@ case "$PROFILE" in
          FLOWS=planar,radial; LENGTHS=4,8 ;;
   *) echo "usage: $0 smoke|quick|paper" >&2; exit 2 ;;
 esac
-OUT="outputs/reproduce_cde/$PROFILE"
+OUT="${2:-outputs/reproduce/$PROFILE/cde}"
 
 set -x
 nfvi cde -m "dataset=$DATASETS" "model=$BASELINES" "seeds=$SEEDS" "${EXTRA[@]}" \
