@@ -1,0 +1,448 @@
+"""``nfvi energy``: fit q_K = flow(N(mu, diag sigma^2)) to a 2-D energy of Table 1 (paper Sec. 6.1, Fig. 3).
+
+All parameters are global (there is no x): the base mean ``mu``, log-scale ``log sigma`` and the
+flow's parameters. Training minimises the annealed free energy (paper Eq. 20 with ``-U`` in place
+of ``log p(x, z_K)``)::
+
+    F_t = E_{q_0(z_0)}[ log q_K(z_K) + beta_t U(z_K) ],   log q_K(z_K) = log q_0(z_0) - sum_k log|det J_k|
+
+with ``beta_t = min(1, beta0 + t / anneal_steps)`` (paper: ``0.01 + t / 10000``), estimated with
+``trainer.samples`` draws per update. At ``beta = 1``, ``F = KL(q_K || p) - log Z``: the
+"variational bound" of Fig. 3(d).
+
+``U`` is the Table 1 energy plus, by default, a soft wall at the edge of the box (``wall=0.1``,
+:func:`nfvi.energies.confine`): zero inside the box, a half-Gaussian fall-off of width 0.1
+outside. U2-U4 are improper, and without the wall (``wall=0``, the raw Table 1 energies) the
+optimum is a q that spreads along z1 without end (measured: 87-98% of q outside [-4, 4]^2 after
+4000 updates); with it the targets are proper and equal to Table 1 on the box. U1 is unaffected.
+
+Evaluation (float64, after training), on the box ``[-a, a]^2`` with ``a = eval.box``:
+
+- ``bound = E_q[log q_K(z_K) + U(z_K)]`` over ``eval.samples`` draws (nats; all draws, no box; U
+  with the wall if one was trained). Without the wall it is unbounded below for U2-U4;
+- ``log_z = log Z_box = log int_box exp(-U)`` by quadrature (:mod:`nfvi.energies`);
+- ``kl = KL(q_box || p_box)`` by quadrature on the ``eval.grid``^2 cell centres: q_K and exp(-U)
+  both restricted to the box and renormalised there, q_K's density being exact (below);
+  ``mass_outside_box = 1 - int_box q_K`` is reported beside it. For U1 (normalisable, all its mass
+  in the box) and a q_K inside the box this is the ordinary KL(q_K || p) = bound + log Z;
+- ``kl_mc``: the same KL by Monte Carlo with the exact ``log q_K`` along the sampling path,
+  ``E_q[log q_K + U | z in box] - log P_q(box) + log Z_box`` (a cross-check; noisy when little of q
+  lies in the box).
+
+q_K's density on the grid is exact: every layer is inverted numerically (planar: a monotone 1-D
+equation along w, solved by bisection; radial: a quadratic in the radius; NICE: subtract the shift),
+then ``log q_K(y) = log q_0(f^{-1}(y)) - log_det``. The run directory receives ``metrics.csv``
+(step, loss, beta, ...), ``results.json``, ``density.npz`` (the gridded log-densities for the
+report's Figure 3), ``density.png`` (exp(-U) beside q_K) and ``model.pt`` (the fitted parameters).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.distributions import Independent, Normal
+from tqdm.auto import tqdm
+
+from nfvi import energies
+from nfvi.config import (
+    FlowConfig,
+    OptimConfig,
+    PathsConfig,
+    flow_from_config,
+    optimizer_from_config,
+    select_device,
+    store,
+)
+from nfvi.errors import NfviError, check_choice, check_range
+from nfvi.flows import Flow
+from nfvi.runs import (
+    MetricsLog,
+    atomic_torch_save,
+    atomic_write_bytes,
+    check_finite,
+    run_dir,
+    run_metadata,
+    seed_everything,
+    write_json,
+)
+from nfvi.transforms import AdditiveCouplingTransform, PlanarTransform, RadialTransform
+
+__all__ = [
+    "EnergyConfig",
+    "EnergyModel",
+    "beta_at",
+    "flow_inverse",
+    "log_density",
+    "fit",
+    "evaluate",
+    "run",
+]
+
+
+@dataclass
+class EnergyTrainerConfig:
+    """Optimisation schedule. ``anneal_steps``: updates for beta to go from ``beta0`` to 1 (paper: 10000)."""
+
+    steps: int = 4000
+    samples: int = 256  # Monte Carlo draws of z_0 per update
+    anneal: bool = True
+    anneal_steps: int = 1000
+    beta0: float = 0.01
+    lr_decay: str = "cosine"  # none | cosine (to lr_final_factor * lr at the last step)
+    lr_final_factor: float = 0.01
+    clip_grad: float = 0.0  # max gradient norm; 0 = off
+    log_every: int = 100
+
+
+@dataclass
+class EnergyEvalConfig:
+    """Final estimates: ``samples`` draws for the bound; quadrature on ``[-box, box]^2`` with ``grid^2`` cells."""
+
+    samples: int = 100000
+    box: float = energies.DEFAULT_BOX
+    grid: int = 400
+    chunk: int = 25000
+
+
+@dataclass
+class EnergyConfig:
+    """``nfvi energy target=U1 flow=planar flow.length=32``: see :mod:`nfvi.energy_fit`."""
+
+    target: str = "U1"
+    #: width of a soft wall at the box edge (eval.box) added to U for training; 0 = the paper's U (see energies.confine)
+    wall: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    #: if this run directory already holds results.json from the same settings, return it instead of re-running
+    resume: bool = False
+    trainer: EnergyTrainerConfig = field(default_factory=EnergyTrainerConfig)
+    eval: EnergyEvalConfig = field(default_factory=EnergyEvalConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+store("base_energy", EnergyConfig)
+
+KL_DEFINITION = "KL(q_box || p_box) by quadrature: q_K and exp(-U) both restricted to the box and renormalised there"
+UNITS = {
+    "bound": "nats",
+    "bound_se": "nats",
+    "kl": "nats",
+    "kl_mc": "nats",
+    "log_z": "nats",
+    "mass_outside_box": "probability",
+    "final_loss": "nats",
+}
+
+
+class EnergyModel(nn.Module):
+    """``q_K``: a diagonal Gaussian ``q_0 = N(mu, diag sigma^2)`` (learnable, global) pushed through ``flow``."""
+
+    def __init__(self, flow: Flow, dim: int = 2):
+        super().__init__()
+        self.flow = flow
+        self.mu = nn.Parameter(torch.zeros(dim))
+        self.log_sigma = nn.Parameter(torch.zeros(dim))
+
+    def base(self) -> Independent:
+        return Independent(Normal(self.mu, self.log_sigma.exp()), 1)
+
+    def forward(self, n: int) -> tuple[Tensor, Tensor]:
+        """Draw ``n`` samples: ``(z_K (n, D), log q_K(z_K) (n,))`` along the sampling path (Eq. 7)."""
+        base = self.base()
+        z0 = base.rsample((n,))
+        z_k, log_det = self.flow(z0)
+        return z_k, base.log_prob(z0) - log_det
+
+
+def beta_at(step: int, anneal: bool = True, beta0: float = 0.01, anneal_steps: int = 10000) -> float:
+    """Inverse temperature of update ``step`` (0-based), paper Eq. 20: ``min(1, beta0 + step / anneal_steps)``."""
+    if not anneal:
+        return 1.0
+    return min(1.0, beta0 + step / anneal_steps)
+
+
+# ----------------------------------------------------------------------------------------------- inverses
+
+
+def _planar_inverse(t: PlanarTransform, y: Tensor, iters: int = 80) -> Tensor:
+    """Solve ``y = z + u_hat tanh(w.z + b)`` for z. With ``a = w.z``: ``a + c tanh(a + b) = w.y``,
+    ``c = w.u_hat > -1``, strictly increasing in ``a``, and ``|a - w.y| <= |c|``: bisection."""
+    target = (y * t.w).sum(-1)
+    c = (t.w * t.u_hat).sum(-1).expand_as(target)
+    lo, hi = target - c.abs(), target + c.abs()
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        above = mid + c * torch.tanh(mid + t.b) > target
+        hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
+    a = 0.5 * (lo + hi)
+    return y - t.u_hat * torch.tanh(a + t.b).unsqueeze(-1)
+
+
+def _radial_inverse(t: RadialTransform, y: Tensor) -> Tensor:
+    """Solve ``y = z + beta (z - z0) / (alpha + r)``. The radius obeys ``r_y = r (r + s) / (alpha + r)``
+    (``s = alpha + beta > 0``), a quadratic ``r^2 + (s - r_y) r - alpha r_y = 0`` with one root >= 0."""
+    diff = y - t.z0
+    r_y = torch.linalg.vector_norm(diff, dim=-1)
+    alpha, s = t.alpha, t.s
+    b = s - r_y
+    disc = torch.sqrt(b * b + 4 * alpha * r_y)
+    r = torch.where(b > 0, 2 * alpha * r_y / (b + disc), 0.5 * (disc - b))
+    return t.z0 + diff * ((alpha + r) / (r + s)).unsqueeze(-1)
+
+
+def flow_inverse(flow: Flow, z_k: Tensor) -> Tensor:
+    """``z_0 = f_1^{-1} o ... o f_K^{-1}(z_K)`` for global planar, radial and NICE flows; ``(*, D)``."""
+    z = z_k
+    for transform in reversed(flow.transforms()):
+        if isinstance(transform, PlanarTransform):
+            z = _planar_inverse(transform, z)
+        elif isinstance(transform, RadialTransform):
+            z = _radial_inverse(transform, z)
+        elif isinstance(transform, AdditiveCouplingTransform):
+            z = transform._inverse(z)
+        else:
+            raise NfviError(f"no inverse for {type(transform).__name__}")
+    return z
+
+
+@torch.no_grad()
+def log_density(model: EnergyModel, z_k: Tensor) -> Tensor:
+    """Exact ``log q_K(z_K)`` at arbitrary points ``(*, D)``: invert the flow, then run it forward for the log-det."""
+    z0 = flow_inverse(model.flow, z_k)
+    _, log_det = model.flow(z0)
+    return model.base().log_prob(z0) - log_det
+
+
+# ----------------------------------------------------------------------------------------------- train / eval
+
+
+def _check(cfg) -> None:
+    check_choice("target", cfg.target, energies.ENERGIES)
+    check_range("wall", cfg.wall, low=0.0, kind="a width >= 0 (0 = off)")
+    t, e = cfg.trainer, cfg.eval
+    check_range("trainer.steps", t.steps, low=1, kind="a whole number")
+    check_range("trainer.samples", t.samples, low=1, kind="a whole number")
+    check_range("trainer.anneal_steps", t.anneal_steps, low=1, kind="a whole number")
+    check_range("trainer.beta0", t.beta0, low=0.0, high=1.0)
+    check_choice("trainer.lr_decay", t.lr_decay, ("none", "cosine"))
+    check_range("trainer.lr_final_factor", t.lr_final_factor, low=0.0, high=1.0)
+    check_range("trainer.clip_grad", t.clip_grad, low=0.0)
+    check_range("trainer.log_every", t.log_every, low=1, kind="a whole number")
+    check_range("eval.samples", e.samples, low=1, kind="a whole number")
+    check_range("eval.box", e.box, low=1e-6, kind="a positive half-width")
+    check_range("eval.grid", e.grid, low=2, kind="a whole number")
+    check_range("eval.chunk", e.chunk, low=1, kind="a whole number")
+
+
+def fit(model: EnergyModel, energy, cfg, metrics: MetricsLog | None = None, where: Path | None = None) -> float:
+    """Minimise the annealed free energy (Eq. 20) for ``cfg.trainer.steps`` updates; return the last logged loss.
+
+    ``cfg`` is the composed energy config (``trainer`` and ``optim`` are read). A NaN or inf loss
+    raises :class:`nfvi.errors.NonFiniteLossError` naming the step; rows logged so far stay in ``metrics``.
+    """
+    t = cfg.trainer
+    optimizer = optimizer_from_config(cfg.optim, model.parameters())
+    scheduler = None
+    if t.lr_decay == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=t.steps, eta_min=cfg.optim.lr * t.lr_final_factor
+        )
+    started = time.time()
+    loss_sum = bound_sum = 0.0
+    n = 0
+    last = float("nan")
+    bar = tqdm(range(t.steps), desc=f"{cfg.target} {cfg.flow.kind} K={cfg.flow.length}", disable=None, leave=False)
+    for step in bar:
+        beta = beta_at(step, t.anneal, t.beta0, t.anneal_steps)
+        z_k, log_q = model(t.samples)
+        u = energy(z_k)
+        loss = (log_q + beta * u).mean()
+        check_finite(loss.detach(), step, where)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.clip_grad > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum += float(loss.detach())
+        bound_sum += float((log_q + u).detach().mean())
+        n += 1
+        if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+            last = loss_sum / n
+            row = {
+                "step": step + 1,
+                "loss": last,
+                "beta": beta,
+                "bound": bound_sum / n,
+                "lr": optimizer.param_groups[0]["lr"],
+                "elapsed_s": round(time.time() - started, 3),
+            }
+            if metrics is not None:
+                metrics.log(**row)
+            bar.set_postfix(loss=f"{last:.3f}", beta=f"{beta:.2f}")
+            loss_sum = bound_sum = 0.0
+            n = 0
+    return last
+
+
+@torch.no_grad()
+def evaluate(
+    model: EnergyModel, energy, samples: int, box: float, grid: int, chunk: int = 25000, wall: float = 0.0
+) -> dict:
+    """Final numbers in float64 (see module docstring) plus the gridded densities for the figures.
+
+    ``bound`` uses the energy that was trained, ``energies.confine(energy, box, wall)``; the KL and
+    ``log_z`` live on the box, where the two energies agree.
+
+    Returns a dict of the scalar results and, under ``"_grid"``, ``centres`` ``(G,)``, ``log_q``
+    and ``log_p`` ``(G, G)`` (``log_p`` normalised on the box).
+    """
+    model = copy.deepcopy(model).double().cpu()
+    trained = energies.confine(energy, box, wall)
+    sums = {"all": 0.0, "all_sq": 0.0, "in": 0.0, "n_in": 0}
+    done = 0
+    while done < samples:
+        n = min(chunk, samples - done)
+        z_k, log_q = model(n)
+        f = log_q + trained(z_k)
+        inside = (z_k.abs() <= box).all(-1)
+        sums["all"] += float(f.sum())
+        sums["all_sq"] += float((f * f).sum())
+        sums["in"] += float(f[inside].sum())
+        sums["n_in"] += int(inside.sum())
+        done += n
+    bound = sums["all"] / samples
+    var = max(sums["all_sq"] / samples - bound * bound, 0.0)
+    log_z = energies.log_normalizer(energy, box, grid)
+    kl_mc = float("nan")
+    if sums["n_in"] > 0:
+        kl_mc = sums["in"] / sums["n_in"] - math.log(sums["n_in"] / samples) + log_z
+    centres, z_grid, area = energies.grid_points(box, grid)
+    log_q_grid = torch.cat([log_density(model, rows) for rows in z_grid.split(max(1, chunk // grid))])
+    u_grid = energy(z_grid)
+    kl, mass_in = energies.kl_on_grid(log_q_grid, u_grid, area)
+    return {
+        "bound": bound,
+        "bound_se": math.sqrt(var / samples),
+        "kl": kl,
+        "kl_mc": kl_mc,
+        "log_z": log_z,
+        "mass_outside_box": max(0.0, 1.0 - mass_in),  # the quadrature can exceed 1 by ~1e-4
+        "_grid": {"centres": centres.numpy(), "log_q": log_q_grid.numpy(), "log_p": (-u_grid - log_z).numpy()},
+    }
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+
+
+def save_density(path: Path, grid: dict, box: float, target: str, flow: str, length: int) -> None:
+    """``density.npz``: ``centres`` (G,), ``log_q``/``log_p`` (G, G) with row = z2, column = z1, and labels."""
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer, **grid, box=np.float64(box), target=np.str_(target), flow=np.str_(flow), flow_length=np.int64(length)
+    )
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_density(path: Path, grid: dict, box: float, title: str) -> None:
+    """``density.png``: exp(-U)/Z_box beside q_K's density on the box."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.6), constrained_layout=True)
+    extent = (-box, box, -box, box)
+    for ax, key, name in zip(axes, ("log_p", "log_q"), ("exp(-U) / Z_box", "q_K"), strict=True):
+        ax.imshow(np.exp(grid[key]), origin="lower", extent=extent, cmap="viridis", interpolation="nearest")
+        ax.set_title(name)
+        ax.set_xlabel("z1")
+        ax.set_ylabel("z2")
+    fig.suptitle(title)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _resumed(cfg, out: Path) -> dict | None:
+    import json
+
+    path = out / "results.json"
+    if not (cfg.resume and path.exists()):
+        return None
+    old = json.loads(path.read_text())
+    length = 0 if cfg.flow.kind == "none" else cfg.flow.length
+    mine = {"target": cfg.target, "flow": cfg.flow.kind, "flow_length": length, "steps": cfg.trainer.steps}
+    mine.update(seed=cfg.seed, wall=cfg.wall)
+    if any(old.get(k) != v for k, v in mine.items()):
+        raise NfviError(f"resume=true but {path} holds another run ({ {k: old.get(k) for k in mine} }); use a new dir")
+    print(f"nfvi energy: {path} exists; skipping (resume=true)")
+    return old
+
+
+def run(cfg) -> dict:
+    """The ``nfvi energy`` task: fit, evaluate, write the run directory; returns the results dict."""
+    _check(cfg)
+    out = run_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    previous = _resumed(cfg, out)
+    if previous is not None:
+        return previous
+    started = time.time()
+    device = select_device(cfg.device)
+    seed_everything(cfg.seed)
+    energy = energies.ENERGIES[cfg.target]
+    trained = energies.confine(energy, cfg.eval.box, cfg.wall)
+    model = EnergyModel(flow_from_config(cfg.flow, dim=2)).to(device)
+    (out / "metrics.csv").unlink(missing_ok=True)
+    (out / "results.json").unlink(missing_ok=True)
+    metrics = MetricsLog(out / "metrics.csv")
+    final_loss = fit(model, trained, cfg, metrics, where=out)
+    checkpoint = {"state_dict": model.state_dict(), "flow": cfg.flow.kind, "flow_length": model.flow.length}
+    atomic_torch_save(checkpoint, out / "model.pt")
+    e = cfg.eval
+    numbers = evaluate(model, energy, e.samples, e.box, e.grid, e.chunk, wall=cfg.wall)
+    grid = numbers.pop("_grid")
+    length = model.flow.length  # 0 for flow=none whatever flow.length says
+    label = f"{cfg.target}, {cfg.flow.kind} K={length}"
+    save_density(out / "density.npz", grid, e.box, cfg.target, cfg.flow.kind, length)
+    plot_density(out / "density.png", grid, e.box, f"{label}: bound {numbers['bound']:.3f}, KL {numbers['kl']:.3f}")
+    results = {
+        "task": "energy",
+        "target": cfg.target,
+        "wall": cfg.wall,
+        "flow": cfg.flow.kind,
+        "flow_length": length,
+        "seed": cfg.seed,
+        "steps": cfg.trainer.steps,
+        "samples": cfg.trainer.samples,
+        "anneal": cfg.trainer.anneal,
+        "anneal_steps": cfg.trainer.anneal_steps,
+        "optim": cfg.optim.name,
+        "lr": cfg.optim.lr,
+        "lr_decay": cfg.trainer.lr_decay,
+        **numbers,
+        "final_loss": final_loss,
+        "box": f"[-{e.box:g}, {e.box:g}]^2",
+        "box_half_width": e.box,
+        "grid": e.grid,
+        "eval_samples": e.samples,
+        "kl_definition": KL_DEFINITION,
+        "units": UNITS,
+        **run_metadata(device, started),
+    }
+    write_json(out / "results.json", results)
+    print(f"nfvi energy: {label}: bound {numbers['bound']:.4f} nats, KL on the box {numbers['kl']:.4f} nats -> {out}")
+    return results

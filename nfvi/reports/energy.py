@@ -1,0 +1,210 @@
+"""``nfvi report`` for ``task == "energy"`` runs: Figure 3, Figure 3(d) and their tables.
+
+Inputs: the rows of ``results.json`` files written by ``nfvi energy`` (one per run; ``run_dir``
+points at the folder holding ``density.npz``). Outputs in ``out_dir``:
+
+- ``energy_fig3.png``: rows = targets, columns = exp(-U) then q_K of each flow and length (paper Fig. 3);
+- ``energy_fig3d.png``: the bound (nats) and KL on the box against flow length, per target (Fig. 3(d));
+- ``energy.md`` and ``energy.csv``: the same numbers (the bound and KL pivoted by flow length in the
+  markdown, one row per target, flow, length and schedule in the CSV).
+
+Several runs of one (target, flow, length, steps) -- different seeds -- are averaged in the tables
+(``runs`` counts them; repeated runs with the same seed count once, the latest). The figure shows,
+per (target, flow, length), the run with the most steps (the latest among equals).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from nfvi.runs import atomic_write_bytes, atomic_write_text
+
+__all__ = ["write", "summarize", "to_markdown"]
+
+FLOW_ORDER = {"none": 0, "planar": 1, "radial": 2, "nice": 3}
+FLOW_LABEL = {"none": "Gaussian", "planar": "planar NF", "radial": "radial NF", "nice": "NICE"}
+NUMBERS = ["bound", "kl", "kl_mc", "log_z", "mass_outside_box"]
+
+
+def _order(frame: pd.DataFrame) -> pd.DataFrame:
+    key = frame["flow"].map(FLOW_ORDER).fillna(len(FLOW_ORDER))
+    return frame.assign(_f=key).sort_values(["target", "_f", "flow_length", "steps"]).drop(columns="_f")
+
+
+def _latest(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (target, flow, length, steps, seed): the latest finished."""
+    frame = frame.copy()
+    frame["finished_at"] = frame.get("finished_at", pd.Series("", index=frame.index)).fillna("").astype(str)
+    frame = frame.sort_values("finished_at")
+    keys = [k for k in ("target", "flow", "flow_length", "steps", "wall", "seed") if k in frame]
+    return frame.drop_duplicates(keys, keep="last")
+
+
+def summarize(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mean of each number over seeds per (target, flow, flow_length, steps, wall), with ``runs`` and the bound's sd."""
+    frame = _latest(frame)
+    for col in [*NUMBERS, "wall"]:
+        if col not in frame:
+            frame[col] = math.nan
+    keys = ["target", "flow", "flow_length", "steps", "wall"]
+    grouped = frame.groupby(keys, dropna=False)
+    table = grouped[NUMBERS].mean()
+    table.insert(0, "runs", grouped.size())
+    table["bound_sd"] = grouped["bound"].std()
+    if "box" in frame:
+        table["box"] = grouped["box"].first()
+    return _order(table.reset_index())
+
+
+def to_markdown(table: pd.DataFrame, floatfmt: str = ".4f") -> str:
+    """A GitHub-flavoured markdown table (no extra dependency)."""
+
+    def cell(v) -> str:
+        if isinstance(v, float | np.floating):
+            return "" if math.isnan(v) else format(v, floatfmt)
+        return str(v)
+
+    head = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([head, rule, *rows])
+
+
+def _pivot(table: pd.DataFrame, value: str) -> pd.DataFrame:
+    """Rows (target, flow), columns ``K=<length>`` holding ``value`` (the longest schedule per cell)."""
+    best = table.sort_values("steps").drop_duplicates(["target", "flow", "flow_length"], keep="last")
+    pivot = best.pivot_table(index=["target", "flow"], columns="flow_length", values=value, aggfunc="first")
+    pivot.columns = [f"K={k}" for k in pivot.columns]
+    pivot = pivot.reset_index()
+    pivot = pivot.assign(_f=pivot["flow"].map(FLOW_ORDER).fillna(len(FLOW_ORDER)))
+    pivot = pivot.sort_values(["target", "_f"]).drop(columns="_f")
+    pivot["flow"] = pivot["flow"].map(lambda f: FLOW_LABEL.get(f, f))
+    return pivot
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _figure_runs(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = _latest(frame).sort_values(["steps", "finished_at"])
+    return _order(frame.drop_duplicates(["target", "flow", "flow_length"], keep="last"))
+
+
+def plot_fig3(frame: pd.DataFrame, path: Path) -> None:
+    """Rows: targets; columns: exp(-U) on the box, then q_K for each (flow, length) present."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = _figure_runs(frame)
+    targets = sorted(runs["target"].unique())
+    columns = list(dict.fromkeys(zip(runs["flow"], runs["flow_length"], strict=True)))
+    n_rows, n_cols = len(targets), 1 + len(columns)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.6 * n_cols, 1.6 * n_rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for i, target in enumerate(targets):
+        axes[i, 0].set_ylabel(target)
+        truth_drawn = False
+        for j, (flow, length) in enumerate(columns, start=1):
+            ax = axes[i, j]
+            if i == 0:
+                ax.set_title(f"{FLOW_LABEL.get(flow, flow)}\nK={length}", fontsize=8)
+            match = runs[(runs["target"] == target) & (runs["flow"] == flow) & (runs["flow_length"] == length)]
+            npz = Path(str(match["run_dir"].iloc[0])) / "density.npz" if len(match) else None
+            if npz is None or not npz.exists():
+                ax.text(0.5, 0.5, "no run", ha="center", va="center", fontsize=7, transform=ax.transAxes)
+                continue
+            with np.load(npz) as data:
+                box = float(data["box"])
+                extent = (-box, box, -box, box)
+                ax.imshow(np.exp(data["log_q"]), origin="lower", extent=extent, cmap="viridis")
+                if not truth_drawn:
+                    axes[i, 0].imshow(np.exp(data["log_p"]), origin="lower", extent=extent, cmap="viridis")
+                    truth_drawn = True
+            row = match.iloc[0]
+            ax.set_xlabel(f"KL {row.get('kl', math.nan):.2f}", fontsize=7, labelpad=1)
+    axes[0, 0].set_title("exp(-U)", fontsize=8)
+    fig.tight_layout(pad=0.3)
+    _save(fig, path)
+
+
+def plot_fig3d(table: pd.DataFrame, path: Path) -> None:
+    """Per target: the bound (top) and the KL on the box (bottom, log scale) against flow length, one line per flow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = table.sort_values("steps").drop_duplicates(["target", "flow", "flow_length"], keep="last")
+    targets = sorted(best["target"].unique())
+    fig, axes = plt.subplots(2, len(targets), figsize=(3.2 * len(targets), 5.2), squeeze=False, sharex=True)
+    for j, target in enumerate(targets):
+        rows = best[best["target"] == target]
+        for flow in sorted(rows["flow"].unique(), key=lambda f: FLOW_ORDER.get(f, 9)):
+            r = rows[rows["flow"] == flow].sort_values("flow_length")
+            label = FLOW_LABEL.get(flow, flow)
+            axes[0, j].plot(r["flow_length"], r["bound"], marker="o", label=label)
+            axes[1, j].plot(r["flow_length"], r["kl"].clip(lower=1e-4), marker="o", label=label)
+        log_z = rows["log_z"].dropna()
+        if len(log_z):
+            axes[0, j].axhline(-log_z.iloc[0], color="gray", linestyle="--", linewidth=1, label="-log Z (box)")
+        axes[0, j].set_title(target)
+        axes[1, j].set_yscale("log")
+        axes[1, j].set_xscale("log", base=2)
+        lengths = sorted(rows["flow_length"].unique())
+        axes[1, j].set_xticks(lengths, [str(k) for k in lengths])
+        axes[1, j].set_xlabel("flow length K")
+    axes[0, 0].set_ylabel("bound E[log q + U] (nats)")
+    axes[1, 0].set_ylabel("KL on the box (nats)")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def write(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Write Figure 3, Figure 3(d), ``energy.md`` and ``energy.csv`` from the energy rows of ``nfvi report``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = summarize(frame)
+    paths = [out_dir / "energy.csv", out_dir / "energy.md", out_dir / "energy_fig3.png", out_dir / "energy_fig3d.png"]
+    atomic_write_text(paths[0], table.to_csv(index=False))
+    box = ", ".join(sorted(map(str, table["box"].dropna().unique()))) if "box" in table else "?"
+    md = [
+        "# 2-D energies (paper Sec. 6.1, Table 1, Fig. 3)",
+        "",
+        "bound = E_q[log q_K(z_K) + U(z_K)] in nats (Fig. 3(d)); U includes the soft wall at the box edge if wall > 0 "
+        "(without it U2-U4 are improper and the bound keeps falling as q spreads along z1).",
+        f"KL = KL(q_box || p_box) in nats, q_K and exp(-U) restricted to the box {box} and renormalised there "
+        "(quadrature with q_K's exact density); mass_outside_box = the part of q_K outside it.",
+        "",
+        "## Bound (nats) by flow length",
+        "",
+        to_markdown(_pivot(table, "bound"), ".3f"),
+        "",
+        "## KL on the box (nats) by flow length",
+        "",
+        to_markdown(_pivot(table, "kl"), ".3f"),
+        "",
+        "## All runs (means over seeds)",
+        "",
+        to_markdown(table),
+        "",
+    ]
+    atomic_write_text(paths[1], "\n".join(md))
+    plot_fig3(frame, paths[2])
+    plot_fig3d(table, paths[3])
+    return paths
