@@ -117,7 +117,7 @@ def test_typo_or_wrong_type_fails_at_composition(override):
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [
-        ({"name": "cifar10"}, "dataset='cifar10' is not allowed; choose one of: mnist, mnist_static, omniglot"),
+        ({"name": "svhn"}, "dataset='svhn' is not allowed; choose one of: mnist, mnist_static, omniglot"),
         ({"name": "mnist_static", "binarize": "dynamic"}, "choose one of: static"),
         ({"name": "fake", "binarize": "threshold"}, "'threshold' is not allowed; choose one of: dynamic, static"),
         ({"name": "fake", "fake_size": 0}, "dataset.fake_size=0 is not allowed"),

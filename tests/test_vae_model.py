@@ -77,7 +77,7 @@ def test_mlp_model_builds(activation):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"name": "conv"}, "model='conv' is not allowed"),
+        ({"name": "resnet"}, "model='resnet' is not allowed"),
         ({"activation": "tanh"}, "model=maxout needs model.activation=maxout"),
         ({"name": "mlp", "activation": "sigmoid"}, "model.activation='sigmoid' is not allowed"),
         ({"likelihood": "gaussian"}, "model.likelihood='gaussian' is not allowed"),

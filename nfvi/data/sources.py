@@ -65,6 +65,8 @@ URLS: dict[str, dict[str, str]] = {
         )
     },
     "omniglot": {"chardata.mat": "https://raw.githubusercontent.com/yburda/iwae/master/datasets/OMNIGLOT/chardata.mat"},
+    # torchvision.datasets.CIFAR10.url; checked against CIFAR10.tgz_md5 (nfvi.data.cifar)
+    "cifar10": {"cifar-10-python.tar.gz": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"},
 }
 
 #: file -> sha256 of its arrays (:func:`array_digest` over the keys in :data:`NPZ_FILES`), from the shared copies

@@ -12,10 +12,15 @@ latent variables and a Bernoulli likelihood on logits. The encoder's hidden feat
 feed the Gaussian head ``(mu, sigma)`` *and* the flow's fused parameter head (the amortization of
 paper Sec. 4.3 / 6.2), so each data point gets its own ``u_k, w_k, b_k``.
 
-Parts are chosen by name so other data fit in later: ``model.name`` picks an *architecture*
-(a function returning an encoder ``x (B, *x_shape) -> h (B, H)`` with an ``out_dim``, and a decoder
-``z (*, D) -> params (*, *x_shape)``), and ``model.likelihood`` picks the distribution of x built from
-the decoder's output. Register a new one with :func:`register_architecture`.
+Parts are chosen by name so other data fit in: ``model.name`` picks an *architecture* (a function
+returning an encoder ``x (B, *x_shape) -> h (B, H)`` with an ``out_dim``, and a decoder
+``z (*, D) -> params (*, P*x_shape[0], *x_shape[1:])``), and ``model.likelihood`` picks the distribution of
+x built from the decoder's output (:mod:`nfvi.vae.likelihoods`: ``bernoulli``, and for 8-bit images
+``discretized_logistic`` and ``logit_normal``; ``P`` is the likelihood's number of parameters per value).
+Register a new architecture with :func:`register_architecture`; ``model=conv`` (:mod:`nfvi.vae.conv`)
+is the convolutional one for image-shaped data. :func:`model_input_shape` says which ``x_dim`` an
+architecture takes (flat for the MLPs, ``(C, H, W)`` for conv), and uint8 inputs are 8-bit images read
+as ``k / 255`` (:meth:`VAE.prepare`).
 
 Choice for q_0's scale: ``sigma = softplus(raw) + model.min_scale``. Softplus grows linearly (no
 ``exp`` overflow for large raw values) and the floor keeps ``log sigma`` (and so ``log q_0``)
@@ -33,21 +38,25 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
-from torch.distributions import Bernoulli, Distribution, Independent, Normal
+from torch.distributions import Distribution, Independent, Normal
 
 from nfvi.config import FlowConfig, flow_from_config, store
 from nfvi.errors import NfviError, check_choice, check_range
 from nfvi.flows import Flow
+from nfvi.vae.likelihoods import SPECS
 
 __all__ = [
     "ACTIVATIONS",
     "ARCHITECTURES",
+    "IMAGE_ARCHITECTURES",
     "LIKELIHOODS",
     "Maxout",
     "ModelConfig",
     "PosteriorSample",
     "VAE",
     "build_model",
+    "check_likelihood_fits",
+    "model_input_shape",
     "register_architecture",
 ]
 
@@ -59,14 +68,15 @@ LOG_2PI = math.log(2.0 * math.pi)
 class ModelConfig:
     """``model=maxout`` (the paper's) or ``model=mlp``; the keys every architecture reads."""
 
-    name: str = "maxout"  # architecture: maxout | mlp
+    name: str = "maxout"  # architecture: maxout | mlp | conv
     latent_dim: int = 40  # D, the number of latent variables
     hidden: int = 400  # units per hidden layer (maxout: units after the max)
     maxout_window: int = 4  # maxout: pieces per unit (paper: windows of 4)
-    activation: str = "maxout"  # maxout | tanh | relu
+    activation: str = "maxout"  # maxout | tanh | relu (conv: tanh | relu)
     layers: int = 1  # hidden layers in the encoder and in the decoder (paper: 1)
-    likelihood: str = "bernoulli"  # distribution of x given the decoder's output
+    likelihood: str = "bernoulli"  # bernoulli (binary data) | discretized_logistic | logit_normal (8-bit data)
     min_scale: float = 1e-4  # q_0: sigma = softplus(raw) + min_scale
+    channels: int = 32  # conv only: channels of the first conv stage (doubled at each downsampling)
 
 
 store("base_model", ModelConfig, group="model")
@@ -104,13 +114,17 @@ class MLPEncoder(nn.Module):
 
 
 class MLPDecoder(nn.Module):
-    """``z (*, D) -> params (*, *x_shape)``: ``layers`` hidden layers, then a linear output."""
+    """``z (*, D) -> params (*, P*x_shape[0], *x_shape[1:])``: ``layers`` hidden layers, then a linear output.
+
+    ``P`` is the likelihood's number of parameters per value (1 for Bernoulli logits).
+    """
 
     def __init__(self, x_shape: tuple[int, ...], cfg):
         super().__init__()
-        self.x_shape = x_shape
+        num = SPECS[cfg.likelihood].num_params if cfg.likelihood in SPECS else 1
+        self.x_shape = (num * x_shape[0], *x_shape[1:])
         layers = [_hidden_layer(cfg.latent_dim if i == 0 else cfg.hidden, cfg) for i in range(cfg.layers)]
-        self.net = nn.Sequential(*layers, nn.Linear(cfg.hidden, math.prod(x_shape)))
+        self.net = nn.Sequential(*layers, nn.Linear(cfg.hidden, math.prod(self.x_shape)))
 
     @property
     def output_bias(self) -> Tensor:
@@ -123,16 +137,45 @@ class MLPDecoder(nn.Module):
 
 #: name -> builder(x_shape, model_cfg) -> (encoder, decoder); see the module docstring for the contract.
 ARCHITECTURES: dict[str, Callable[[tuple[int, ...], object], tuple[nn.Module, nn.Module]]] = {}
+#: architectures that take image-shaped data ``(C, H, W)`` rather than flat vectors
+IMAGE_ARCHITECTURES: set[str] = set()
 
 
-def register_architecture(name: str):
-    """Decorator: make ``model.name=<name>`` build ``(encoder, decoder)`` with the decorated function."""
+def register_architecture(name: str, images: bool = False):
+    """Decorator: make ``model.name=<name>`` build ``(encoder, decoder)`` with the decorated function.
+
+    ``images=True``: the builder wants ``x_shape = (C, H, W)`` (see :func:`model_input_shape`).
+    """
 
     def wrap(builder):
         ARCHITECTURES[name] = builder
+        if images:
+            IMAGE_ARCHITECTURES.add(name)
         return builder
 
     return wrap
+
+
+def model_input_shape(model_cfg, image_shape: tuple[int, ...]) -> int | tuple[int, ...]:
+    """The ``x_dim`` to pass to :func:`build_model` for data of ``image_shape``.
+
+    Flat size (e.g. 784) for the MLP architectures, as before; the shape ``(C, H, W)`` for image
+    architectures (``model=conv``). The data can stay flat: :meth:`VAE.prepare` reshapes.
+    """
+    shape = tuple(int(n) for n in image_shape)
+    return shape if model_cfg.name in IMAGE_ARCHITECTURES else math.prod(shape)
+
+
+def check_likelihood_fits(likelihood: str, data_kind: str, dataset: str = "") -> None:
+    """One-line :class:`NfviError` unless ``model.likelihood`` models data of ``data_kind`` (binary | 8bit)."""
+    check_choice("model.likelihood", likelihood, LIKELIHOODS)
+    if SPECS[likelihood].data_kind != data_kind:
+        fits = ", ".join(n for n, s in SPECS.items() if s.data_kind == data_kind)
+        where = f"dataset={dataset} holds" if dataset else "the data are"
+        raise NfviError(
+            f"model.likelihood={likelihood} is for {SPECS[likelihood].data_kind} data but {where} "
+            f"{data_kind} images; use model.likelihood={fits.split(', ')[0]} (choices for {data_kind} data: {fits})"
+        )
 
 
 @register_architecture("maxout")
@@ -141,12 +184,8 @@ def _mlp_architecture(x_shape, cfg):
     return MLPEncoder(x_shape, cfg), MLPDecoder(x_shape, cfg)
 
 
-def _bernoulli(params: Tensor, event_dims: int) -> Distribution:
-    return Independent(Bernoulli(logits=params, validate_args=False), event_dims, validate_args=False)
-
-
-#: name -> (decoder output (*, *x_shape), number of event dims) -> distribution over x.
-LIKELIHOODS: dict[str, Callable[[Tensor, int], Distribution]] = {"bernoulli": _bernoulli}
+#: name -> (decoder output (*, P*x_shape[0], *x_shape[1:]), number of event dims) -> distribution over x.
+LIKELIHOODS: dict[str, Callable[[Tensor, int], Distribution]] = {name: spec.make for name, spec in SPECS.items()}
 
 
 class PosteriorSample(NamedTuple):
@@ -200,7 +239,12 @@ class VAE(nn.Module):
         return Independent(Normal(self._zeros, self._ones, validate_args=False), 1, validate_args=False)
 
     def prepare(self, x: Tensor) -> Tensor:
-        """``x`` as ``(B, *x_shape)`` on the model's device and dtype (accepts e.g. ``(B, 1, 28, 28)``)."""
+        """``x`` as ``(B, *x_shape)`` on the model's device and dtype (accepts e.g. ``(B, 1, 28, 28)``).
+
+        A uint8 tensor holds 8-bit values ``k`` (0..255) and becomes ``k / 255``.
+        """
+        if x.dtype == torch.uint8:
+            x = x.to(device=self._zeros.device).to(self._zeros.dtype).div_(255.0)
         return x.to(device=self._zeros.device, dtype=self._zeros.dtype).reshape(x.shape[0], *self.x_shape)
 
     def _q0_params(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -248,11 +292,19 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def init_output_bias(self, x_mean: Tensor, eps: float = 1e-3) -> None:
-        """Bernoulli only: set the decoder's output bias to ``logit(mean of the training data)``."""
-        if self.likelihood != "bernoulli" or not hasattr(self.decoder, "output_bias"):
-            raise NfviError(f"init_output_bias needs a Bernoulli MLP decoder, got model.likelihood={self.likelihood}")
-        p = x_mean.to(self.decoder.output_bias).reshape(-1).clamp(eps, 1 - eps)
-        self.decoder.output_bias.copy_(torch.logit(p))
+        """Set the decoder's per-value output bias from the mean training value ``x_mean`` (in [0, 1]).
+
+        Bernoulli: ``logit(mean)``; discretized logistic: mean = ``x_mean`` and a log-scale of
+        ``log 0.05``; logit-normal: the logit of the scaled mean. Needs a decoder with a per-value
+        ``output_bias`` (the MLP and conv decoders have one).
+        """
+        bias = getattr(self.decoder, "output_bias", None)
+        if bias is None:
+            raise NfviError(f"init_output_bias needs a decoder with a per-value output bias ({type(self.decoder)})")
+        mean = x_mean.to(bias).reshape(-1)
+        if self.likelihood == "bernoulli":
+            mean = mean.clamp(eps, 1 - eps)
+        bias.copy_(SPECS[self.likelihood].init_bias(mean).reshape(bias.shape))
 
 
 def build_model(model_cfg: ModelConfig | DictConfig, flow_cfg: FlowConfig | DictConfig, x_dim: int | tuple) -> VAE:
@@ -264,11 +316,17 @@ def build_model(model_cfg: ModelConfig | DictConfig, flow_cfg: FlowConfig | Dict
     check_choice("model.activation", model_cfg.activation, ACTIVATIONS)
     if model_cfg.name == "maxout" and model_cfg.activation != "maxout":
         raise NfviError(f"model=maxout needs model.activation=maxout, got {model_cfg.activation!r}; use model=mlp")
+    if model_cfg.name in IMAGE_ARCHITECTURES and model_cfg.activation == "maxout":
+        raise NfviError(f"model={model_cfg.name} has no maxout layers; use model.activation=relu or tanh")
     check_choice("model.likelihood", model_cfg.likelihood, LIKELIHOODS)
     for key in ("latent_dim", "hidden", "maxout_window", "layers"):
         check_range(f"model.{key}", getattr(model_cfg, key), low=1, kind="a whole number")
+    check_range("model.channels", getattr(model_cfg, "channels", 32), low=1, kind="a whole number")
     check_range("model.min_scale", model_cfg.min_scale, low=0.0, kind="a non-negative number")
     x_shape = (int(x_dim),) if isinstance(x_dim, int) else tuple(int(n) for n in x_dim)
     encoder, decoder = ARCHITECTURES[model_cfg.name](x_shape, model_cfg)
     flow = flow_from_config(flow_cfg, model_cfg.latent_dim, context_dim=encoder.out_dim)
     return VAE(encoder, decoder, flow, model_cfg.latent_dim, x_shape, model_cfg.likelihood, model_cfg.min_scale)
+
+
+from nfvi.vae import conv as _conv  # noqa: E402,F401  (registers model=conv)
