@@ -1,0 +1,96 @@
+"""Sweeps: Hydra's basic launcher, joblib, and the shipped submitit configs (``hydra/launcher=local|slurm``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import nfvi.vae.train  # noqa: F401  (registers base_train and the run-dir resolvers)
+from tests.conftest import CONF_DIR
+from tests.test_train import TINY
+
+SWEEP = [
+    *TINY,
+    "trainer.steps=6",
+    "eval.at_end=true",
+    "eval.max_images=20",
+    "hydra/job_logging=none",
+    "hydra/hydra_logging=none",
+]
+
+
+def launcher(name: str, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", [f"hydra/launcher={name}", *overrides], return_hydra_config=True)
+    return cfg.hydra.launcher
+
+
+def test_shipped_submitit_configs_extend_the_plugin_schemas():
+    local = launcher("local")
+    assert local._target_.endswith("LocalLauncher") and local.timeout_min == 720 and local.cpus_per_task == 1
+    slurm = launcher("slurm")
+    assert slurm._target_.endswith("SlurmLauncher") and slurm.partition is None
+    assert slurm.gpus_per_node == 1 and slurm.max_num_timeout == 3
+    assert launcher("slurm", "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=60").partition == "gpu"
+    with pytest.raises(Exception, match="partitio"):
+        launcher("slurm", "hydra.launcher.partitio=gpu")  # typed: a misspelled key fails
+    assert launcher("joblib").n_jobs == -1
+
+
+def nfvi(*args, cwd, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "nfvi", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def sweep_results(sweep_dir):
+    return sorted(json.loads(p.read_text())["flow_length"] for p in sweep_dir.rglob("results.json"))
+
+
+def test_basic_sweep_and_safe_rerun(tmp_path):
+    args = ["-m", *SWEEP, "flow.length=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}", "resume=true"]
+    first = nfvi("train", *args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert sweep_results(tmp_path / "sweep") == [0, 1]
+    again = nfvi("train", *args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("nothing to do") == 2
+
+
+@pytest.mark.slow
+def test_joblib_sweep_runs_in_parallel_processes(tmp_path):
+    args = [
+        "-m",
+        *SWEEP,
+        "flow=planar,nice",
+        "flow.length=1",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+    ]
+    result = nfvi("train", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sweep_results(tmp_path / "sweep") == [1, 1]
+
+
+@pytest.mark.slow
+def test_submitit_local_two_job_sweep(tmp_path):
+    args = [
+        "-m",
+        *SWEEP,
+        "flow.length=0,2",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "hydra/launcher=local",
+        "hydra.launcher.timeout_min=10",
+        "threads=1",
+    ]
+    result = nfvi("train", *args, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert sweep_results(tmp_path / "sweep") == [0, 2]
+    assert list((tmp_path / "sweep" / ".submitit").iterdir())  # submitit's logs and pickles

@@ -1,0 +1,94 @@
+"""Table 2 / Figure 4 writer (``nfvi.reports.vae``) on synthetic results.json rows."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from nfvi.report import collect
+from nfvi.reports import vae
+
+
+def result(flow, k, seed=0, nll=90.0, neg_elbo=95.0, dataset="mnist", steps=1000, finished="2025-01-01T00:00:00", **kw):
+    row = {
+        "task": "vae",
+        "dataset": dataset,
+        "flow": flow,
+        "flow_length": k,
+        "seed": seed,
+        "steps": steps,
+        "model": "maxout",
+        "num_importance_samples": 200,
+        "num_test_images": 1000,
+        "test_neg_elbo": neg_elbo,
+        "test_nll": nll,
+        "test_kl": neg_elbo - nll,
+        "test_nll_se": 0.5,
+        "test_neg_elbo_se": 0.6,
+        "test_kl_se": 0.1,
+        "finished_at": finished,
+        "units": {"test_nll": "nats", "test_neg_elbo": "nats", "test_kl": "nats"},
+    }
+    return row | kw
+
+
+@pytest.fixture
+def frame(tmp_path):
+    rows = [
+        result("planar", 0, nll=91.0, neg_elbo=97.0),
+        result("nice", 0, nll=91.0, neg_elbo=97.0),  # the same K=0 model named twice: one row, one seed
+        result("planar", 10, seed=0, nll=89.0, neg_elbo=94.0),
+        result("planar", 10, seed=1, nll=89.4, neg_elbo=94.4),
+        result("planar", 10, seed=1, nll=99.0, neg_elbo=99.0, finished="2024-01-01T00:00:00"),  # older repeat: dropped
+        result("nice", 10, nll=90.0, neg_elbo=95.5),
+        result("planar", 80, nll=86.0, neg_elbo=90.0),
+        result("planar", 10, dataset="fake", nll=200.0, neg_elbo=210.0),
+    ]
+    for i, row in enumerate(rows):
+        d = tmp_path / "runs" / str(i)
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps(row))
+    return collect([tmp_path / "runs"])
+
+
+def test_summary_rows_average_seeds_and_carry_paper_values(frame):
+    table = vae.summarize(frame)
+    mnist = table[table["dataset"] == "mnist"].set_index(["flow", "K"])
+    assert list(mnist.index) == [("none", 0), ("planar", 10), ("planar", 80), ("nice", 10)]
+    p10 = mnist.loc[("planar", 10)]
+    assert p10["seeds"] == 2 and p10["nll"] == pytest.approx(89.2) and p10["nll_sd"] == pytest.approx(0.2828, abs=1e-3)
+    assert p10["kl"] == pytest.approx(5.0)
+    assert mnist.loc[("none", 0), "seeds"] == 1 and mnist.loc[("none", 0), "paper_nll"] == 89.9
+    assert mnist.loc[("planar", 80), "paper_status"] == "C" and mnist.loc[("planar", 10), "paper_status"] == "U"
+    assert mnist.loc[("planar", 80), "diff_nll"] == pytest.approx(86.0 - 85.1)
+    fake = table[table["dataset"] == "fake"].iloc[0]
+    assert math.isnan(fake["paper_nll"]) and fake["paper_status"] == ""
+
+
+def test_settings_that_differ_split_rows(frame):
+    extra = pd.DataFrame([result("planar", 10, nll=88.0, steps=5000)])
+    table = vae.summarize(pd.concat([frame, extra], ignore_index=True))
+    rows = table[(table["dataset"] == "mnist") & (table["flow"] == "planar") & (table["K"] == 10)]
+    assert sorted(rows["setting"]) == ["steps=1000", "steps=5000"]
+
+
+def test_write_produces_markdown_csv_latex_and_figure(frame, tmp_path):
+    paths = vae.write(frame, tmp_path / "tables")
+    assert [p.name for p in paths] == ["vae_table2.md", "vae_table2.csv", "vae_table2.tex", "vae_fig4.png"]
+    md = paths[0].read_text()
+    assert "| DLGM + NF (planar) (K=80) | 90.00 ± 0.60 | 86.00 ± 0.50 | 4.00 ± 0.10 | 85.1 [C] | +0.90 | 1 |" in md
+    assert "| DLGM + NF (planar) (K=10) | 94.20 ± 0.28 | 89.20 ± 0.28 |" in md
+    assert "87.5 [U]" in md and "[U] unconfirmed" in md and "## dataset fake" in md
+    csv = pd.read_csv(paths[1])
+    assert {"dataset", "flow", "K", "neg_elbo", "nll", "kl", "paper_nll", "diff_nll", "seeds"} <= set(csv.columns)
+    tex = paths[2].read_text()
+    assert r"\begin{tabular}" in tex and r"85.1 [C]" in tex and r"$\pm$" in tex
+    assert paths[3].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_empty_or_unevaluated_rows_write_nothing(tmp_path):
+    frame = pd.DataFrame([{"task": "vae", "flow": "planar", "flow_length": 2}])
+    assert vae.write(frame, tmp_path) == []

@@ -1,0 +1,242 @@
+"""``nfvi train``: exact resume, refusals, NaN handling, signals, one-line CLI errors (tiny models on dataset=fake)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from nfvi.errors import NfviError, NonFiniteLossError
+from nfvi.vae import train as train_mod
+from nfvi.vae.checkpoint import load_checkpoint
+from tests.conftest import REPO, compose
+
+TINY = [
+    "dataset=fake",
+    "dataset.fake_size=200",
+    "model=mlp",
+    "model.hidden=16",
+    "model.latent_dim=4",
+    "flow=planar",
+    "flow.length=2",
+    "optim=adam",
+    "trainer.batch_size=20",
+    "trainer.log_every=5",
+    "trainer.val_every=10",
+    "trainer.ckpt_every=10",
+    "trainer.progress=false",
+    "eval.num_samples=8",
+    "eval.elbo_samples=2",
+    "eval.progress=false",
+    "eval.at_end=false",
+    "device=cpu",
+]
+
+
+def cfg_of(*overrides, **kw):
+    return compose("train", [*TINY, *overrides])
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param([], id="planar-dynamic-eq20"),
+        pytest.param(["flow=nice", "flow.hidden=8", "trainer.annealing=kl_warmup", "trainer.grad_clip=1.0"], id="nice"),
+        pytest.param(["dataset.binarize=static", "optim=rmsprop", "optim.lr=1e-3", "trainer.samples=2"], id="static"),
+    ],
+)
+def test_interrupted_and_resumed_run_ends_at_the_same_parameters(tmp_path, extra):
+    steps, cut = 26, 13  # 10 batches per epoch: the cut falls mid-epoch
+    straight = train_mod.train(cfg_of(*extra, f"trainer.steps={steps}"), tmp_path / "straight")
+    train_mod.train(cfg_of(*extra, f"trainer.steps={cut}"), tmp_path / "cut")
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == cut
+    resumed = train_mod.train(cfg_of(*extra, f"trainer.steps={steps}", "resume=true"), tmp_path / "cut")
+    assert straight["steps"] == resumed["steps"] == steps
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert states_equal(a["model"], b["model"])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and torch.equal(a["rng"]["data"], b["rng"]["data"])
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for k in a["optimizer"]["state"]:
+        for name, value in a["optimizer"]["state"][k].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][k][name]))
+    rows = (tmp_path / "cut" / "metrics.csv").read_text().splitlines()
+    assert rows[-1].startswith(f"{steps},")
+
+
+def test_same_seed_same_numbers_and_different_seed_differs(tmp_path):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        train_mod.train(cfg_of("trainer.steps=5", f"seed={seed}"), tmp_path / name)
+    a, b, c = (load_checkpoint(tmp_path / n / "checkpoint.pt")["model"] for n in "abc")
+    assert states_equal(a, b) and not states_equal(a, c)
+
+
+def test_resume_with_changed_config_is_refused_naming_the_keys(tmp_path):
+    train_mod.train(cfg_of("trainer.steps=5"), tmp_path)
+    with pytest.raises(NfviError) as err:
+        train_mod.train(cfg_of("trainer.steps=10", "resume=true", "flow.length=3", "optim.lr=0.5"), tmp_path)
+    msg = str(err.value)
+    assert "flow.length (2 -> 3)" in msg and "optim.lr (0.001 -> 0.5)" in msg and "\n" not in msg
+    # keys that do not change the trajectory may differ; steps may grow
+    out = train_mod.train(
+        cfg_of("trainer.steps=7", "resume=true", "trainer.val_every=3", "eval.num_samples=4", "threads=1"), tmp_path
+    )
+    assert out["steps"] == 7
+
+
+def test_resume_refusals(tmp_path):
+    train_mod.train(cfg_of("trainer.steps=5"), tmp_path)
+    with pytest.raises(NfviError, match="already holds a checkpoint; pass resume=true"):
+        train_mod.train(cfg_of("trainer.steps=5"), tmp_path)
+    with pytest.raises(NfviError, match="the checkpoint is at step 5"):
+        train_mod.train(cfg_of("trainer.steps=3", "resume=true"), tmp_path)
+    cos = tmp_path / "cos"
+    train_mod.train(cfg_of("trainer.steps=5", "trainer.lr_decay=cosine"), cos)
+    with pytest.raises(NfviError, match="learning rate decays over trainer.steps=5"):
+        train_mod.train(cfg_of("trainer.steps=8", "trainer.lr_decay=cosine", "resume=true"), cos)
+
+
+def test_finished_run_is_not_retrained(tmp_path, capsys):
+    cfg = cfg_of("trainer.steps=4", "eval.at_end=true")
+    first = train_mod.train(cfg, tmp_path)
+    again = train_mod.train(cfg_of("trainer.steps=4", "eval.at_end=true", "resume=true"), tmp_path)
+    assert again["finished_at"] == first["finished_at"]
+    assert "nothing to do" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = train_mod.annealed_loss
+
+    def poisoned(terms, beta, mode):
+        calls["n"] += 1
+        loss = real(terms, beta, mode)
+        return loss * float("nan") if calls["n"] == 15 else loss
+
+    monkeypatch.setattr(train_mod, "annealed_loss", poisoned)
+    with pytest.raises(NonFiniteLossError) as err:
+        train_mod.train(cfg_of("trainer.steps=30"), tmp_path)
+    msg = str(err.value)
+    assert "loss became nan at step 15" in msg and "last good checkpoint (step 10)" in msg
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 10
+
+
+def test_nonfinite_parameters_are_never_checkpointed(tmp_path, monkeypatch):
+    real = train_mod.optimizer_from_config
+
+    def poisoning_optimizer(cfg, params):
+        opt = real(cfg, params)
+        count = {"n": 0}
+
+        def hook(optimizer, args, kwargs):
+            count["n"] += 1
+            if count["n"] == 20:
+                with torch.no_grad():
+                    optimizer.param_groups[0]["params"][0].fill_(float("inf"))
+
+        opt.register_step_post_hook(hook)
+        return opt
+
+    monkeypatch.setattr(train_mod, "optimizer_from_config", poisoning_optimizer)
+    with pytest.raises(NonFiniteLossError, match="parameters became non-finite at step 20"):
+        train_mod.train(cfg_of("trainer.steps=30", "trainer.val_every=1000"), tmp_path)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["step"] == 10 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_config_values_are_checked(tmp_path):
+    with pytest.raises(NfviError, match="trainer.annealing='warm' is not allowed"):
+        train_mod.train(cfg_of("trainer.annealing=warm"), tmp_path)
+    with pytest.raises(NfviError, match="trainer.batch_size=500 exceeds the 200 training images"):
+        train_mod.train(cfg_of("trainer.batch_size=500"), tmp_path)
+
+
+def nfvi(*args, cwd, timeout=120):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "nfvi", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("trainer.annealing=warm", "trainer.annealing='warm' is not allowed; choose one of: eq20, kl_warmup, none"),
+        ("resume=true run_dir=nowhere", "resume=true: run_dir=nowhere holds no checkpoint.pt to continue"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, override, expected):
+    result = nfvi("train", *TINY, *override.split(), f"paths.output_dir={tmp_path}", cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("nfvi train: error:") and expected in lines[0], result.stderr
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_cli_train_then_resume_newest_run_with_same_config(tmp_path):
+    base = [*TINY, f"paths.output_dir={tmp_path}", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    first = nfvi("train", *base, "trainer.steps=4", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    (run,) = (tmp_path / "train").iterdir()
+    assert {"checkpoint.pt", "best.pt", "metrics.csv", "run_config.json", ".hydra"} <= {p.name for p in run.iterdir()}
+    second = nfvi("train", *base, "trainer.steps=6", "resume=true", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert f"resuming {run} at step 4 of 6" in second.stderr
+    assert [p.name for p in (tmp_path / "train").iterdir()] == [run.name]  # no new run directory
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 6
+    assert (run / ".hydra" / "config.yaml").read_text().count("steps: 4") == 1  # the original record is kept
+    assert len(list((run / ".hydra").glob("resume-*/config.yaml"))) == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_a_checkpoint_and_exits(tmp_path, sig):
+    run = tmp_path / "run"
+    args = [
+        *TINY,
+        "trainer.steps=1000000",
+        "trainer.log_every=1",
+        "trainer.ckpt_every=100000",
+        f"run_dir={run}",
+        "hydra/job_logging=none",
+        "hydra/hydra_logging=none",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nfvi", "train", *args], cwd=REPO, stderr=subprocess.PIPE, text=True, env=env
+    )
+    metrics = run / "metrics.csv"
+    deadline = time.time() + 90
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 3):
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert f"{signal.Signals(sig).name} at step {state['step']}: checkpoint saved" in err
+    assert "resume=true" in err and "Traceback" not in err
+    last_row = metrics.read_text().splitlines()[-1]
+    assert int(last_row.split(",")[0]) == state["step"] > 0
+    # and the run continues from there
+    out = train_mod.train(cfg_of(f"trainer.steps={state['step'] + 3}", "resume=true", "trainer.log_every=1"), run)
+    assert out["steps"] == state["step"] + 3
+
+
+def test_results_json_after_training(tmp_path):
+    res = train_mod.train(cfg_of("trainer.steps=12", "eval.at_end=true", "eval.max_images=50"), tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(res))
+    for key in ("test_neg_elbo", "test_nll", "test_kl"):
+        assert saved["units"][key] == "nats"
+    assert saved["task"] == "vae" and saved["steps"] == 12 and saved["num_test_images"] == 50
+    assert saved["checkpoint"] == "best" and saved["checkpoint_step"] == saved["best_step"] in (10, 12)
+    assert saved["flow"] == "planar" and saved["flow_length"] == 2 and saved["dataset"] == "fake"
