@@ -38,6 +38,7 @@ class FlowConfig:
     hidden: int = 64  # nice: width of each coupling MLP
     mix: str = "alternate"  # nice: alternate | permute
     w_floor: Optional[float] = 0.1  # planar, amortized only: ||w|| >= w_floor (paper.md section 13); null = off
+    amortized: bool = True  # train/cde: parameters computed per data point from the encoder (Sec. 4.3); false = global
 
 
 @dataclass
@@ -73,8 +74,13 @@ store("base_paths", PathsConfig, group="paths")
 
 
 def flow_from_config(cfg: FlowConfig | DictConfig, dim: int, context_dim: int = 0) -> Flow:
-    """``build_flow`` with the options of ``cfg`` that apply to its kind."""
+    """``build_flow`` with the options of ``cfg`` that apply to its kind.
+
+    ``context_dim`` is the width of the features the flow may read (0: none); with ``flow.amortized=false``
+    the flow ignores them and keeps global parameters.
+    """
     check_choice("flow", cfg.kind, FLOW_KINDS)
+    context_dim = context_dim if getattr(cfg, "amortized", True) else 0
     options = {}
     if cfg.kind == "nice":
         options = {"hidden": cfg.hidden, "mix": cfg.mix}
@@ -90,6 +96,14 @@ def optimizer_from_config(cfg: OptimConfig | DictConfig, params) -> torch.optim.
     kwargs = {"lr": cfg.lr, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
     if cfg.name == "rmsprop":
         kwargs["momentum"] = cfg.momentum
+    params = list(params)
+    if cfg.name == "adam":
+        # One fused kernel per step: 6x faster than the default per-tensor loop on the CPU for the MNIST model
+        # (benchmarks/README.md). Same algorithm; older torch builds without it fall back to the loop.
+        try:
+            return OPTIMIZERS[cfg.name](params, fused=True, **kwargs)
+        except (RuntimeError, TypeError):
+            pass
     return OPTIMIZERS[cfg.name](params, **kwargs)
 
 

@@ -3,7 +3,7 @@
 ::
 
     from nfvi.evaluate import elbo, log_marginal_likelihood
-    log_px = log_marginal_likelihood(model, x_test, num_samples=5000, batch_size=10_000)   # (N,)
+    log_px = log_marginal_likelihood(model, x_test, num_samples=5000)   # (N,), chunks of 2,000 samples on a CPU
     nll = -log_px.mean()
 
 The estimator uses ``q_K(z | x)`` itself as the proposal::
@@ -40,10 +40,16 @@ from torch import Tensor
 
 from nfvi.errors import check_range
 
-__all__ = ["DEFAULT_BATCH_SIZE", "elbo", "log_marginal_likelihood", "log_weights", "nats_to_bits_per_dim"]
+__all__ = ["default_batch_size", "elbo", "log_marginal_likelihood", "log_weights", "nats_to_bits_per_dim"]
 
-#: z-samples per chunk when ``batch_size`` is None (about 150 MB of activations for the maxout MNIST model).
-DEFAULT_BATCH_SIZE = 10_000
+
+def default_batch_size(device: torch.device | None) -> int:
+    """z-samples per chunk when ``batch_size`` is None: 2,000 on the CPU, 10,000 on a GPU.
+
+    On the CPU a chunk's activations should stay in cache: for the maxout MNIST model 2,000 samples
+    ran 1.8x faster than 10,000 (about 13 MB against 150 MB; ``benchmarks/README.md``).
+    """
+    return 10_000 if device is not None and device.type == "cuda" else 2_000
 
 
 def _device(model) -> torch.device | None:
@@ -90,9 +96,9 @@ def log_weights(model, x: Tensor, num_samples: int) -> Tensor:
 
 def _run(model, x, num_samples, batch_size, progress, reduce) -> Tensor:
     check_range("num_samples", num_samples, low=1, kind="a whole number of samples")
-    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
-    check_range("batch_size", batch_size, low=1, kind="a whole number of samples per chunk")
     device = _device(model)
+    batch_size = default_batch_size(device) if batch_size is None else batch_size
+    check_range("batch_size", batch_size, low=1, kind="a whole number of samples per chunk")
     chunks = list(_chunks(x.shape[0], num_samples, batch_size))
     if progress:
         from tqdm.auto import tqdm
@@ -133,7 +139,7 @@ def log_marginal_likelihood(
         model: a VAE (or anything with ``posterior`` and ``log_joint``).
         x: ``(N, *x_shape)`` data, on any device.
         num_samples: S, importance samples per data point (paper: 200; Sylvester flows: 5000).
-        batch_size: z-samples per chunk (bounds memory); None = :data:`DEFAULT_BATCH_SIZE`.
+        batch_size: z-samples per chunk (bounds memory); None = :func:`default_batch_size` of the model's device.
         progress: show a tqdm bar over chunks.
     """
     return _run(model, x, num_samples, batch_size, progress, "logmeanexp")

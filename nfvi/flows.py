@@ -22,7 +22,15 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from nfvi.errors import NfviError, check_choice
-from nfvi.transforms import AdditiveCouplingTransform, FlowTransform, PlanarTransform, RadialTransform
+from nfvi.transforms import (
+    AdditiveCouplingTransform,
+    FlowTransform,
+    PlanarTransform,
+    RadialTransform,
+    planar_chain,
+    planar_ladj,
+    planar_u_hat,
+)
 
 __all__ = [
     "FLOW_KINDS",
@@ -130,12 +138,28 @@ class PlanarFlow(_ElementwiseParamFlow):
             w[0] = 0.0
         return torch.cat([u, w, torch.zeros(1)])
 
-    def make(self, raw):
+    def _split(self, raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         d = self.dim
         u, w, b = raw[..., :d], raw[..., d : 2 * d], raw[..., 2 * d]
         if self.w_floor is not None:
             w = torch.cat([self.w_floor + F.softplus(w[..., :1]), w[..., 1:]], dim=-1)
-        return PlanarTransform(u, w, b)
+        return u, w, b
+
+    def make(self, raw):
+        return PlanarTransform(*self._split(raw))
+
+    def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Same maths as chaining :meth:`transforms` (``PlanarTransform.call_and_ladj``), fewer kernels.
+
+        Speed: the reparameterisation (``w`` floor, ``u_hat``, ``w.u``) runs once on all K layers'
+        ``(*batch, K, P)`` parameters; the sequential loop (:func:`nfvi.transforms.planar_chain`, one
+        autograd node with a hand-written backward) does only ``a = w.z + b``, ``tanh`` and the update
+        of ``z``; the log-determinants of all layers are then evaluated together.
+        """
+        u, w, b = self._split(self.raw_params(context))  # (*batch, K, D), (*batch, K, D), (*batch, K)
+        z, pre = planar_chain(z, w, planar_u_hat(u, w), b)
+        ladj = planar_ladj(pre, torch.tanh(pre), (w * u).sum(-1))  # (*sample, *batch, K)
+        return z, ladj.sum(-1)
 
 
 class RadialFlow(_ElementwiseParamFlow):
@@ -158,7 +182,11 @@ class _CouplingNet(nn.Module):
     def __init__(self, n_in: int, n_out: int, hidden: int, context_dim: int):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(n_in + context_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_out)
+            nn.Linear(n_in + context_dim, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, n_out),
         )
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
@@ -196,7 +224,9 @@ class NICEFlow(Flow):
         self.nets = nn.ModuleList(_CouplingNet(half, dim - half, hidden, context_dim) for _ in range(length))
 
     def transforms(self, context=None):
-        if self.context_dim > 0 and context is None:
+        if self.context_dim == 0:
+            context = None  # a global flow ignores any context it is given
+        elif context is None:
             raise NfviError(f"this NICEFlow is amortized (context_dim={self.context_dim}); pass context")
         return [
             AdditiveCouplingTransform(

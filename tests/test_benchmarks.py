@@ -1,0 +1,56 @@
+"""Keep the benchmark harness from rotting: run its functions on tiny sizes (no timing is asserted)."""
+
+import math
+
+import pytest
+import torch
+
+from benchmarks import run as bench
+
+
+def test_training_steps_run_and_floor_counts_flops():
+    for k in (0, 2):
+        bench.make_nfvi_step(k, batch=4)()
+        bench.make_naive_step(k, batch=4)()
+    assert bench.forward_flops_vae(100, 10) > bench.forward_flops_vae(100, 0) > 0
+
+
+def test_naive_is_matches_nfvi_estimator_in_distribution():
+    torch.manual_seed(0)
+    model = bench._is_model(k=2)
+    x = (torch.rand(2, bench.X_DIM) < 0.3).float()
+    a = bench.naive_log_px(model, x, 20, chunk=10)
+    b = bench.log_marginal_likelihood(model, x, 20, batch_size=10)
+    assert a.shape == b.shape == (2,) and torch.isfinite(a).all()
+    assert (a - b).abs().max() < 50  # same estimator, different draws
+
+
+def test_harness_tiny(tmp_path):
+    rate = bench.matmul_rate(1, shapes=[(8, 8, 8)])
+    assert rate > 0
+    rows = bench.bench_is(1, 20, rate, repeats=1, chunks=(20,), memory=False)
+    assert rows[0]["speedup_vs_ref"] > 0
+    energy, notes = bench.bench_energy([2], samples=8, fit_steps=2, repeats=1, number=1)
+    assert math.isfinite(energy[0]["kl_nfvi"])
+    text = bench.write_results({"is": rows, "energy": energy}, bench.machine_facts(), notes, "test", out=tmp_path)
+    assert "| bench |" in text and (tmp_path / "energy.csv").exists()
+
+
+@pytest.mark.parametrize("context_dim", [0, 6])
+def test_fast_planar_forward_matches_transform_chain(context_dim, float64):
+    from nfvi.flows import Flow, build_flow
+
+    torch.manual_seed(0)
+    flow = build_flow("planar", 3, 4, context_dim=context_dim).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    h = torch.randn(5, 6, dtype=torch.float64, requires_grad=True) if context_dim else None
+    z = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for fn in (flow.forward, lambda z, h: Flow.forward(flow, z, h)):
+        z_k, log_det = fn(z, h)
+        loss = z_k.sin().sum() + log_det.cos().sum()
+        grads.append(torch.autograd.grad(loss, [z, *flow.parameters()] + ([h] if context_dim else [])))
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
