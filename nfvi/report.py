@@ -39,6 +39,11 @@ def collect(roots: list[str | Path]) -> pd.DataFrame:
 
     The ``run_dir`` column holds the folder of each file.
     """
+    return pd.DataFrame(read_results(roots))
+
+
+def read_results(roots: list[str | Path]) -> list[dict]:
+    """The flattened ``results.json`` rows of :func:`collect`, as dicts (whole numbers stay ``int``)."""
     rows = []
     for root in roots:
         for path in sorted(Path(root).rglob("results.json")):
@@ -50,7 +55,7 @@ def collect(roots: list[str | Path]) -> pd.DataFrame:
             row = pd.json_normalize(data, sep="/").iloc[0].to_dict()
             row["run_dir"] = str(path.parent)
             rows.append(row)
-    return pd.DataFrame(rows)
+    return rows
 
 
 def run(cfg) -> dict:
@@ -60,16 +65,17 @@ def run(cfg) -> dict:
     for t in tasks:
         if t not in TASKS:
             raise NfviError(f"report.tasks contains {t!r}; choose from: {', '.join(TASKS)}")
-    frame = collect(roots)
-    if frame.empty or "task" not in frame:
+    records = [r for r in read_results(roots) if "task" in r]
+    if not records:
         raise NfviError(f"no results.json found under {', '.join(map(str, roots))}; run an experiment first")
     written = {}
     for task in tasks:
-        rows = frame[frame["task"] == task].dropna(axis=1, how="all")
+        # one frame per task, so that a key only some tasks have does not turn another task's whole numbers into floats
+        rows = pd.DataFrame([r for r in records if r["task"] == task])
         if rows.empty:
             continue
         writer = importlib.import_module(f"nfvi.reports.{task}")
-        paths = writer.write(rows.reset_index(drop=True), out_dir)
+        paths = writer.write(rows, out_dir)
         written[task] = [str(p) for p in paths]
         for p in paths:
             print(f"nfvi report: wrote {p}")
