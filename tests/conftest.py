@@ -1,8 +1,11 @@
-"""Shared fixtures: the repo's conf/ folder, a composed-config helper and a seeded float64 mode."""
+"""Shared fixtures: the repo's conf/ folder, a composed-config helper, a seeded float64 mode and a local HTTP
+server for download tests."""
 
 from __future__ import annotations
 
+import http.server
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -37,3 +40,66 @@ def compose(config_name: str, overrides: list[str] | None = None):
         importlib.import_module(COMMANDS[config_name][0])
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides or [])
+
+
+class _RouteHandler(http.server.BaseHTTPRequestHandler):
+    routes: dict[str, tuple[int, bytes, int | None]] = {}  # set per server by LocalHTTPServer
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        if self.path not in self.routes:
+            self.send_error(404)
+            return
+        status, body, length = self.routes[self.path]
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class LocalHTTPServer:
+    """A threaded HTTP server on 127.0.0.1 (a free port) for download tests.
+
+    ``routes`` maps a path such as ``"/a/b.bin"`` to (status, body, declared Content-Length or None = ``len(body)``);
+    any other path gets a 404. Routes may be added while it runs. Use ``start()``/``stop()`` or ``with``.
+    """
+
+    def __init__(self, routes: dict[str, tuple[int, bytes, int | None]] | None = None):
+        self.routes: dict[str, tuple[int, bytes, int | None]] = dict(routes or {})
+        handler = type("Handler", (_RouteHandler,), {"routes": self.routes})
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+    def url(self, path: str) -> str:
+        """The URL of ``path`` (with or without its leading slash)."""
+        return f"{self.base}/{path.lstrip('/')}"
+
+    def add(self, path: str, body: bytes, *, status: int = 200, length: int | None = None) -> str:
+        """Serve ``body`` at ``path`` with ``status`` and a declared Content-Length ``length``; returns its URL."""
+        self.routes["/" + path.lstrip("/")] = (status, body, length)
+        return self.url(path)
+
+    def start(self) -> LocalHTTPServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():  # shutdown() would wait forever for a loop that never started
+            self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> LocalHTTPServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@pytest.fixture
+def http_server():
+    """A started :class:`LocalHTTPServer` with no routes; shut down after the test."""
+    with LocalHTTPServer() as server:
+        yield server

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import http.server
 import io
 import os
 import socket
-import threading
 import zipfile
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from nfvi.cde.data import (
     table_checksum,
 )
 from nfvi.errors import NfviError
+from tests.conftest import LocalHTTPServer
 
 DATA = os.environ.get("NFVI_DATA")
 needs_data = pytest.mark.skipif(not DATA or not Path(DATA, "uci").is_dir(), reason="NFVI_DATA/uci not available")
@@ -182,39 +181,9 @@ def test_modified_copy_fails_verify_but_loads_with_verify_false(tmp_path):
 # ------------------------------------------------------------------ download from a local HTTP server
 
 
-class _Server:
-    """Serve ``files`` (name -> bytes) on 127.0.0.1; ``url(name)``."""
-
-    def __init__(self, files: dict[str, bytes]):
-        files_ = files
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                body = files_.get(self.path.lstrip("/"))
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def _server(files: dict[str, bytes]) -> LocalHTTPServer:
+    """Serve ``files`` (name -> bytes) on 127.0.0.1 at ``url(name)``; a context manager."""
+    return LocalHTTPServer({f"/{name}": (200, body, None) for name, body in files.items()})
 
 
 def _zip(members: dict[str, bytes]) -> bytes:
@@ -248,7 +217,7 @@ def _corrupt(blob: bytes) -> bytes:
 def test_download_good_zip_writes_the_member(tmp_path, fish_spec):
     spec, content = fish_spec
     files = {"fish.zip": _zip({"qsar_fish_toxicity.csv": content, "readme.txt": b"x"})}
-    with _Server(files) as server:
+    with _server(files) as server:
         table = load_uci("fish", tmp_path, url=server.url("fish.zip"))
     target = tmp_path / "uci" / "qsar_fish_toxicity.csv"
     assert target.read_bytes() == content
@@ -259,7 +228,7 @@ def test_download_good_zip_writes_the_member(tmp_path, fish_spec):
 def test_download_accepts_the_raw_file_and_a_reencoded_copy_with_the_same_table(tmp_path, fish_spec):
     spec, content = fish_spec
     reencoded = content.replace(b"\r\n", b"\n")  # other bytes, same table
-    with _Server({"raw.csv": content, "lf.zip": _zip({"data/qsar_fish_toxicity.csv": reencoded})}) as server:
+    with _server({"raw.csv": content, "lf.zip": _zip({"data/qsar_fish_toxicity.csv": reencoded})}) as server:
         fetch_uci(spec, tmp_path / "a.csv", server.url("raw.csv"))
         fetch_uci(spec, tmp_path / "b.csv", server.url("lf.zip"))
     assert (tmp_path / "a.csv").read_bytes() == content
@@ -283,7 +252,7 @@ def test_download_failures_are_one_line_and_write_nothing(tmp_path, fish_spec, c
         "other.zip": _zip({"qsar_fish_toxicity.csv": fish_text(40, seed=9).encode()}),
         "nomember.zip": _zip({"something_else.csv": content}),
     }
-    with _Server(files) as server, socket.socket() as unused:
+    with _server(files) as server, socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
         url = {
             "corrupt zip": server.url("corrupt.zip"),

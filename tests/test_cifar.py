@@ -5,7 +5,6 @@ generated stand-in; the configs; scripts/reproduce_cifar10.sh offline."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import math
 import os
@@ -13,7 +12,6 @@ import pickle
 import socket
 import subprocess
 import tarfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -91,40 +89,16 @@ def fake_cifar(monkeypatch):
             "test": rows["test_batch"]}  # fmt: skip
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    routes: dict[str, tuple[bytes, int | None]] = {}
-
-    def do_GET(self):  # noqa: N802
-        if self.path not in self.routes:
-            self.send_error(404)
-            return
-        body, length = self.routes[self.path]
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body) if length is None else length))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
-def serve(monkeypatch):
+def serve(monkeypatch, http_server):
     """``serve(body, length=None)``: serve an archive on 127.0.0.1 and point the CIFAR-10 URL at it."""
-    handler = type("Handler", (_Handler,), {"routes": {}})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-    base = f"http://127.0.0.1:{httpd.server_address[1]}"
 
     def setup(body: bytes, length: int | None = None) -> str:
-        handler.routes["/cifar/cifar-10-python.tar.gz"] = (body, length)
-        url = f"{base}/cifar/cifar-10-python.tar.gz"
+        url = http_server.add("/cifar/cifar-10-python.tar.gz", body, length=length)
         monkeypatch.setitem(sources.URLS, "cifar10", {cifar_mod.ARCHIVE: url})
         return url
 
-    yield setup
-    httpd.shutdown()
-    httpd.server_close()
+    return setup
 
 
 def one_line_error(fn, *args, **kwargs) -> str:

@@ -6,13 +6,11 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
-import http.server
 import io
 import logging
 import os
 import socket
 import struct
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -25,7 +23,7 @@ from nfvi.data import DATASETS, DatasetConfig, ImageData, binarize, load_dataset
 from nfvi.data.fake import fake_images
 from nfvi.data.matfile import read_mat
 from nfvi.errors import NfviError
-from tests.conftest import CONF_DIR, SHARED_DATA
+from tests.conftest import CONF_DIR, SHARED_DATA, LocalHTTPServer
 
 SCIPY_MAT_V5 = (
     "TUFUTEFCIDUuMCBNQVQtZmlsZSBQbGF0Zm9ybTogcG9zaXgsIENyZWF0ZWQgb246IE1vbiBOb3YgMjMgMjE6MjE6MzQgMjAyNgAA"
@@ -421,45 +419,17 @@ def test_omniglot_falls_back_to_rawresize_with_a_one_line_warning(tmp_path, reco
 # ---------------------------------------------------------------- fetching from a (local) public source
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    routes: dict[str, tuple[bytes, int | None]] = {}
-
-    def do_GET(self):  # noqa: N802
-        if self.path not in self.routes:
-            self.send_error(404)
-            return
-        body, length = self.routes[self.path]
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body) if length is None else length))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server():
-    handler = type("Handler", (_Handler,), {"routes": {}})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", handler.routes
-    httpd.shutdown()
-    httpd.server_close()
-
-
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def serve(monkeypatch, base: str, routes: dict, dataset: str, files: dict[str, bytes], lengths=None) -> None:
+def serve(monkeypatch, server: LocalHTTPServer, dataset: str, files: dict[str, bytes], lengths=None) -> None:
     """Serve ``files`` (upstream name -> bytes) and point :data:`sources.URLS` of ``dataset`` at them."""
     urls = {}
     for name, body in files.items():
-        routes[f"/{dataset}/{name}"] = (body, (lengths or {}).get(name))
-        urls[name] = f"{base}/{dataset}/{name}"
+        urls[name] = server.add(f"/{dataset}/{name}", body, length=(lengths or {}).get(name))
     monkeypatch.setitem(sources.URLS, dataset, urls)
 
 
@@ -491,14 +461,13 @@ def small_arrays(dataset: str) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture
-def upstream(monkeypatch, server, recorded):
+def upstream(monkeypatch, http_server, recorded):
     """Serve a small dataset in its upstream format and record its checksums; returns (arrays, files)."""
-    base, routes = server
 
     def setup(dataset: str, lengths=None):
         arrays = small_arrays(dataset)
         files = upstream_files(dataset, arrays)
-        serve(monkeypatch, base, routes, dataset, files, lengths)
+        serve(monkeypatch, http_server, dataset, files, lengths)
         recorded(sources.NPZ_FILES[dataset].filename, arrays)
         if dataset == "fashion_mnist":
             for name, body in files.items():
@@ -541,14 +510,13 @@ def corrupt(dataset: str, files: dict[str, bytes]) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("dataset", ["mnist", "mnist_static", "fashion_mnist"])
 @pytest.mark.parametrize("failure", ["corrupted", "truncated", "offline"])
-def test_failed_fetch_gives_one_line_and_leaves_nothing(tmp_path, monkeypatch, upstream, server, dataset, failure):
+def test_failed_fetch_gives_one_line_and_leaves_nothing(tmp_path, monkeypatch, upstream, http_server, dataset, failure):
     arrays, files = upstream(dataset)
-    base, routes = server
     if failure == "corrupted":
-        serve(monkeypatch, base, routes, dataset, corrupt(dataset, files))
+        serve(monkeypatch, http_server, dataset, corrupt(dataset, files))
     elif failure == "truncated":
         name = next(iter(files))
-        serve(monkeypatch, base, routes, dataset, files, lengths={name: len(files[name]) + 500})
+        serve(monkeypatch, http_server, dataset, files, lengths={name: len(files[name]) + 500})
     else:
         port = closed_port()
         monkeypatch.setitem(sources.URLS, dataset, {n: f"http://127.0.0.1:{port}/{n}" for n in files})
@@ -562,15 +530,14 @@ def test_failed_fetch_gives_one_line_and_leaves_nothing(tmp_path, monkeypatch, u
     assert list(root.iterdir()) == []
 
 
-def test_omniglot_chardata_is_fetched_and_checked(tmp_path, monkeypatch, server, small_chardata):
-    base, routes = server
+def test_omniglot_chardata_is_fetched_and_checked(tmp_path, monkeypatch, http_server, small_chardata):
     write_chardata(tmp_path / "upstream.mat", *small_chardata)
     body = (tmp_path / "upstream.mat").read_bytes()
-    serve(monkeypatch, base, routes, "omniglot", {"chardata.mat": body})
+    serve(monkeypatch, http_server, "omniglot", {"chardata.mat": body})
     root = tmp_path / "data"
     monkeypatch.setattr(sources, "CHARDATA_MD5", "0" * 32)
     message = one_line_error(load_dataset, cfg("omniglot", valid_size=10), root)
-    assert "chardata.mat" in message and str(root) in message and "md5" in message and base in message
+    assert "chardata.mat" in message and str(root) in message and "md5" in message and http_server.base in message
     assert list(root.iterdir()) == []
     monkeypatch.setattr(sources, "CHARDATA_MD5", hashlib.md5(body).hexdigest())
     data = load_dataset(cfg("omniglot", valid_size=10), root)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import socket
-import threading
 
 import pytest
 
@@ -15,33 +13,6 @@ from nfvi.errors import NfviError
 BODY = bytes(range(256)) * 40
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    routes: dict[str, tuple[int, bytes, int | None]] = {}  # path -> (status, body, Content-Length or None=len)
-
-    def do_GET(self):  # noqa: N802 (http.server's naming)
-        status, body, length = self.routes.get(self.path, (404, b"not found", None))
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body) if length is None else length))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server():
-    """A server on a free port; ``routes`` maps a path to (status, body, declared length)."""
-    handler = type("Handler", (_Handler,), {"routes": {}})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    yield base, handler.routes
-    httpd.shutdown()
-    httpd.server_close()
-
-
 def closed_port_url(name: str = "file.bin") -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -49,10 +20,9 @@ def closed_port_url(name: str = "file.bin") -> str:
     return f"http://127.0.0.1:{port}/{name}"
 
 
-def test_download_good_file(server, tmp_path):
-    base, routes = server
-    routes["/good.bin"] = (200, BODY, None)
-    out = download(f"{base}/good.bin", tmp_path / "sub" / "good.bin", hashlib.sha256(BODY).hexdigest())
+def test_download_good_file(http_server, tmp_path):
+    url = http_server.add("/good.bin", BODY)
+    out = download(url, tmp_path / "sub" / "good.bin", hashlib.sha256(BODY).hexdigest())
     assert out.read_bytes() == BODY
     assert sorted(p.name for p in out.parent.iterdir()) == ["good.bin"]  # no temporary file left
     assert sha256_of(out) == hashlib.sha256(BODY).hexdigest() and md5_of(out) == hashlib.md5(BODY).hexdigest()
@@ -73,15 +43,15 @@ def _reject(path):
     ],
     ids=["corrupted", "md5-mismatch", "truncated", "http-404", "verify-rejects"],
 )
-def test_download_failures_leave_nothing(server, tmp_path, route, kwargs, fragment):
-    base, routes = server
-    routes["/f.bin"] = route
+def test_download_failures_leave_nothing(http_server, tmp_path, route, kwargs, fragment):
+    http_server.routes["/f.bin"] = route  # (status, body, declared length)
+    url = http_server.url("/f.bin")
     target = tmp_path / "f.bin"
     with pytest.raises(DownloadError) as info:
-        download(f"{base}/f.bin", target, **kwargs)
+        download(url, target, **kwargs)
     message = str(info.value)
     assert "\n" not in message and fragment in message
-    assert "f.bin" in message and f"{base}/f.bin" in message and str(target) in message
+    assert "f.bin" in message and url in message and str(target) in message
     assert list(tmp_path.iterdir()) == []  # neither the file nor a partial one
 
 
@@ -116,10 +86,9 @@ def test_ensure_file_rejects_a_present_file_with_a_wrong_checksum(tmp_path, algo
     assert path.read_bytes() == BODY  # left alone
 
 
-def test_ensure_file_downloads_a_missing_file(server, tmp_path):
-    base, routes = server
-    routes["/d.bin"] = (200, BODY, None)
-    path = ensure_file(tmp_path / "d.bin", f"{base}/d.bin", hashlib.sha256(BODY).hexdigest())
+def test_ensure_file_downloads_a_missing_file(http_server, tmp_path):
+    url = http_server.add("/d.bin", BODY)
+    path = ensure_file(tmp_path / "d.bin", url, hashlib.sha256(BODY).hexdigest())
     assert path.read_bytes() == BODY
 
 
