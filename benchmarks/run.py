@@ -297,26 +297,34 @@ def _kl(sample_fn, n: int = 20000) -> tuple[float, float]:
         return float(f.mean()) + log_normalizer(_u1), float(f.std() / math.sqrt(n))
 
 
-def make_energy_nfvi(k: int, samples: int):
-    """``nfvi energy``'s update (energy_fit.fit): EnergyModel over a global planar flow, Adam, Eq. 20 beta."""
-    from nfvi.energy_fit import EnergyModel, beta_at
-    from nfvi.flows import build_flow
+def _annealed_fit_step(sample, optimizer, samples: int):
+    """One update of the annealed 2-D objective E[log q + beta_t U1], beta_t = min(1, 0.01 + t/1000), for any library.
 
-    model = EnergyModel(build_flow("planar", 2, k))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ``sample(n) -> (z (n, 2), log q (n,))`` draws from the library's flow; ``optimizer`` holds its parameters.
+    """
     state = {"step": 0}
 
     def step():
-        beta = beta_at(state["step"], True, 0.01, 1000)
-        z_k, log_q = model(samples)
-        loss = (log_q + beta * _u1(z_k)).mean()
+        beta = min(1.0, 0.01 + state["step"] / 1000)
+        z, log_q = sample(samples)
+        loss = (log_q + beta * _u1(z)).mean()
         float(loss.detach())
-        opt.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        optimizer.step()
         state["step"] += 1
 
-    return step, model
+    return step
+
+
+def make_energy_nfvi(k: int, samples: int):
+    """``nfvi energy``'s update (energy_fit.fit): EnergyModel over a global planar flow, Adam at lr 1e-2."""
+    from nfvi.energy_fit import EnergyModel
+    from nfvi.flows import build_flow
+
+    model = EnergyModel(build_flow("planar", 2, k))
+    opt = optimizer_from_config(OptimConfig(name="adam", lr=1e-2), model.parameters())
+    return _annealed_fit_step(model, opt, samples), model
 
 
 def make_energy_normflows(k: int, samples: int):
@@ -324,19 +332,7 @@ def make_energy_normflows(k: int, samples: int):
 
     model = nf.NormalizingFlow(nf.distributions.DiagGaussian(2), [nf.flows.Planar((2,)) for _ in range(k)])
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    state = {"step": 0}
-
-    def step():
-        beta = min(1.0, 0.01 + state["step"] / 1000)
-        z, log_q = model.sample(samples)
-        loss = (log_q + beta * _u1(z)).mean()
-        float(loss.detach())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        state["step"] += 1
-
-    return step, model.sample
+    return _annealed_fit_step(model.sample, opt, samples), model.sample
 
 
 def make_energy_pyro(k: int, samples: int):
@@ -346,27 +342,13 @@ def make_energy_pyro(k: int, samples: int):
     loc, log_scale = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
     layers = nn.ModuleList(pt.Planar(2) for _ in range(k))
     opt = torch.optim.Adam([loc, log_scale, *layers.parameters()], lr=1e-2)
-    state = {"step": 0}
-
-    def q():
-        return pd.TransformedDistribution(pd.Normal(loc, log_scale.exp()).to_event(1), list(layers))
 
     def sample(n):
-        dist = q()
+        dist = pd.TransformedDistribution(pd.Normal(loc, log_scale.exp()).to_event(1), list(layers))
         z = dist.rsample((n,))
         return z, dist.log_prob(z)
 
-    def step():
-        beta = min(1.0, 0.01 + state["step"] / 1000)
-        z, log_q = sample(samples)
-        loss = (log_q + beta * _u1(z)).mean()
-        float(loss.detach())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        state["step"] += 1
-
-    return step, sample
+    return _annealed_fit_step(sample, opt, samples), sample
 
 
 def bench_energy(

@@ -157,6 +157,19 @@ def _diff(row) -> str:
     return "" if math.isnan(row["diff_nll"]) else f"{row['diff_nll']:+.2f}"
 
 
+def _cells(r) -> list[str]:
+    """One Table 2 row: model, -ELBO, -ln p(x), KL (ours), the paper's -ln p(x), ours - paper, seeds."""
+    return [
+        r["label"],
+        _pm(r["neg_elbo"], r["neg_elbo_sd"], r["neg_elbo_se"]),
+        _pm(r["nll"], r["nll_sd"], r["nll_se"]),
+        _pm(r["kl"], r["kl_sd"], r["kl_se"]),
+        _paper(r),
+        _diff(r),
+        str(r["seeds"]),
+    ]
+
+
 def _caption(g: pd.DataFrame) -> str:
     first = g.iloc[0]
     parts = [f"dataset {first['dataset']}"]
@@ -185,16 +198,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     for (_, _), g in table.groupby(["dataset", "setting"], sort=False):
         lines += [f"## {_caption(g)}", "", *header]
         for _, r in g.iterrows():
-            cells = [
-                r["label"],
-                _pm(r["neg_elbo"], r["neg_elbo_sd"], r["neg_elbo_se"]),
-                _pm(r["nll"], r["nll_sd"], r["nll_se"]),
-                _pm(r["kl"], r["kl_sd"], r["kl_se"]),
-                _paper(r),
-                _diff(r),
-                str(r["seeds"]),
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append("| " + " | ".join(_cells(r)) + " |")
         lines.append("")
     lines += [
         "Ours: means over test images (and over seeds when there are several); ± is the standard deviation over "
@@ -230,16 +234,7 @@ def to_latex(table: pd.DataFrame) -> str:
     for (_, _), g in table.groupby(["dataset", "setting"], sort=False):
         lines += [r"\midrule", rf"\multicolumn{{7}}{{l}}{{\emph{{{_tex(_caption(g))}}}}} \\", r"\midrule"]
         for _, r in g.iterrows():
-            cells = [
-                r["label"],
-                _pm(r["neg_elbo"], r["neg_elbo_sd"], r["neg_elbo_se"]),
-                _pm(r["nll"], r["nll_sd"], r["nll_se"]),
-                _pm(r["kl"], r["kl_sd"], r["kl_se"]),
-                _paper(r),
-                _diff(r),
-                str(r["seeds"]),
-            ]
-            lines.append(" & ".join(_tex(c) for c in cells) + r" \\")
+            lines.append(" & ".join(_tex(c) for c in _cells(r)) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", ""]
     return "\n".join(lines)
 
