@@ -1,4 +1,4 @@
-"""Print the markdown table of benchmarks/energy_record.md from a sweep folder of ``nfvi energy`` runs.
+"""Print the record table of docs/energy.md ("Measured") from a sweep folder of ``nfvi energy`` runs.
 
 python -m benchmarks.energy_record outputs/reproduce/quick/energy
 """

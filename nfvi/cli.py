@@ -39,7 +39,15 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-SKIP_PREFIXES = ("full_key:", "object_type=", "reference_type=", "To append", "Config search path", "provider=", "path=")
+SKIP_PREFIXES = (
+    "full_key:",
+    "object_type=",
+    "reference_type=",
+    "To append",
+    "Config search path",
+    "provider=",
+    "path=",
+)
 
 
 def one_line(exc: BaseException) -> str:

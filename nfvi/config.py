@@ -118,5 +118,3 @@ def select_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise NfviError(f"device={name!r} was asked for but CUDA is not available here; use device=auto or cpu")
     return device
-
-

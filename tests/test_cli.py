@@ -62,7 +62,9 @@ def test_one_line_folds_causes_and_hydra_option_lists():
     class Cause(Exception):
         pass
 
-    exc = ValueError("In 'energy': Could not find 'flow/foo'\n\nAvailable options in 'flow':\n\tbase_flow\n\tnice\n\tplanar")
+    exc = ValueError(
+        "In 'energy': Could not find 'flow/foo'\n\nAvailable options in 'flow':\n\tbase_flow\n\tnice\n\tplanar"
+    )
     exc.__cause__ = Cause("Key 'x' not in 'FlowConfig'\n    full_key: flow.x\n    object_type=FlowConfig")
     assert one_line(exc) == (
         "In 'energy': Could not find 'flow/foo'; Available options in 'flow': nice, planar; Key 'x' not in 'FlowConfig'"

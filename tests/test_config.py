@@ -45,4 +45,3 @@ def test_flow_length_is_typed_and_typos_fail(command):
         compose(command, ["flow.lenght=80"])
     with pytest.raises((ConfigCompositionException, OmegaConfBaseException)):
         compose(command, ["flow.length=eighty"])
-

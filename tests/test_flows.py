@@ -21,9 +21,11 @@ def test_length_zero_is_identity(kind):
 
 @pytest.mark.parametrize(
     "kind, length, match",
-    [("sylvester", 2, "flow='sylvester' is not allowed; choose one of: none, planar, radial, nice"),
-     ("planar", -1, "flow.length=-1 is not allowed"),
-     ("planar", 2.5, "flow.length=2.5 is not allowed")],
+    [
+        ("sylvester", 2, "flow='sylvester' is not allowed; choose one of: none, planar, radial, nice"),
+        ("planar", -1, "flow.length=-1 is not allowed"),
+        ("planar", 2.5, "flow.length=2.5 is not allowed"),
+    ],
 )
 def test_bad_arguments_raise_one_line_errors(kind, length, match):
     with pytest.raises(NfviError, match=match) as info:

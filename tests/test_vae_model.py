@@ -49,6 +49,24 @@ def test_shapes_for_every_flow_kind(kind):
     assert z.shape == (2, 5, D) and torch.isfinite(log_q).all()
 
 
+@pytest.mark.parametrize("kind", ["planar", "radial", "nice"])
+def test_flow_amortized_false_gives_global_flow_parameters(kind):
+    """flow.amortized=false: the flow reads no context, so two data points share the same transformation."""
+    cfg = ModelConfig(latent_dim=D, hidden=H)
+    model = perturb(build_model(cfg, FlowConfig(kind=kind, length=2, hidden=16, amortized=False), X_DIM))
+    assert model.flow.context_dim == 0 and not hasattr(model.flow, "head")
+    amortized = build_model(cfg, FlowConfig(kind=kind, length=2, hidden=16), X_DIM)
+    assert amortized.flow.context_dim == H
+    x = binary(2)
+    z0 = torch.randn(3, 1, D).expand(3, 2, D)  # the same z_0 for both data points
+    _, h = model.encode(x)
+    z_k, log_det = model.flow(z0, h)
+    assert torch.allclose(z_k[:, 0], z_k[:, 1]) and torch.allclose(log_det[:, 0], log_det[:, 1])
+    assert not torch.allclose(z_k, z0)
+    z, log_q = model.posterior(x, 4)
+    assert z.shape == (4, 2, D) and torch.isfinite(log_q).all()
+
+
 def test_default_model_is_the_papers():
     model = build_model(ModelConfig(), FlowConfig(kind="planar", length=10), 784)
     first = model.encoder.net[0]

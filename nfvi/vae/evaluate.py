@@ -50,7 +50,9 @@ class EvalConfig:
 
     num_samples: int = 5000  # importance samples per image for -ln p(x) (paper Table 2: 200)
     elbo_samples: int = 100  # Monte Carlo draws per image for the -ELBO
-    batch_size: Optional[int] = None  # z-samples pushed through the model at once (bounds memory); null: 2000 CPU, 10000 GPU
+    batch_size: Optional[int] = (
+        None  # z-samples pushed through the model at once (bounds memory); null: 2000 CPU, 10000 GPU
+    )
     max_images: int = 0  # 0: the whole test split; N: a fixed random subset of N images (quick checks)
     checkpoint: str = "best"  # best: best validation bound (best.pt) | last: checkpoint.pt
     seed: int = 0  # random stream of the estimates and of the subset
