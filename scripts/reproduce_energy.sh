@@ -3,9 +3,9 @@
 #   bash scripts/reproduce_energy.sh PROFILE [OUT_DIR [EXTRA_OVERRIDES...]]      (uses `nfvi` from PATH)
 #   e.g. bash scripts/reproduce_energy.sh quick outputs/energy_raw wall=0     (the raw, improper U2-U4)
 #        bash scripts/reproduce_energy.sh quick outputs/energy_seeds seed=0,1,2
-# PROFILE (schedules measured on 2 CPU cores, see benchmarks/energy_record.md):
-#   smoke  K in {2, 8},     300 Adam updates (lr 1e-2, cosine), beta over 100 updates      ~2 minutes
-#   quick  K in {2, 8, 32}, 4000 Adam updates (lr 1e-2, cosine), beta over 1000 updates    ~15-20 minutes
+# PROFILE (wall times measured on 2 idle CPU cores; the record is in docs/energy.md):
+#   smoke  K in {2, 8},     300 Adam updates (lr 1e-2, cosine), beta over 100 updates      ~40 seconds
+#   quick  K in {2, 8, 32}, 4000 Adam updates (lr 1e-2, cosine), beta over 1000 updates    ~6 minutes
 #   paper  K in {2, 8, 32}, 500,000 RMSprop updates (lr 1e-5, momentum 0.9), beta_t = min(1, 0.01 + t/10000)
 #          (the paper's schedule; days on a CPU)
 # Runs land in OUT_DIR/<target>_<flow>_K<length>_seed<seed>/ (default OUT_DIR: outputs/reproduce/<profile>/energy),

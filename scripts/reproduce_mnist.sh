@@ -11,7 +11,7 @@
 # Runs land in OUT/runs/<flow>_K<length>_seed<seed>/ (default OUT: outputs/reproduce/<profile>/mnist), their logs in
 # OUT/logs/, tables and Figure 4 in OUT/tables/. Safe to re-run: every run passes resume=true, so a finished run is
 # skipped ("nothing to do") and an interrupted one continues from its checkpoint.
-# Environment: NFVI_DATA (data folder), SEEDS (space-separated, default 0), NFVI_TRAIN_ARGS (extra overrides for
+# Environment: NFVI_DATA (data folder), SEEDS (e.g. "0,1,2"; default 0), NFVI_TRAIN_ARGS (extra overrides for
 # every run, e.g. "trainer.steps=3000" to shorten a profile, or "device=cuda:1").
 set -euo pipefail
 PROFILE="${1:-quick}"
@@ -51,7 +51,7 @@ lane() {  # lane <name> <flow:K ...>: one nfvi train per run and seed, in order;
   shift
   for run in "$@"; do
     flow="${run%%:*}"; k="${run##*:}"
-    for seed in $SEEDS; do
+    for seed in ${SEEDS//,/ }; do
       nfvi train "experiment=$EXPERIMENT" "${DATASET[@]}" "flow=$flow" "flow.length=$k" "seed=$seed" resume=true \
         ${THREADS[@]+"${THREADS[@]}"} "hydra.run.dir=$OUT/runs/${flow}_K${k}_seed${seed}" \
         ${EXTRA[@]+"${EXTRA[@]}"} || status=1
