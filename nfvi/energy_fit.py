@@ -251,7 +251,7 @@ def fit(model: EnergyModel, energy, cfg, metrics: MetricsLog | None = None, wher
     raises :class:`nfvi.errors.NonFiniteLossError` naming the step; rows logged so far stay in ``metrics``.
     """
     t = cfg.trainer
-    optimizer = optimizer_from_config(cfg.optim, model.parameters())
+    optimizer = optimizer_from_config(cfg.optim, model.parameters(), flow_params=model.flow.parameters())
     scheduler = None
     if t.lr_decay == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -432,6 +432,7 @@ def run(cfg) -> dict:
         "anneal_steps": cfg.trainer.anneal_steps,
         "optim": cfg.optim.name,
         "lr": cfg.optim.lr,
+        "flow_lr_factor": cfg.optim.flow_lr_factor,
         "lr_decay": cfg.trainer.lr_decay,
         **numbers,
         "final_loss": final_loss,

@@ -8,7 +8,7 @@
 #   smoke  K in {0, 2}:        images 100 updates (conv, 16 channels), patches 300 updates; S = 20 on 200 images
 #   quick  K in {0, 2, 5, 10}: images 1,000 updates (conv, 16 channels; ~0.5 s each on one core),
 #                              patches 10,000 updates; S = 100 on 1,000 images                     ~1 hour on 2 cores
-#          (smoke and quick: Adam lr 1e-3 without annealing, cosine decay, gradient clip 200, as mnist_quick)
+#          (smoke and quick: Adam lr 1e-3 (the flow at lr/10) without annealing, cosine decay, clip 200, as mnist_quick)
 #   paper  K in {0, 2, 5, 10}: the experiment configs as they are (RMSprop lr 1e-5, 500,000 updates, Eq. 20, S = 200
 #                              on all 10,000 test images; wants a GPU)
 # CIFAR-10 comes from the data root (NFVI_DATA, default ./data): cifar-10-batches-py/ or cifar-10-python.tar.gz, else
@@ -21,7 +21,7 @@ set -euo pipefail
 PROFILE="${1:-quick}"
 OUT="${2:-outputs/reproduce/$PROFILE/cifar10}"
 JOBS="${NFVI_JOBS:-$([ "$PROFILE" = paper ] && echo 1 || echo 2)}"  # paper: one job at a time (GPU)
-QUICK=(optim=adam optim.lr=1e-3 trainer.annealing=none trainer.lr_decay=cosine trainer.grad_clip=200
+QUICK=(optim=adam optim.lr=1e-3 optim.flow_lr_factor=0.1 trainer.annealing=none trainer.lr_decay=cosine trainer.grad_clip=200
        trainer.log_every=50 trainer.progress=false eval.progress=false)
 case "$PROFILE" in
   smoke) LENGTHS=0,2

@@ -45,3 +45,24 @@ def test_flow_length_is_typed_and_typos_fail(command):
         compose(command, ["flow.lenght=80"])
     with pytest.raises((ConfigCompositionException, OmegaConfBaseException)):
         compose(command, ["flow.length=eighty"])
+
+
+def test_optimizer_gives_the_flow_its_own_learning_rate():
+    """optim.flow_lr_factor: the flow's parameters form a second group at lr * factor; 1 keeps one group."""
+    import torch
+
+    from nfvi.config import FlowConfig, OptimConfig, optimizer_from_config
+    from nfvi.errors import NfviError
+    from nfvi.vae.model import ModelConfig, build_model
+
+    model = build_model(ModelConfig(latent_dim=4, hidden=8), FlowConfig(kind="planar", length=2), 12)
+    flow_ids = {id(p) for p in model.flow.parameters()}
+    opt = optimizer_from_config(OptimConfig(name="adam", lr=1e-3, flow_lr_factor=0.1), model.parameters(),
+                                flow_params=model.flow.parameters())  # fmt: skip
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-4])
+    assert {id(p) for p in opt.param_groups[1]["params"]} == flow_ids
+    assert not flow_ids & {id(p) for p in opt.param_groups[0]["params"]}
+    same = optimizer_from_config(OptimConfig(name="rmsprop"), model.parameters(), flow_params=model.flow.parameters())
+    assert len(same.param_groups) == 1 and isinstance(same, torch.optim.RMSprop)
+    with pytest.raises(NfviError, match="optim.flow_lr_factor=-1.0 is not allowed"):
+        optimizer_from_config(OptimConfig(name="adam", flow_lr_factor=-1.0), model.parameters())

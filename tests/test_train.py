@@ -134,8 +134,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 def test_nonfinite_parameters_are_never_checkpointed(tmp_path, monkeypatch):
     real = train_mod.optimizer_from_config
 
-    def poisoning_optimizer(cfg, params):
-        opt = real(cfg, params)
+    def poisoning_optimizer(cfg, params, **kwargs):
+        opt = real(cfg, params, **kwargs)
         count = {"n": 0}
 
         def hook(optimizer, args, kwargs):

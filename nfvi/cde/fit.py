@@ -73,7 +73,8 @@ def fit(
     x, y = torch.as_tensor(split.x_train), torch.as_tensor(split.y_train)
     n = len(y)
     gen = torch.Generator().manual_seed(seed)
-    optimizer = optimizer_from_config(optim_cfg, model.parameters())
+    flow_params = model.flow.parameters() if hasattr(model, "flow") else ()  # the MDN has no flow
+    optimizer = optimizer_from_config(optim_cfg, model.parameters(), flow_params=flow_params)
     scheduler = None
     if lr_decay_patience > 0:  # halve the learning rate when the validation NLL stalls
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=lr_decay_patience)

@@ -229,6 +229,7 @@ def _aggregate(cfg, table: Table, info: dict, per_seed: list[dict], started: flo
         "w_floor": cfg.flow.w_floor if info["flow"] == "planar" else None,
         "optimizer": cfg.optim.name,
         "lr": cfg.optim.lr,
+        "flow_lr_factor": cfg.optim.flow_lr_factor,
         "weight_decay": cfg.optim.weight_decay,
         "batch_size": cfg.batch_size,
         "max_epochs": cfg.max_epochs,

@@ -62,6 +62,7 @@ SETTINGS = (
     "annealing",
     "optim",
     "lr",
+    "flow_lr_factor",
     "batch_size",
     "num_importance_samples",
     "num_test_images",

@@ -188,6 +188,7 @@ def evaluate_run(
         "anneal_steps": cfg.trainer.anneal_steps,
         "optim": cfg.optim.name,
         "lr": cfg.optim.lr,
+        "flow_lr_factor": cfg.optim.get("flow_lr_factor", 1.0),
         "lr_decay": cfg.trainer.lr_decay,
         "batch_size": cfg.trainer.batch_size,
         "grad_clip": cfg.trainer.grad_clip,

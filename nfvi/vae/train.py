@@ -237,7 +237,7 @@ class Trainer:
         if self.t.init_output_bias:
             self.model.init_output_bias(self.data.pixel_mean())
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = optimizer_from_config(cfg.optim, self.params)
+        self.optimizer = optimizer_from_config(cfg.optim, self.params, flow_params=self.model.flow.parameters())
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.data_gen = split_generator(int(cfg.seed), "train")
         self.step, self.epoch, self.pos = 0, 0, 0
