@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"nfvi: error: unknown command {command!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
     module_name, function_name, _ = COMMANDS[command]
-    task = getattr(importlib.import_module(module_name), function_name)
+    module = importlib.import_module(module_name)
+    task = getattr(module, function_name)
+    _check_choices(command, getattr(module, "GROUP_CHOICES", {}), rest)
 
     import hydra
 
@@ -157,6 +159,28 @@ def main(argv: list[str] | None = None) -> None:
 
 
 _failed_jobs: list[str] = []
+
+
+def _check_choices(command: str, choices: dict[str, tuple[str, ...]], args: list[str]) -> None:
+    """One-line error for ``group=value`` overrides outside a command's own options.
+
+    A command module may restrict a config group that it shares by name with another command: ``nfvi cde``
+    declares ``GROUP_CHOICES = {"dataset": (...UCI sets...), ...}``, because Hydra would otherwise also offer
+    ``nfvi train``'s image datasets from ``conf/dataset/`` and fail on them with a message about schemas.
+    Sweep values (``dataset=fish,concrete``) are checked one by one.
+    """
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if not sep or key not in choices:
+            continue
+        for item in value.split(","):
+            if item not in choices[key]:
+                allowed = ", ".join(choices[key])
+                print(
+                    f"nfvi {command}: error: {key}={item!r} is not allowed; choose one of: {allowed}", file=sys.stderr
+                )
+                sys.exit(2)
 
 
 def _is_multirun() -> bool:

@@ -7,7 +7,7 @@
 #   smoke  K in {2, 8},     300 Adam updates (lr 1e-2, cosine), beta over 100 updates      ~40 seconds
 #   quick  K in {2, 8, 32}, 4000 Adam updates (lr 1e-2, cosine), beta over 1000 updates    ~6 minutes
 #   paper  K in {2, 8, 32}, 500,000 RMSprop updates (lr 1e-5, momentum 0.9), beta_t = min(1, 0.01 + t/10000)
-#          (the paper's schedule; days on a CPU)
+#          (the paper's schedule; about 7 hours on 2 idle cores, estimated)
 # Runs land in OUT_DIR/<target>_<flow>_K<length>_seed<seed>/ (default OUT_DIR: outputs/reproduce/<profile>/energy),
 # tables and figures in OUT_DIR/tables/. Safe to re-run: runs whose results.json exists are skipped (resume=true).
 # NFVI_JOBS (default 2) parallel jobs through Hydra's joblib launcher; 1 uses the basic launcher.

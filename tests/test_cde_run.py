@@ -98,6 +98,20 @@ def test_cli_missing_data_is_one_line_exit_2(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "override, shown",
+    [("dataset=mnist", "dataset='mnist'"), ("dataset=fish,nope", "dataset='nope'"), ("model=maxout", "model='maxout'")],
+)
+def test_cli_options_of_train_are_refused_in_one_line(tmp_path, override, shown):
+    """conf/dataset and conf/model hold nfvi train's options; nfvi cde names its own instead."""
+    proc = _cli(*(["-m"] if "," in override else []), override, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [lines[0]] and lines[0].startswith(f"nfvi cde: error: {shown} is not allowed; choose one of:")
+    assert ("fish, concrete" in lines[0]) or ("flow, gaussian, mdn" in lines[0])
+
+
+@pytest.mark.slow
 def test_cli_sweep_then_report_table(tmp_path):
     proc = _cli("-m", "dataset=sine,bimodal", "model=gaussian,mdn", *FAST, "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -79,7 +79,9 @@ class CDEConfig:
 
 
 store("base_cde", CDEConfig)
-for _group, _names in (("dataset", DATASETS), ("model", MODELS)):
+#: the options of the groups ``nfvi cde`` shares by name with ``nfvi train`` (checked by :mod:`nfvi.cli`)
+GROUP_CHOICES = {"dataset": DATASETS, "model": MODELS}
+for _group, _names in GROUP_CHOICES.items():
     for _name in _names:  # options that only set the string at the top level (see the module docstring)
         ConfigStore.instance().store(name=_name, node={_group: _name}, group=_group, package="_global_")
 
