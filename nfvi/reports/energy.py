@@ -201,6 +201,8 @@ def write(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         "",
         "## All runs (means over seeds)",
         "",
+        "`wall`: the width of the soft wall at the box edge (0: the raw Table 1 energy); `runs`: the seeds averaged.",
+        "",
         to_markdown(table),
         "",
     ]
