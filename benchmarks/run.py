@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nfvi.config import FlowConfig, OptimConfig, optimizer_from_config
-from nfvi.evaluate import log_marginal_likelihood
+from nfvi.evaluate import default_batch_size, log_marginal_likelihood
 from nfvi.vae.model import ModelConfig, build_model
 from nfvi.vae.objectives import annealed_loss, beta_schedule, free_energy_terms
 
@@ -211,10 +211,10 @@ def naive_log_px(model, x, num_samples: int, chunk: int = 1000):
 
 
 def bench_is(
-    num_images: int, num_samples: int, rate: float, repeats: int, chunks=(10000, 1000), memory: bool = True
+    num_images: int, num_samples: int, rate: float, repeats: int, chunks=(None, 10000), memory: bool = True
 ) -> list[dict]:
-    """nfvi.evaluate.log_marginal_likelihood at each chunk size (``batch_size``; 10000 = ``nfvi evaluate``'s
-    eval.batch_size default) beside the one-image-at-a-time loop in chunks of 1000."""
+    """nfvi.evaluate.log_marginal_likelihood at each chunk size (``batch_size``; None = ``nfvi evaluate``'s
+    default, :func:`nfvi.evaluate.default_batch_size`) beside the one-image-at-a-time loop in chunks of 1000."""
     model = _is_model()
     x = (torch.rand(num_images, X_DIM) < 0.3).float()
     fns = {f"nfvi_{c}": (lambda c=c: log_marginal_likelihood(model, x, num_samples, batch_size=c)) for c in chunks}
@@ -227,7 +227,7 @@ def bench_is(
         t = sec[f"nfvi_{c}"]
         rows.append(
             {
-                "bench": f"IS S={num_samples} K=10 batch_size={c}",
+                "bench": f"IS S={num_samples} K=10 batch_size={c or f'default ({default_batch_size(None)})'}",
                 "nfvi_s_per_image": t / num_images,
                 "ref_s_per_image": sec["naive"] / num_images,
                 "speedup_vs_ref": sec["naive"] / t,
@@ -248,7 +248,7 @@ def _status_mb(key: str) -> float:
     return float("nan")
 
 
-def _peak_child(which: str, num_images: int, num_samples: int, chunk: int) -> float:
+def _peak_child(which: str, num_images: int, num_samples: int, chunk: int | None) -> float:
     """In a fresh process: warm up on 2 samples, reset the kernel's peak-RSS mark, run, return peak minus start (MB)."""
     model = _is_model()
     x = (torch.rand(num_images, X_DIM) < 0.3).float()

@@ -309,7 +309,7 @@ def figure4(table: pd.DataFrame) -> bytes:
         note.set_in_layout(False)
         row_axes[2].legend(fontsize=7)
     fig.suptitle("Figure 4: effect of the flow length (test set)", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.97), h_pad=4.5)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()), h_pad=4.5)  # room for the title and caption
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
