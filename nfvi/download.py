@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nfvi.errors import NfviError
+from nfvi.runs import new_file_mode
 
 __all__ = ["DownloadError", "sha256_of", "md5_of", "ensure_file", "download"]
 
@@ -86,6 +87,7 @@ def download(
 
     log.info("downloading %s -> %s", url, path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.fchmod(fd, new_file_mode())
     sha, md = hashlib.sha256(), hashlib.md5()
     try:
         with os.fdopen(fd, "wb") as out:

@@ -23,6 +23,7 @@ from nfvi.errors import NonFiniteLossError
 
 __all__ = [
     "atomic_write_bytes",
+    "new_file_mode",
     "atomic_write_text",
     "atomic_torch_save",
     "write_json",
@@ -34,12 +35,20 @@ __all__ = [
 ]
 
 
+def new_file_mode() -> int:
+    """The permissions ``open()`` gives a new file (0o666 less the umask); ``mkstemp``'s own 0o600 would hide runs."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
