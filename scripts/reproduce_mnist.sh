@@ -3,7 +3,7 @@
 #
 #   smoke  CI-sized (about a minute on 2 CPU cores): real MNIST if $NFVI_DATA/mnist.npz exists, else dataset=fake;
 #          300 updates of {K=0, planar K=2, NICE K=2}; -ln p(x) with S=100 on 500 test images.
-#   quick  about 45 minutes on 2 CPU cores: K=0 and planar/NICE with K in {10, 40, 80}, 20,000 Adam updates each
+#   quick  about 50 minutes on 2 CPU cores: K=0 and planar/NICE with K in {10, 40, 80}, 20,000 Adam updates each
 #          (conf/experiment/mnist_quick.yaml; docs/mnist.md says why); S=200 on 2,000 test images.
 #   paper  the paper's schedule (conf/experiment/paper_mnist.yaml): 500,000 RMSprop updates at lr 1e-5 for
 #          K=0 and planar/NICE K in {10, 20, 40, 80}, S=200 on all 10,000 test images; device=auto picks a GPU.
@@ -28,7 +28,7 @@ fi
 
 # The runs of a profile, as lanes of <flow>:<K>. Lanes run side by side on the CPU profiles (one core and one torch
 # thread each) and each lane runs its list in order; the lists are balanced by measured run times (benchmarks/
-# mnist_record.md): a NICE layer reads the encoder's features through an MLP and costs about 1.5 planar layers.
+# mnist_record.md): a NICE layer reads the encoder's features through an MLP and takes about twice a planar layer.
 # K=0 is the same model whatever the flow kind, so it runs once (flow=none).
 DATASET=(dataset=mnist)
 case "$PROFILE" in
