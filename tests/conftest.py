@@ -103,3 +103,12 @@ def http_server():
     """A started :class:`LocalHTTPServer` with no routes; shut down after the test."""
     with LocalHTTPServer() as server:
         yield server
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test (small tensors on a shared 2-core machine: faster and kinder)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

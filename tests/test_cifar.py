@@ -28,12 +28,7 @@ PER_BATCH = 6  # images per fake batch file: 30 train, 6 test
 BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def closed_port() -> int:

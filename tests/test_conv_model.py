@@ -18,13 +18,11 @@ from tests.conftest import compose
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def seeded(one_thread):
+    """One thread (tests/conftest.py) and a fixed seed in a forked random stream."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
         yield
-    torch.set_num_threads(old)
 
 
 def conv_cfg(likelihood="discretized_logistic", **kw) -> ModelConfig:
