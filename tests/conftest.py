@@ -112,3 +112,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def one_line_error(fn, *args, **kwargs) -> str:
+    """Call ``fn``, which must raise :class:`~nfvi.errors.NfviError` with a one-line message; return the message."""
+    from nfvi.errors import NfviError
+
+    with pytest.raises(NfviError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message

@@ -21,8 +21,7 @@ from torchvision.datasets import CIFAR10
 
 from nfvi.data import COLOR_DATASETS, DatasetConfig, load_dataset, sources
 from nfvi.data import cifar as cifar_mod
-from nfvi.errors import NfviError
-from tests.conftest import CONF_DIR, REPO
+from tests.conftest import CONF_DIR, REPO, one_line_error
 
 PER_BATCH = 6  # images per fake batch file: 30 train, 6 test
 BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -94,14 +93,6 @@ def serve(monkeypatch, http_server):
         return url
 
     return setup
-
-
-def one_line_error(fn, *args, **kwargs) -> str:
-    with pytest.raises(NfviError) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
 
 
 def cfg(name="cifar10", **kw) -> DatasetConfig:

@@ -22,8 +22,7 @@ import torch
 from nfvi.data import DATASETS, DatasetConfig, ImageData, binarize, load_dataset, sources, split_generator
 from nfvi.data.fake import fake_images
 from nfvi.data.matfile import read_mat
-from nfvi.errors import NfviError
-from tests.conftest import CONF_DIR, SHARED_DATA, LocalHTTPServer
+from tests.conftest import CONF_DIR, SHARED_DATA, LocalHTTPServer, one_line_error
 
 SCIPY_MAT_V5 = (
     "TUFUTEFCIDUuMCBNQVQtZmlsZSBQbGF0Zm9ybTogcG9zaXgsIENyZWF0ZWQgb246IE1vbiBOb3YgMjMgMjE6MjE6MzQgMjAyNgAA"
@@ -68,14 +67,6 @@ def no_internet(monkeypatch):
 def cfg(name: str = "fake", **kw) -> DatasetConfig:
     defaults = {"fake": {"fake_size": 64}, "mnist_static": {"binarize": "static"}}
     return DatasetConfig(name=name, **{**defaults.get(name, {}), **kw})
-
-
-def one_line_error(fn, *args, **kwargs) -> str:
-    with pytest.raises(NfviError) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
 
 
 # ---------------------------------------------------------------- configs and validation
