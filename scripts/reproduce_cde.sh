@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Conditional density estimation on the DDN benchmark's UCI sets (docs/cde.md), then the table.
 #
-#   scripts/reproduce_cde.sh smoke   # fish only, 2 seeds, 5 epochs: checks the pipeline (< 1 minute)
+#   scripts/reproduce_cde.sh smoke   # fish only (the generated sine set without the data), 2 seeds, 5 epochs (< 1 minute)
 #   scripts/reproduce_cde.sh quick   # the 4 benchmark sets x {gaussian, mdn, planar K=4, radial K=4}, 5 seeds
 #   scripts/reproduce_cde.sh paper   # all 7 sets x {gaussian, mdn, planar, radial} x K in {4, 8}, 5 seeds
 #
@@ -24,7 +24,11 @@ SEEDS="[0,1,2,3,4]"
 LENGTHS=4
 EXTRA=()
 case "$PROFILE" in
-  smoke) DATASETS=fish; SEEDS="[0,1]"; BASELINES=gaussian; FLOWS=radial; EXTRA=(max_epochs=5 patience=5) ;;
+  smoke) DATASETS=fish; SEEDS="[0,1]"; BASELINES=gaussian; FLOWS=radial; EXTRA=(max_epochs=5 patience=5)
+         if [ ! -f "${NFVI_DATA:-./data}/uci/qsar_fish_toxicity.csv" ]; then  # as reproduce_mnist.sh falls back to fake
+           echo "reproduce_cde: no ${NFVI_DATA:-./data}/uci/qsar_fish_toxicity.csv; the smoke profile uses dataset=sine instead" >&2
+           DATASETS=sine
+         fi ;;
   quick) DATASETS=fish,concrete,energy,skillcraft; BASELINES=gaussian,mdn; FLOWS=planar,radial ;;
   paper) DATASETS=fish,concrete,energy,skillcraft,parkinsons,temperature,air; BASELINES=gaussian,mdn
          FLOWS=planar,radial; LENGTHS=4,8 ;;
