@@ -240,3 +240,26 @@ def test_results_json_after_training(tmp_path):
     assert saved["task"] == "vae" and saved["steps"] == 12 and saved["num_test_images"] == 50
     assert saved["checkpoint"] == "best" and saved["checkpoint_step"] == saved["best_step"] in (10, 12)
     assert saved["flow"] == "planar" and saved["flow_length"] == 2 and saved["dataset"] == "fake"
+
+
+def test_a_finished_run_is_reevaluated_unless_the_results_match_the_request(tmp_path):
+    """resume=true on a finished run reuses results.json only for the same images, samples, seed and weights."""
+    from omegaconf import OmegaConf
+
+    from nfvi.vae.evaluate import EvalConfig
+
+    done = {"steps": 100, "num_importance_samples": 200, "num_elbo_samples": 20, "eval_seed": 0}
+    subset = {**done, "checkpoint": "best", "num_test_images": 500, "test_images": "random subset of 500 of 10000"}
+    whole = {**done, "checkpoint": "best", "num_test_images": 10000, "test_images": "all"}
+
+    def same(results, **kw):
+        cfg = OmegaConf.structured(EvalConfig(num_samples=200, elbo_samples=20, **kw))
+        return train_mod._same_evaluation(results, cfg, 100, tmp_path)
+
+    assert same(subset, max_images=500) and same(whole, max_images=0) and same(whole, max_images=20000)
+    assert not same(subset, max_images=0)  # the whole test split was asked for, a subset was evaluated
+    assert not same(whole, max_images=500) and not same(subset, max_images=500, seed=1)
+    last = {**whole, "checkpoint": "last"}
+    assert same(last, max_images=0)  # no best.pt: a best request falls back to the last weights
+    (tmp_path / "best.pt").write_bytes(b"")
+    assert not same(last, max_images=0) and same(last, max_images=0, checkpoint="last")

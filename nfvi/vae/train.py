@@ -436,15 +436,28 @@ def _eval_settings(eval_cfg) -> dict:
     return {k: eval_cfg[k] for k in keys}
 
 
-def _same_evaluation(results: dict, eval_cfg, step: int) -> bool:
+def _same_evaluation(results: dict, eval_cfg, step: int, out: Path) -> bool:
+    """Whether ``results`` (a finished run's results.json) is what evaluating with ``eval_cfg`` would give.
+
+    A ``best`` request is met by ``last`` weights only when the run has no ``best.pt`` (evaluation falls back
+    to them); ``eval.max_images=0`` is met only by an evaluation on the whole test split.
+    """
+    checkpoint = results.get("checkpoint")
+    same_weights = checkpoint == eval_cfg.checkpoint or (
+        eval_cfg.checkpoint == "best" and checkpoint == "last" and not (out / BEST).is_file()
+    )
+    if eval_cfg.max_images == 0:
+        same_images = results.get("test_images") == "all"
+    else:  # a subset of that size, or the whole split when it has no more images than that
+        n = results.get("num_test_images")
+        same_images = n == eval_cfg.max_images or (results.get("test_images") == "all" and n <= eval_cfg.max_images)
     return (
         results.get("steps") == step
         and results.get("num_importance_samples") == eval_cfg.num_samples
         and results.get("num_elbo_samples") == eval_cfg.elbo_samples
-        and results.get("checkpoint") in (eval_cfg.checkpoint, "last")
         and results.get("eval_seed") == eval_cfg.seed
-        and results.get("num_test_images") is not None
-        and (eval_cfg.max_images == 0 or results.get("num_test_images") == eval_cfg.max_images)
+        and same_weights
+        and same_images
     )
 
 
@@ -502,7 +515,7 @@ def train(cfg: DictConfig, out: str | Path, device: torch.device | None = None) 
             done = json.loads((out / "results.json").read_text())
         except ValueError:
             done = {}
-        if not cfg.eval.at_end or _same_evaluation(done, cfg.eval, int(state["step"])):
+        if not cfg.eval.at_end or _same_evaluation(done, cfg.eval, int(state["step"]), out):
             print(f"nfvi train: {out} is complete (step {state['step']}); nothing to do", file=sys.stderr)
             return done
 
