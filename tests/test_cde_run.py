@@ -84,6 +84,22 @@ def test_run_writes_flat_results_and_metrics(tmp_path, model):
     assert lines[0].startswith("seed,epoch,step,lr,train_nll,val_nll") and len(lines) == 1 + 2 * 3
 
 
+def test_a_failed_rerun_leaves_no_earlier_results_behind(tmp_path):
+    """scripts/reproduce_cde.sh reruns into fixed folders: a failure must not leave old numbers to be reported."""
+    cde_run.run_cde(composed("dataset=sine", *FAST), out_dir=tmp_path)
+    assert (tmp_path / "results.json").is_file()
+    with pytest.raises(NfviError, match="is missing"):
+        cde_run.run_cde(composed("dataset=fish", "download=false", f"paths.data_dir={tmp_path / 'none'}"), tmp_path)
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "metrics.csv").exists()
+
+
+def test_results_record_the_planar_floor_only_where_it_applies(tmp_path):
+    cfg = composed("dataset=sine", "flow=planar", "flow.length=1", "flow.amortized=false", *FAST)
+    assert cde_run.run_cde(cfg, out_dir=tmp_path)["w_floor"] is None
+    cfg = composed("dataset=sine", "flow=planar", "flow.length=1", *FAST)
+    assert cde_run.run_cde(cfg, out_dir=tmp_path)["w_floor"] == 0.1
+
+
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NFVI_DATA": str(cwd / "no-data")}
     return subprocess.run([*NFVI, "cde", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)

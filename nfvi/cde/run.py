@@ -132,7 +132,8 @@ def run_cde(cfg, out_dir=None) -> dict:
         raise NfviError(f"device={cfg.device!r}: nfvi cde runs on the CPU only (its models are tiny); use device=cpu")
     out = run_dir() if out_dir is None else Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.csv").unlink(missing_ok=True)  # a rerun into the same folder starts a fresh log
+    for stale in ("metrics.csv", "results.json"):  # a rerun into the same folder starts afresh; if it fails,
+        (out / stale).unlink(missing_ok=True)  # no earlier results.json is left to pass for its numbers
     log = MetricsLog(out / "metrics.csv")
     table = load_dataset(
         cfg.dataset, cfg.paths.data_dir, cfg.data_file, cfg.download, cfg.verify, cfg.data_url, cfg.synthetic_size
@@ -228,7 +229,7 @@ def _aggregate(cfg, table: Table, info: dict, per_seed: list[dict], started: flo
         "hidden": list(cfg.hidden),
         "activation": cfg.activation,
         "min_scale": cfg.min_scale,
-        "w_floor": cfg.flow.w_floor if info["flow"] == "planar" else None,
+        "w_floor": cfg.flow.w_floor if info["flow"] == "planar" and cfg.flow.amortized else None,
         "optimizer": cfg.optim.name,
         "lr": cfg.optim.lr,
         "flow_lr_factor": cfg.optim.flow_lr_factor,
