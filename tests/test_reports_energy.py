@@ -14,13 +14,13 @@ from nfvi.runs import write_json
 
 
 def _fake_run(root, target, flow, length, seed=0, steps=100, bound=-1.0, kl=0.5, finished="2026-01-01T00:00:00",
-              density=True):  # fmt: skip
-    run = root / f"{target}_{flow}_K{length}_seed{seed}_{steps}_{finished[:4]}"
+              density=True, wall=0.1):  # fmt: skip
+    run = root / f"{target}_{flow}_K{length}_seed{seed}_{steps}_{finished[:4]}_wall{wall}"
     run.mkdir(parents=True)
     write_json(
         run / "results.json",
         {"task": "energy", "target": target, "flow": flow, "flow_length": length, "seed": seed, "steps": steps,
-         "bound": bound, "kl": kl, "kl_mc": kl + 0.01, "log_z": 1.88, "mass_outside_box": 0.0,
+         "bound": bound, "kl": kl, "kl_mc": kl + 0.01, "log_z": 1.88, "mass_outside_box": 0.0, "wall": wall,
          "box": "[-4, 4]^2", "units": {"bound": "nats", "kl": "nats"}, "finished_at": finished},
     )  # fmt: skip
     if density:
@@ -78,6 +78,15 @@ def test_figure3_has_one_row_per_target_and_a_column_per_flow_and_length(frame, 
     write(frame, tmp_path / "tables")
     # Figure 3: 2 targets x (truth + planar K2, K8 + radial K8 + nice K2, K8); Figure 3(d): 2 rows x 2 targets
     assert shapes == [(2, 6), (2, 2)]
+
+
+def test_runs_with_another_wall_get_their_own_rows_and_are_never_mixed_in(frame, tmp_path):
+    """A wall=0 run (the raw, improper U2-U4) with a longer schedule must not take a wall=0.1 cell."""
+    _fake_run(tmp_path / "runs", "U2", "planar", 8, steps=8000, bound=-9.0, wall=0.0)
+    write(collect([tmp_path / "runs"]), tmp_path / "tables")
+    md = (tmp_path / "tables" / "energy.md").read_text()
+    assert "| U2 | planar NF, wall=0.1 | -1.200 | -1.800 |" in md
+    assert "| U2 | planar NF, wall=0 |  | -9.000 |" in md
 
 
 def test_to_markdown_formats_numbers_and_blanks():

@@ -31,9 +31,28 @@ FLOW_LABEL = {"none": "Gaussian", "planar": "planar NF", "radial": "radial NF", 
 NUMBERS = ["bound", "kl", "kl_mc", "log_z", "mass_outside_box"]
 
 
+def _series(frame: pd.DataFrame) -> pd.DataFrame:
+    """Runs trained with different walls are different experiments (``wall=0`` is the raw, improper U2-U4):
+    when the report holds more than one wall value, each flow name carries its wall (``planar, wall=0``), so
+    no table cell, Figure 3 panel or Figure 3(d) line mixes them."""
+    if "wall" in frame and frame["wall"].nunique(dropna=True) > 1:
+        frame = frame.assign(flow=[f"{f}, wall={w:g}" for f, w in zip(frame["flow"], frame["wall"], strict=True)])
+    return frame
+
+
+def _label(flow: str) -> str:
+    """``planar`` -> ``planar NF``; ``planar, wall=0`` -> ``planar NF, wall=0``."""
+    kind, sep, rest = flow.partition(", ")
+    return FLOW_LABEL.get(kind, kind) + sep + rest
+
+
+def _rank(flow: str) -> int:
+    return FLOW_ORDER.get(flow.partition(", ")[0], len(FLOW_ORDER))
+
+
 def _order(frame: pd.DataFrame) -> pd.DataFrame:
-    key = frame["flow"].map(FLOW_ORDER).fillna(len(FLOW_ORDER))
-    return frame.assign(_f=key).sort_values(["target", "_f", "flow_length", "steps"]).drop(columns="_f")
+    key = frame["flow"].map(_rank)
+    return frame.assign(_f=key).sort_values(["target", "_f", "flow", "flow_length", "steps"]).drop(columns="_f")
 
 
 def _latest(frame: pd.DataFrame) -> pd.DataFrame:
@@ -81,9 +100,9 @@ def _pivot(table: pd.DataFrame, value: str) -> pd.DataFrame:
     pivot = best.pivot_table(index=["target", "flow"], columns="flow_length", values=value, aggfunc="first")
     pivot.columns = [f"K={k}" for k in pivot.columns]
     pivot = pivot.reset_index()
-    pivot = pivot.assign(_f=pivot["flow"].map(FLOW_ORDER).fillna(len(FLOW_ORDER)))
-    pivot = pivot.sort_values(["target", "_f"]).drop(columns="_f")
-    pivot["flow"] = pivot["flow"].map(lambda f: FLOW_LABEL.get(f, f))
+    pivot = pivot.assign(_f=pivot["flow"].map(_rank))
+    pivot = pivot.sort_values(["target", "_f", "flow"]).drop(columns="_f")
+    pivot["flow"] = pivot["flow"].map(_label)
     return pivot
 
 
@@ -122,7 +141,7 @@ def plot_fig3(frame: pd.DataFrame, path: Path) -> None:
         for j, (flow, length) in enumerate(columns, start=1):
             ax = axes[i, j]
             if i == 0:
-                ax.set_title(f"{FLOW_LABEL.get(flow, flow)}\nK={length}", fontsize=8)
+                ax.set_title(f"{_label(flow)}\nK={length}", fontsize=8)
             match = runs[(runs["target"] == target) & (runs["flow"] == flow) & (runs["flow_length"] == length)]
             npz = Path(str(match["run_dir"].iloc[0])) / "density.npz" if len(match) else None
             if npz is None or not npz.exists():
@@ -154,9 +173,9 @@ def plot_fig3d(table: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(2, len(targets), figsize=(3.2 * len(targets), 5.2), squeeze=False, sharex=True)
     for j, target in enumerate(targets):
         rows = best[best["target"] == target]
-        for flow in sorted(rows["flow"].unique(), key=lambda f: FLOW_ORDER.get(f, 9)):
+        for flow in sorted(rows["flow"].unique(), key=lambda f: (_rank(f), f)):
             r = rows[rows["flow"] == flow].sort_values("flow_length")
-            label = FLOW_LABEL.get(flow, flow)
+            label = _label(flow)
             axes[0, j].plot(r["flow_length"], r["bound"], marker="o", label=label)
             axes[1, j].plot(r["flow_length"], r["kl"].clip(lower=1e-4), marker="o", label=label)
         log_z = rows["log_z"].dropna()
@@ -179,6 +198,7 @@ def write(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     """Write Figure 3, Figure 3(d), ``energy.md`` and ``energy.csv`` from the energy rows of ``nfvi report``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    frame = _series(frame)
     table = summarize(frame)
     paths = [out_dir / "energy.csv", out_dir / "energy.md", out_dir / "energy_fig3.png", out_dir / "energy_fig3d.png"]
     atomic_write_text(paths[0], table.to_csv(index=False))
