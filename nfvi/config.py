@@ -96,7 +96,7 @@ def optimizer_from_config(cfg: OptimConfig | DictConfig, params, flow_params=())
     Those of ``params`` that are also in ``flow_params`` (the flow's own parameters) form a second group
     with learning rate ``cfg.lr * cfg.flow_lr_factor`` when the factor is not 1. Why: with Adam, a flow head
     that computes each layer's parameters from 400 encoder features moves them by up to ~400 * lr per
-    update; at lr 1e-3 that held amortized planar flows back (docs/mnist.md, "flow_lr_factor").
+    update; at lr 1e-3 that held amortized planar flows back (docs/mnist.md, "The flow's learning rate").
     """
     check_choice("optim.name", cfg.name, OPTIMIZERS)
     check_range("optim.lr", cfg.lr, low=0.0, kind="a positive learning rate")
