@@ -169,17 +169,18 @@ def _check_choices(command: str, choices: dict[str, tuple[str, ...]], args: list
     ``nfvi train``'s image datasets from ``conf/dataset/`` and fail on them with a message about schemas.
     Sweep values (``dataset=fish,concrete``) are checked one by one.
     """
+    from nfvi.errors import NfviError, check_choice
+
     for arg in args:
         key, sep, value = arg.partition("=")
         key = key.lstrip("+~")
         if not sep or key not in choices:
             continue
         for item in value.split(","):
-            if item not in choices[key]:
-                allowed = ", ".join(choices[key])
-                print(
-                    f"nfvi {command}: error: {key}={item!r} is not allowed; choose one of: {allowed}", file=sys.stderr
-                )
+            try:
+                check_choice(key, item, choices[key])
+            except NfviError as exc:
+                print(f"nfvi {command}: error: {exc}", file=sys.stderr)
                 sys.exit(2)
 
 
