@@ -143,17 +143,8 @@ def _flat_unit(x: np.ndarray) -> torch.Tensor:
 
 def _from_grey(cfg, name: str, train: np.ndarray, test: np.ndarray, source: str, note: str = "") -> ImageData:
     """Carve the validation split, binarize valid/test once, and binarize train once if ``static``."""
-    n = len(train)
-    valid_size, seed = int(cfg.valid_size), int(cfg.split_seed)
-    check_range(
-        "dataset.valid_size", valid_size, low=0, high=n - 1, kind=f"an integer (the {name} training set has {n})"
-    )
-    if valid_size:
-        perm = torch.randperm(n, generator=split_generator(seed, "carve")).numpy()
-        valid_idx, train_idx = np.sort(perm[:valid_size]), np.sort(perm[valid_size:])
-        valid, train = train[valid_idx], train[train_idx]
-    else:
-        valid = train[:0]
+    seed = int(cfg.split_seed)
+    train, valid = _carve(train, int(cfg.valid_size), seed, name)
     train_t = _flat_unit(train)
     if cfg.binarize == "static":
         train_t = binarize(train_t, split_generator(seed, "train"))
