@@ -65,6 +65,22 @@ def planar_ladj(a: Tensor, h: Tensor, wu: Tensor) -> Tensor:
     return torch.logaddexp(log_h2, log_sech2(a) + log_softplus(wu))
 
 
+def _chain(z: Tensor, w: Tensor, u_hat: Tensor, b: Tensor, inputs=None, activations=None) -> tuple[Tensor, Tensor]:
+    """The K updates ``a_k = w_k.z + b_k``, ``z <- z + u_k tanh(a_k)``: ``(z_K, a)``; optionally collects each
+    layer's input z and ``tanh(a_k)`` into the lists ``inputs`` and ``activations`` (for the backward pass)."""
+    pre = []
+    for w_k, u_k, b_k in zip(w.unbind(-2), u_hat.unbind(-2), b.unbind(-1), strict=True):
+        if inputs is not None:
+            inputs.append(z)
+        a = (z * w_k).sum(-1) + b_k
+        h = torch.tanh(a)
+        z = torch.addcmul(z, u_k, h.unsqueeze(-1))
+        pre.append(a)
+        if activations is not None:
+            activations.append(h)
+    return z, torch.stack(pre, -1)
+
+
 class _PlanarChain(torch.autograd.Function):
     """K planar updates ``a_k = w_k.z + b_k``, ``z <- z + u_k tanh(a_k)`` with a hand-written backward.
 
@@ -74,18 +90,11 @@ class _PlanarChain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, w, u_hat, b):
-        zs, pre, act = [], [], []
-        for w_k, u_k, b_k in zip(w.unbind(-2), u_hat.unbind(-2), b.unbind(-1), strict=True):
-            zs.append(z)
-            a = (z * w_k).sum(-1) + b_k
-            h = torch.tanh(a)
-            z = torch.addcmul(z, u_k, h.unsqueeze(-1))
-            pre.append(a)
-            act.append(h)
-        h_all = torch.stack(act, -1)
-        ctx.save_for_backward(w, u_hat, h_all, *zs)
+        zs, act = [], []
+        z_k, pre = _chain(z, w, u_hat, b, inputs=zs, activations=act)
+        ctx.save_for_backward(w, u_hat, torch.stack(act, -1), *zs)
         ctx.shapes = (zs[0].shape, b.shape[:-1])
-        return z, torch.stack(pre, -1)
+        return z_k, pre
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -116,12 +125,7 @@ def planar_chain(z: Tensor, w: Tensor, u_hat: Tensor, b: Tensor) -> tuple[Tensor
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (z, w, u_hat, b)):
         return _PlanarChain.apply(z, w, u_hat, b)
-    pre = []
-    for w_k, u_k, b_k in zip(w.unbind(-2), u_hat.unbind(-2), b.unbind(-1), strict=True):
-        a = (z * w_k).sum(-1) + b_k
-        z = torch.addcmul(z, u_k, torch.tanh(a).unsqueeze(-1))
-        pre.append(a)
-    return z, torch.stack(pre, -1)
+    return _chain(z, w, u_hat, b)
 
 
 class FlowTransform(Transform):
