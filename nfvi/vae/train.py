@@ -33,6 +33,7 @@ state (a state with non-finite parameters is never saved).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import sys
@@ -115,8 +116,6 @@ def newest_matching_run(search_root: str | Path, current: dict) -> Path | None:
     """The run under ``search_root`` (newest checkpoint first) whose config equals ``current`` up to resumable keys."""
     candidates = [p.parent for p in Path(search_root).glob(f"*/{CHECKPOINT}") if (p.parent / RUN_CONFIG).is_file()]
     candidates.sort(key=lambda p: (p / CHECKPOINT).stat().st_mtime, reverse=True)
-    import json
-
     for path in candidates:
         try:
             saved = json.loads((path / RUN_CONFIG).read_text())
@@ -431,11 +430,6 @@ class Trainer:
                     raise SystemExit(128 + stop.signum)
 
 
-def _eval_settings(eval_cfg) -> dict:
-    keys = ("num_samples", "elbo_samples", "max_images", "checkpoint", "seed")
-    return {k: eval_cfg[k] for k in keys}
-
-
 def _same_evaluation(results: dict, eval_cfg, step: int, out: Path) -> bool:
     """Whether ``results`` (a finished run's results.json) is what evaluating with ``eval_cfg`` would give.
 
@@ -466,8 +460,6 @@ def train(cfg: DictConfig, out: str | Path, device: torch.device | None = None) 
 
     Without evaluation the dict holds the training summary only (``results.json`` is not written).
     """
-    import json
-
     started = time.time()
     check_train_config(cfg)
     out = Path(out)
