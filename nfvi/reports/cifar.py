@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from nfvi.reports.vae import FLOW_LABEL, FLOW_ORDER, _col, normalize_runs
 from nfvi.runs import atomic_write_text
 
 __all__ = ["PAPER_TABLE3", "READINGS", "is_table3_row", "summarize_table3", "table3_markdown", "write_table3"]
@@ -43,9 +44,6 @@ READINGS: dict[str, str] = {
     ),
     "fake_cifar10": "generated 3x32x32 images (a smoke test of the pipeline): NOT CIFAR-10.",
 }
-FLOW_ORDER = {"none": 0, "planar": 1, "radial": 2, "nice": 3}
-FLOW_LABEL = {"none": "DLGM, diagonal covariance", "planar": "DLGM + NF (planar)", "radial": "DLGM + radial",
-              "nice": "DLGM + NICE"}  # fmt: skip
 #: settings that split a dataset's runs into separate sections
 SETTINGS = ("model", "latent_dim", "likelihood", "steps", "num_importance_samples", "num_test_images")
 METRICS = ("test_nll", "test_neg_elbo", "test_kl", "test_bpd", "test_neg_elbo_bpd")
@@ -59,26 +57,14 @@ def is_table3_row(frame: pd.DataFrame) -> pd.Series:
     return name.str.startswith("cifar10") | (name == "fake_cifar10")
 
 
-def _col(frame: pd.DataFrame, name: str, default=None) -> pd.Series:
-    return frame[name] if name in frame else pd.Series([default] * len(frame), index=frame.index)
-
-
 def summarize_table3(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, settings, flow, K); see the module docstring for the columns."""
-    df = frame[is_table3_row(frame)].copy()
+    df = frame[is_table3_row(frame)]
     if df.empty:
         return pd.DataFrame()
-    for key in ("flow_length", "seed"):
-        df[key] = pd.to_numeric(_col(df, key, 0), errors="coerce").fillna(0).astype(int)
-    df["flow"] = _col(df, "flow", "none").fillna("none").astype(str)
-    df.loc[df["flow_length"] == 0, "flow"] = "none"
-    for m in (*METRICS, "test_nll_se"):
-        df[m] = pd.to_numeric(_col(df, m), errors="coerce")
-    if df["test_kl"].isna().all():
-        df["test_kl"] = df["test_neg_elbo"] - df["test_nll"]
+    df = normalize_runs(df, (*METRICS, "test_nll_se"))
     for s in SETTINGS:
         df[s] = _col(df, s, "").fillna("").astype(str)
-    df["finished_at"] = _col(df, "finished_at", "").fillna("").astype(str)
     df["run_dir"] = _col(df, "run_dir", "").fillna("").astype(str)
     df = df.dropna(subset=["test_nll"])
     rows = []

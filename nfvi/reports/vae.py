@@ -74,20 +74,30 @@ def _col(frame: pd.DataFrame, name: str, default=None) -> pd.Series:
     return frame[name] if name in frame else pd.Series([default] * len(frame), index=frame.index)
 
 
-def _prepare(frame: pd.DataFrame) -> pd.DataFrame:
+def normalize_runs(frame: pd.DataFrame, metrics) -> pd.DataFrame:
+    """The ``results.json`` rows of VAE runs with typed columns (shared by Table 2 and Table 3).
+
+    ``flow_length`` and ``seed`` as ints, ``flow`` = ``none`` at K = 0 (the same model whatever the kind),
+    ``metrics`` as floats (NaN where missing), ``test_kl`` = -ELBO - (-ln p(x)) when no run recorded it,
+    ``finished_at`` as text (to keep the latest repeat of a seed).
+    """
     df = frame.copy()
     for key in ("flow_length", "seed"):
         df[key] = pd.to_numeric(_col(df, key, 0), errors="coerce").fillna(0).astype(int)
     df["flow"] = _col(df, "flow", "none").fillna("none").astype(str)
     df.loc[df["flow_length"] == 0, "flow"] = "none"
-    df["dataset"] = _col(df, "dataset", "?").fillna("?").astype(str)
-    for m in (*METRICS, "test_nll_se", "test_neg_elbo_se", "test_kl_se"):
+    for m in metrics:
         df[m] = pd.to_numeric(_col(df, m), errors="coerce")
-    if "test_kl" not in frame or df["test_kl"].isna().all():
+    if df["test_kl"].isna().all():
         df["test_kl"] = df["test_neg_elbo"] - df["test_nll"]
     df["finished_at"] = _col(df, "finished_at", "").fillna("").astype(str)
-    df = df.dropna(subset=["test_nll", "test_neg_elbo"])
     return df
+
+
+def _prepare(frame: pd.DataFrame) -> pd.DataFrame:
+    df = normalize_runs(frame, (*METRICS, "test_nll_se", "test_neg_elbo_se", "test_kl_se"))
+    df["dataset"] = _col(df, "dataset", "?").fillna("?").astype(str)
+    return df.dropna(subset=["test_nll", "test_neg_elbo"])
 
 
 def _settings_varying(df: pd.DataFrame) -> list[str]:
