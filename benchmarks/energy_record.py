@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from nfvi.report import collect
 from nfvi.reports.energy import FLOW_LABEL, _order, to_markdown
+from nfvi.reports.task import collect
 
 
 def main(root: str) -> None:

@@ -15,9 +15,9 @@ from hydra import compose, initialize_config_dir
 
 from nfvi import energies
 from nfvi.cli import CONF_DIR
-from nfvi.config import flow_from_config
-from nfvi.energy_fit import EnergyModel, evaluate, fit
+from nfvi.energy import EnergyModel, evaluate, fit
 from nfvi.runs import seed_everything
+from nfvi.training import flow_from_config
 
 
 def main() -> None:

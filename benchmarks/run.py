@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nfvi.config import FlowConfig, OptimConfig, optimizer_from_config
-from nfvi.evaluate import default_batch_size, log_marginal_likelihood
+from nfvi.config import FlowConfig, OptimConfig
+from nfvi.estimators import default_batch_size, log_marginal_likelihood
+from nfvi.training import optimizer_from_config
 from nfvi.vae.model import ModelConfig, build_model
 from nfvi.vae.objectives import annealed_loss, beta_schedule, free_energy_terms
 
@@ -318,8 +319,8 @@ def _annealed_fit_step(sample, optimizer, samples: int):
 
 
 def make_energy_nfvi(k: int, samples: int):
-    """``nfvi energy``'s update (energy_fit.fit): EnergyModel over a global planar flow, Adam at lr 1e-2."""
-    from nfvi.energy_fit import EnergyModel
+    """``nfvi energy``'s update (nfvi.energy.task.fit): EnergyModel over a global planar flow, Adam at lr 1e-2."""
+    from nfvi.energy import EnergyModel
     from nfvi.flows import build_flow
 
     model = EnergyModel(build_flow("planar", 2, k))

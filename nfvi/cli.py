@@ -15,11 +15,11 @@ from pathlib import Path
 
 #: command -> (module, function, one-line description). The function takes the composed config.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "energy": ("nfvi.energy_fit", "run", "fit a flow to a 2-D energy U(z) (paper Sec. 6.1, Table 1, Fig. 3)"),
-    "train": ("nfvi.vae.train", "run", "train a VAE with a flow posterior on images (paper Sec. 6.2, Table 2)"),
+    "energy": ("nfvi.energy.task", "run", "fit a flow to a 2-D energy U(z) (paper Sec. 6.1, Table 1, Fig. 3)"),
+    "train": ("nfvi.vae.task", "run", "train a VAE with a flow posterior on images (paper Sec. 6.2, Table 2)"),
     "evaluate": ("nfvi.vae.evaluate", "run", "estimate -ln p(x) of a trained run by importance sampling"),
-    "cde": ("nfvi.cde.run", "run", "conditional density estimation p(y|x) with flows on UCI data"),
-    "report": ("nfvi.report", "run", "collect results.json under outputs/ into tables and figures"),
+    "cde": ("nfvi.cde.task", "run", "conditional density estimation p(y|x) with flows on UCI data"),
+    "report": ("nfvi.reports.task", "run", "collect results.json under outputs/ into tables and figures"),
 }
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

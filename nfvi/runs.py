@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from nfvi.errors import NonFiniteLossError
+from nfvi.errors import NfviError, NonFiniteLossError
 
 __all__ = [
     "atomic_write_bytes",
@@ -32,6 +32,7 @@ __all__ = [
     "run_metadata",
     "check_finite",
     "seed_everything",
+    "select_device",
 ]
 
 
@@ -151,3 +152,16 @@ def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; ``cpu``, ``cuda`` or ``cuda:N`` force one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise NfviError(f"device={name!r} is not allowed; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NfviError(f"device={name!r} was asked for but CUDA is not available here; use device=auto or cpu")
+    return device

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-import nfvi.cde.run as cde_run
+import nfvi.cde.task as cde_run
 from nfvi.errors import NfviError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

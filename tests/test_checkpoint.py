@@ -7,7 +7,7 @@ import torch
 
 import nfvi
 from nfvi.errors import NfviError
-from nfvi.vae import train as train_mod
+from nfvi.vae import task as train_mod
 from nfvi.vae.checkpoint import config_diff, flatten, load_checkpoint, load_model, save_checkpoint
 from tests.test_train import cfg_of
 

@@ -291,7 +291,7 @@ def test_color_dataset_yamls_compose(name):
 def test_experiment_configs_sweep_the_table3_lengths(experiment):
     from hydra import compose, initialize_config_dir
 
-    import nfvi.vae.train  # noqa: F401  (registers base_train)
+    import nfvi.vae.task  # noqa: F401  (registers base_train)
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         c = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
@@ -381,11 +381,11 @@ TINY_CIFAR = [
 
 
 def test_cifar10_end_to_end_train_evaluate_report(tmp_path, fake_cifar):
-    from nfvi.report import collect
     from nfvi.reports import vae as vae_report
+    from nfvi.reports.task import collect
     from nfvi.vae.checkpoint import load_model
     from nfvi.vae.evaluate import evaluate_run
-    from nfvi.vae.train import train
+    from nfvi.vae.task import train
     from tests.conftest import compose
 
     root = tmp_path / "data"
@@ -418,7 +418,7 @@ def test_cifar10_end_to_end_train_evaluate_report(tmp_path, fake_cifar):
 
 
 def test_bernoulli_on_8bit_data_is_refused_in_one_line(tmp_path):
-    from nfvi.vae.train import train
+    from nfvi.vae.task import train
     from tests.conftest import compose
 
     cfg = compose("train", ["dataset=fake_cifar10", "dataset.fake_size=20", "model=conv", *TINY_CIFAR])

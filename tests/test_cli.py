@@ -78,7 +78,7 @@ def test_report_writes_nothing_without_results(tmp_path):
 
 
 def test_report_collects_results_json(tmp_path):
-    from nfvi.report import collect
+    from nfvi.reports.task import collect
 
     run = tmp_path / "a" / "b"
     run.mkdir(parents=True)

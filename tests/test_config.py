@@ -51,8 +51,9 @@ def test_optimizer_gives_the_flow_its_own_learning_rate():
     """optim.flow_lr_factor: the flow's parameters form a second group at lr * factor; 1 keeps one group."""
     import torch
 
-    from nfvi.config import FlowConfig, OptimConfig, optimizer_from_config
+    from nfvi.config import FlowConfig, OptimConfig
     from nfvi.errors import NfviError
+    from nfvi.training import optimizer_from_config
     from nfvi.vae.model import ModelConfig, build_model
 
     model = build_model(ModelConfig(latent_dim=4, hidden=8), FlowConfig(kind="planar", length=2), 12)

@@ -10,7 +10,7 @@ import torch
 from nfvi.config import FlowConfig
 from nfvi.data.cifar import fake_color_images
 from nfvi.errors import NfviError
-from nfvi.evaluate import elbo, log_marginal_likelihood, nats_to_bits_per_dim
+from nfvi.estimators import elbo, log_marginal_likelihood, nats_to_bits_per_dim
 from nfvi.vae.conv import ConvDecoder, ConvEncoder, downsamplings
 from nfvi.vae.model import ModelConfig, build_model, model_input_shape
 from nfvi.vae.objectives import annealed_loss, free_energy_terms

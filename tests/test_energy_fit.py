@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nfvi import energies
-from nfvi.energy_fit import EnergyModel, beta_at, evaluate, flow_inverse, log_density, run
+from nfvi.energy import EnergyModel, beta_at, evaluate, flow_inverse, log_density, run
 from nfvi.errors import NonFiniteLossError
 from nfvi.flows import build_flow
 from tests.conftest import compose

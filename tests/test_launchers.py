@@ -10,7 +10,7 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-import nfvi.vae.train  # noqa: F401  (registers base_train and the run-dir resolvers)
+import nfvi.vae.task  # noqa: F401  (registers base_train and the run-dir resolvers)
 from tests.conftest import CONF_DIR
 from tests.test_train import TINY
 

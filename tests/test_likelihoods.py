@@ -12,7 +12,7 @@ from torch.distributions import Normal, SigmoidTransform, TransformedDistributio
 
 from nfvi.config import FlowConfig
 from nfvi.errors import NfviError
-from nfvi.evaluate import nats_to_bits_per_dim
+from nfvi.estimators import nats_to_bits_per_dim
 from nfvi.vae.likelihoods import (
     LOGIT_NORMAL_LAMBDA,
     MIN_LOG_SCALE,

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nfvi.report import collect
 from nfvi.reports.energy import summarize, to_markdown, write
+from nfvi.reports.task import collect
 from nfvi.runs import write_json
 
 

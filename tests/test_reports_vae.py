@@ -8,8 +8,8 @@ import math
 import pandas as pd
 import pytest
 
-from nfvi.report import collect
 from nfvi.reports import vae
+from nfvi.reports.task import collect
 
 
 def result(flow, k, seed=0, nll=90.0, neg_elbo=95.0, dataset="mnist", steps=1000, finished="2025-01-01T00:00:00", **kw):

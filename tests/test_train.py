@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nfvi.errors import NfviError, NonFiniteLossError
-from nfvi.vae import train as train_mod
+from nfvi.vae import task as train_mod
 from nfvi.vae.checkpoint import load_checkpoint
 from tests.conftest import REPO, compose
 
@@ -246,7 +246,7 @@ def test_a_finished_run_is_reevaluated_unless_the_results_match_the_request(tmp_
     """resume=true on a finished run reuses results.json only for the same images, samples, seed and weights."""
     from omegaconf import OmegaConf
 
-    from nfvi.vae.evaluate import EvalConfig
+    from nfvi.vae.config import EvalConfig
 
     done = {"steps": 100, "num_importance_samples": 200, "num_elbo_samples": 20, "eval_seed": 0}
     subset = {**done, "checkpoint": "best", "num_test_images": 500, "test_images": "random subset of 500 of 10000"}

@@ -12,7 +12,7 @@ import pytest
 
 from nfvi.errors import NfviError
 from nfvi.vae import evaluate as evaluate_mod
-from nfvi.vae import train as train_mod
+from nfvi.vae import task as train_mod
 from tests.conftest import compose
 from tests.test_train import cfg_of
 

@@ -5,5 +5,5 @@
 - :mod:`nfvi.cde.model`: ``FlowCDE`` (affine base + amortized flow, normalizing direction y -> z),
   ``MixtureDensityNetwork``; ``build_model``.
 - :mod:`nfvi.cde.fit`: one seed's training with early stopping and its test NLL.
-- :mod:`nfvi.cde.run`: the Hydra task (config schema ``base_cde``), loops over seeds, writes results.json.
+- :mod:`nfvi.cde.task`: the Hydra task (config schema ``base_cde``), loops over seeds, writes results.json.
 """

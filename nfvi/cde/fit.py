@@ -18,9 +18,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from nfvi.cde.data import Split
-from nfvi.config import optimizer_from_config
 from nfvi.errors import check_range
 from nfvi.runs import MetricsLog, check_finite
+from nfvi.training import optimizer_from_config
 
 __all__ = ["FitResult", "fit", "mean_nll", "per_point_nll"]
 

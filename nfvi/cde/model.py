@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nfvi.config import flow_from_config
 from nfvi.errors import NfviError, check_choice, check_range
 from nfvi.flows import Flow, build_flow
+from nfvi.training import flow_from_config
 
 __all__ = ["MODELS", "ACTIVATIONS", "ContextNet", "FlowCDE", "MixtureDensityNetwork", "build_model", "model_label"]
 

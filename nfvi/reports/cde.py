@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from nfvi.cde.data import BENCHMARK_NF_NLL, DATASETS
+from nfvi.reports.common import col
 from nfvi.runs import atomic_write_text
 
 __all__ = ["write", "summarize", "pivot"]
@@ -24,28 +25,24 @@ __all__ = ["write", "summarize", "pivot"]
 _KIND_ORDER = {"gaussian": 0, "mdn": 1, "planar": 2, "radial": 3, "nice": 4}
 
 
-def _col(frame: pd.DataFrame, name: str, default=None) -> pd.Series:
-    return frame[name] if name in frame else pd.Series([default] * len(frame), index=frame.index)
-
-
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, model_name): the latest run's numbers, sorted by dataset then model."""
     rows = frame.copy()
-    rows["finished_at"] = _col(rows, "finished_at", "").fillna("").astype(str)
+    rows["finished_at"] = col(rows, "finished_at", "").fillna("").astype(str)
     rows = rows.sort_values("finished_at").groupby(["dataset", "model_name"], as_index=False).tail(1)
     out = pd.DataFrame(
         {
             "dataset": rows["dataset"],
-            "y_dim": _col(rows, "y_dim"),
+            "y_dim": col(rows, "y_dim"),
             "model": rows["model_name"],
-            "n_seeds": _col(rows, "n_seeds"),
+            "n_seeds": col(rows, "n_seeds"),
             "test_nll_mean": rows["test_nll_mean"].astype(float),
-            "test_nll_std": _col(rows, "test_nll_std").astype(float),
-            "test_nll_standardized_mean": _col(rows, "test_nll_standardized_mean").astype(float),
-            "test_nll_standardized_std": _col(rows, "test_nll_standardized_std").astype(float),
+            "test_nll_std": col(rows, "test_nll_std").astype(float),
+            "test_nll_standardized_mean": col(rows, "test_nll_standardized_mean").astype(float),
+            "test_nll_standardized_std": col(rows, "test_nll_standardized_std").astype(float),
             "benchmark_nf_nll": rows["dataset"].map(BENCHMARK_NF_NLL),
-            "true_nll": _col(rows, "true_nll"),
-            "run_dir": _col(rows, "run_dir", ""),
+            "true_nll": col(rows, "true_nll"),
+            "run_dir": col(rows, "run_dir", ""),
         }
     )
     order = {name: i for i, name in enumerate(DATASETS)}

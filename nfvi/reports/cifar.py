@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from nfvi.reports.vae import FLOW_LABEL, FLOW_ORDER, _col, normalize_runs
+from nfvi.reports.common import FLOW_LABEL, FLOW_ORDER, col, normalize_runs
 from nfvi.runs import atomic_write_text
 
 __all__ = ["PAPER_TABLE3", "READINGS", "is_table3_row", "summarize_table3", "table3_markdown", "write_table3"]
@@ -64,8 +64,8 @@ def summarize_table3(frame: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     df = normalize_runs(df, (*METRICS, "test_nll_se"))
     for s in SETTINGS:
-        df[s] = _col(df, s, "").fillna("").astype(str)
-    df["run_dir"] = _col(df, "run_dir", "").fillna("").astype(str)
+        df[s] = col(df, s, "").fillna("").astype(str)
+    df["run_dir"] = col(df, "run_dir", "").fillna("").astype(str)
     df = df.dropna(subset=["test_nll"])
     rows = []
     keys = ["dataset", *SETTINGS, "flow", "flow_length"]

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from nfvi.reports.cifar import is_table3_row, write_table3
+from nfvi.reports.common import FLOW_LABEL, FLOW_ORDER, col, normalize_runs
 from nfvi.runs import atomic_write_bytes, atomic_write_text
 
 __all__ = ["PAPER_TABLE2", "summarize", "to_markdown", "to_latex", "write"]
@@ -44,13 +46,6 @@ PAPER_TABLE2: dict[tuple[str, int], tuple[float, str]] = {
     ("nice", 80): (87.2, "C"),
 }
 PAPER_DATASETS = ("mnist", "mnist_static")
-FLOW_ORDER = {"none": 0, "planar": 1, "radial": 2, "nice": 3}
-FLOW_LABEL = {
-    "none": "DLGM, diagonal covariance",
-    "planar": "DLGM + NF (planar)",
-    "radial": "DLGM + radial",
-    "nice": "DLGM + NICE",
-}
 CURVE_LABEL = {"planar": "NF (planar)", "radial": "radial", "nice": "NICE"}
 CURVE_STYLE = {"planar": ("C0", "o"), "nice": ("C3", "s"), "radial": ("C2", "^")}
 #: settings that, when they differ between runs of a dataset, split the table into separate rows
@@ -70,33 +65,9 @@ SETTINGS = (
 METRICS = ("test_neg_elbo", "test_nll", "test_kl")
 
 
-def _col(frame: pd.DataFrame, name: str, default=None) -> pd.Series:
-    return frame[name] if name in frame else pd.Series([default] * len(frame), index=frame.index)
-
-
-def normalize_runs(frame: pd.DataFrame, metrics) -> pd.DataFrame:
-    """The ``results.json`` rows of VAE runs with typed columns (shared by Table 2 and Table 3).
-
-    ``flow_length`` and ``seed`` as ints, ``flow`` = ``none`` at K = 0 (the same model whatever the kind),
-    ``metrics`` as floats (NaN where missing), ``test_kl`` = -ELBO - (-ln p(x)) when no run recorded it,
-    ``finished_at`` as text (to keep the latest repeat of a seed).
-    """
-    df = frame.copy()
-    for key in ("flow_length", "seed"):
-        df[key] = pd.to_numeric(_col(df, key, 0), errors="coerce").fillna(0).astype(int)
-    df["flow"] = _col(df, "flow", "none").fillna("none").astype(str)
-    df.loc[df["flow_length"] == 0, "flow"] = "none"
-    for m in metrics:
-        df[m] = pd.to_numeric(_col(df, m), errors="coerce")
-    if df["test_kl"].isna().all():
-        df["test_kl"] = df["test_neg_elbo"] - df["test_nll"]
-    df["finished_at"] = _col(df, "finished_at", "").fillna("").astype(str)
-    return df
-
-
 def _prepare(frame: pd.DataFrame) -> pd.DataFrame:
     df = normalize_runs(frame, (*METRICS, "test_nll_se", "test_neg_elbo_se", "test_kl_se"))
-    df["dataset"] = _col(df, "dataset", "?").fillna("?").astype(str)
+    df["dataset"] = col(df, "dataset", "?").fillna("?").astype(str)
     return df.dropna(subset=["test_nll", "test_neg_elbo"])
 
 
@@ -134,16 +105,16 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
             for metric, name in zip(METRICS, ("neg_elbo", "nll", "kl"), strict=True):
                 row[name] = float(g[metric].mean())
                 row[f"{name}_sd"] = float(g[metric].std(ddof=1)) if len(g) > 1 else math.nan
-                se = pd.to_numeric(_col(g, f"{metric}_se"), errors="coerce")
+                se = pd.to_numeric(col(g, f"{metric}_se"), errors="coerce")
                 row[f"{name}_se"] = float(se.mean()) if se.notna().any() else math.nan
             paper = PAPER_TABLE2.get((flow, k)) if dataset in PAPER_DATASETS else None
             row["paper_nll"] = paper[0] if paper else math.nan
             row["paper_status"] = paper[1] if paper else ""
             row["diff_nll"] = row["nll"] - row["paper_nll"] if paper else math.nan
             for s in ("steps", "num_importance_samples", "num_test_images", "model", "annealing", "optim"):
-                vals = _col(g, s).dropna().unique()
+                vals = col(g, s).dropna().unique()
                 row[s] = vals[0] if len(vals) == 1 else ",".join(map(str, vals))
-            row["run_dirs"] = ";".join(map(str, _col(g, "run_dir", "").fillna("")))
+            row["run_dirs"] = ";".join(map(str, col(g, "run_dir", "").fillna("")))
             out.append(row)
     table = pd.DataFrame(out)
     if table.empty:
@@ -335,11 +306,7 @@ def write(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    try:
-        from nfvi.reports.cifar import is_table3_row, write_table3
-    except ImportError:  # pragma: no cover - the CIFAR-10 report is optional
-        is_table3_row = None
-    if is_table3_row is not None and not frame.empty:
+    if not frame.empty:
         mask = is_table3_row(frame)
         if mask.any():
             written += write_table3(frame[mask].reset_index(drop=True), out_dir)
@@ -350,8 +317,8 @@ def write(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     paths = [out_dir / f"vae_table2.{ext}" for ext in ("md", "csv", "tex")] + [out_dir / "vae_fig4.png"]
     atomic_write_text(paths[0], to_markdown(table))
     csv = table.copy()
-    for col in csv.select_dtypes("float").columns:
-        csv[col] = csv[col].round(4)
+    for name in csv.select_dtypes("float").columns:
+        csv[name] = csv[name].round(4)
     atomic_write_text(paths[1], csv.to_csv(index=False))
     atomic_write_text(paths[2], to_latex(table))
     atomic_write_bytes(paths[3], figure4(table))

@@ -29,9 +29,8 @@ from torch import Tensor, nn
 
 from nfvi.errors import NfviError
 from nfvi.vae.likelihoods import SPECS
-from nfvi.vae.model import register_architecture
 
-__all__ = ["ConvEncoder", "ConvDecoder", "downsamplings", "MAX_DOWNSAMPLINGS"]
+__all__ = ["ConvEncoder", "ConvDecoder", "conv_architecture", "downsamplings", "MAX_DOWNSAMPLINGS"]
 
 MAX_DOWNSAMPLINGS = 3
 
@@ -96,8 +95,8 @@ class ConvDecoder(nn.Module):
         return out.reshape(*batch, *out.shape[1:])
 
 
-@register_architecture("conv", images=True)
-def _conv_architecture(x_shape, cfg):
+def conv_architecture(x_shape, cfg):
+    """``model.name=conv``: ``(ConvEncoder, ConvDecoder)`` for image-shaped data ``x_shape = (C, H, W)``."""
     if len(x_shape) != 3:
         raise NfviError(
             f"model=conv needs image-shaped data (C, H, W), got x_dim={x_shape if len(x_shape) > 1 else x_shape[0]}; "

@@ -28,49 +28,19 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from nfvi.config import PathsConfig, select_device, store
 from nfvi.data import load_dataset
 from nfvi.errors import NfviError, check_choice, check_range
-from nfvi.runs import run_metadata, write_json
+from nfvi.runs import run_metadata, select_device, write_json
 from nfvi.vae.checkpoint import BEST, CHECKPOINT, load_checkpoint, model_from_state
+from nfvi.vae.config import EvalConfig, EvaluateConfig
 
 __all__ = ["EvalConfig", "EvaluateConfig", "UNITS", "evaluate_run", "find_runs", "summary_line", "test_subset", "run"]
 
-
-@dataclass
-class EvalConfig:
-    """Test-set evaluation (end of ``nfvi train`` and ``nfvi evaluate``)."""
-
-    num_samples: int = 5000  # importance samples per image for -ln p(x) (paper Table 2: 200)
-    elbo_samples: int = 100  # Monte Carlo draws per image for the -ELBO
-    batch_size: Optional[int] = (
-        None  # z-samples pushed through the model at once (bounds memory); null: 2000 CPU, 10000 GPU
-    )
-    max_images: int = 0  # 0: the whole test split; N: a fixed random subset of N images (quick checks)
-    checkpoint: str = "best"  # best: best validation bound (best.pt) | last: checkpoint.pt
-    seed: int = 0  # random stream of the estimates and of the subset
-    at_end: bool = True  # nfvi train: evaluate when training finishes
-    progress: bool = True  # tqdm bar over chunks
-
-
-@dataclass
-class EvaluateConfig:
-    """``nfvi evaluate run_dir=<run or folder of runs>``."""
-
-    run_dir: str = MISSING
-    device: str = "auto"
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-
-
-store("base_evaluate", EvaluateConfig)
 
 UNITS = {
     "test_neg_elbo": "nats",
@@ -130,7 +100,7 @@ def evaluate_run(
 
     ``data``: the run's :class:`~nfvi.data.ImageData` if already loaded (else loaded from ``data_dir``).
     """
-    from nfvi.evaluate import elbo, log_marginal_likelihood, nats_to_bits_per_dim
+    from nfvi.estimators import elbo, log_marginal_likelihood, nats_to_bits_per_dim
     from nfvi.vae.likelihoods import SPECS
 
     started = time.time() if started is None else started

@@ -40,9 +40,11 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal
 
-from nfvi.config import FlowConfig, flow_from_config, store
+from nfvi.config import FlowConfig, store
 from nfvi.errors import NfviError, check_choice, check_range
 from nfvi.flows import Flow
+from nfvi.training import flow_from_config
+from nfvi.vae.conv import conv_architecture
 from nfvi.vae.likelihoods import SPECS
 
 __all__ = [
@@ -154,6 +156,9 @@ def register_architecture(name: str, images: bool = False):
         return builder
 
     return wrap
+
+
+register_architecture("conv", images=True)(conv_architecture)
 
 
 def model_input_shape(model_cfg, image_shape: tuple[int, ...]) -> int | tuple[int, ...]:
@@ -327,6 +332,3 @@ def build_model(model_cfg: ModelConfig | DictConfig, flow_cfg: FlowConfig | Dict
     encoder, decoder = ARCHITECTURES[model_cfg.name](x_shape, model_cfg)
     flow = flow_from_config(flow_cfg, model_cfg.latent_dim, context_dim=encoder.out_dim)
     return VAE(encoder, decoder, flow, model_cfg.latent_dim, x_shape, model_cfg.likelihood, model_cfg.min_scale)
-
-
-from nfvi.vae import conv as _conv  # noqa: E402,F401  (registers model=conv)

@@ -39,98 +39,32 @@ report's Figure 3), ``density.png`` (exp(-U) beside q_K) and ``model.pt`` (the f
 from __future__ import annotations
 
 import copy
-import io
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.distributions import Independent, Normal
+from torch import nn
 from tqdm.auto import tqdm
 
 from nfvi import energies
-from nfvi.config import (
-    FlowConfig,
-    OptimConfig,
-    PathsConfig,
-    flow_from_config,
-    optimizer_from_config,
-    select_device,
-    store,
-)
+from nfvi.energy.config import EnergyConfig
+from nfvi.energy.model import EnergyModel, log_density
+from nfvi.energy.plots import plot_density, save_density
 from nfvi.errors import NfviError, check_choice, check_range
-from nfvi.flows import Flow
 from nfvi.runs import (
     MetricsLog,
     atomic_torch_save,
-    atomic_write_bytes,
     check_finite,
     run_dir,
     run_metadata,
     seed_everything,
+    select_device,
     write_json,
 )
-from nfvi.transforms import AdditiveCouplingTransform, PlanarTransform, RadialTransform
+from nfvi.training import flow_from_config, optimizer_from_config
 
-__all__ = [
-    "EnergyConfig",
-    "EnergyModel",
-    "beta_at",
-    "flow_inverse",
-    "log_density",
-    "fit",
-    "evaluate",
-    "run",
-]
-
-
-@dataclass
-class EnergyTrainerConfig:
-    """Optimisation schedule. ``anneal_steps``: updates for beta to go from ``beta0`` to 1 (paper: 10000)."""
-
-    steps: int = 4000
-    samples: int = 256  # Monte Carlo draws of z_0 per update
-    anneal: bool = True
-    anneal_steps: int = 1000
-    beta0: float = 0.01
-    lr_decay: str = "cosine"  # none | cosine (to lr_final_factor * lr at the last step)
-    lr_final_factor: float = 0.01
-    clip_grad: float = 0.0  # max gradient norm; 0 = off
-    log_every: int = 100
-
-
-@dataclass
-class EnergyEvalConfig:
-    """Final estimates: ``samples`` draws for the bound; quadrature on ``[-box, box]^2`` with ``grid^2`` cells."""
-
-    samples: int = 100000
-    box: float = energies.DEFAULT_BOX
-    grid: int = 400
-    chunk: int = 25000
-
-
-@dataclass
-class EnergyConfig:
-    """``nfvi energy target=U1 flow=planar flow.length=32``: see :mod:`nfvi.energy_fit`."""
-
-    target: str = "U1"
-    #: width of a soft wall at the box edge (eval.box) added to U for training; 0 = the paper's U (see energies.confine)
-    wall: float = 0.1
-    seed: int = 0
-    device: str = "auto"
-    #: if this run directory already holds results.json from the same settings, return it instead of re-running
-    resume: bool = False
-    trainer: EnergyTrainerConfig = field(default_factory=EnergyTrainerConfig)
-    eval: EnergyEvalConfig = field(default_factory=EnergyEvalConfig)
-    flow: FlowConfig = field(default_factory=FlowConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-
-
-store("base_energy", EnergyConfig)
+__all__ = ["EnergyConfig", "KL_DEFINITION", "UNITS", "beta_at", "fit", "evaluate", "run"]
 
 KL_DEFINITION = "KL(q_box || p_box) by quadrature: q_K and exp(-U) both restricted to the box and renormalised there"
 UNITS = {
@@ -144,86 +78,11 @@ UNITS = {
 }
 
 
-class EnergyModel(nn.Module):
-    """``q_K``: a diagonal Gaussian ``q_0 = N(mu, diag sigma^2)`` (learnable, global) pushed through ``flow``."""
-
-    def __init__(self, flow: Flow, dim: int = 2):
-        super().__init__()
-        self.flow = flow
-        self.mu = nn.Parameter(torch.zeros(dim))
-        self.log_sigma = nn.Parameter(torch.zeros(dim))
-
-    def base(self) -> Independent:
-        return Independent(Normal(self.mu, self.log_sigma.exp()), 1)
-
-    def forward(self, n: int) -> tuple[Tensor, Tensor]:
-        """Draw ``n`` samples: ``(z_K (n, D), log q_K(z_K) (n,))`` along the sampling path (Eq. 7)."""
-        base = self.base()
-        z0 = base.rsample((n,))
-        z_k, log_det = self.flow(z0)
-        return z_k, base.log_prob(z0) - log_det
-
-
 def beta_at(step: int, anneal: bool = True, beta0: float = 0.01, anneal_steps: int = 10000) -> float:
     """Inverse temperature of update ``step`` (0-based), paper Eq. 20: ``min(1, beta0 + step / anneal_steps)``."""
     if not anneal:
         return 1.0
     return min(1.0, beta0 + step / anneal_steps)
-
-
-# ----------------------------------------------------------------------------------------------- inverses
-
-
-def _planar_inverse(t: PlanarTransform, y: Tensor, iters: int = 80) -> Tensor:
-    """Solve ``y = z + u_hat tanh(w.z + b)`` for z. With ``a = w.z``: ``a + c tanh(a + b) = w.y``,
-    ``c = w.u_hat > -1``, strictly increasing in ``a``, and ``|a - w.y| <= |c|``: bisection."""
-    target = (y * t.w).sum(-1)
-    c = (t.w * t.u_hat).sum(-1).expand_as(target)
-    lo, hi = target - c.abs(), target + c.abs()
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        above = mid + c * torch.tanh(mid + t.b) > target
-        hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
-    a = 0.5 * (lo + hi)
-    return y - t.u_hat * torch.tanh(a + t.b).unsqueeze(-1)
-
-
-def _radial_inverse(t: RadialTransform, y: Tensor) -> Tensor:
-    """Solve ``y = z + beta (z - z0) / (alpha + r)``. The radius obeys ``r_y = r (r + s) / (alpha + r)``
-    (``s = alpha + beta > 0``), a quadratic ``r^2 + (s - r_y) r - alpha r_y = 0`` with one root >= 0."""
-    diff = y - t.z0
-    r_y = torch.linalg.vector_norm(diff, dim=-1)
-    alpha, s = t.alpha, t.s
-    b = s - r_y
-    disc = torch.sqrt(b * b + 4 * alpha * r_y)
-    r = torch.where(b > 0, 2 * alpha * r_y / (b + disc), 0.5 * (disc - b))
-    return t.z0 + diff * ((alpha + r) / (r + s)).unsqueeze(-1)
-
-
-def flow_inverse(flow: Flow, z_k: Tensor) -> Tensor:
-    """``z_0 = f_1^{-1} o ... o f_K^{-1}(z_K)`` for global planar, radial and NICE flows; ``(*, D)``."""
-    z = z_k
-    for transform in reversed(flow.transforms()):
-        if isinstance(transform, PlanarTransform):
-            z = _planar_inverse(transform, z)
-        elif isinstance(transform, RadialTransform):
-            z = _radial_inverse(transform, z)
-        elif isinstance(transform, AdditiveCouplingTransform):
-            z = transform._inverse(z)
-        else:
-            raise NfviError(f"no inverse for {type(transform).__name__}")
-    return z
-
-
-@torch.no_grad()
-def log_density(model: EnergyModel, z_k: Tensor) -> Tensor:
-    """Exact ``log q_K(z_K)`` at arbitrary points ``(*, D)``: invert the flow, then run it forward for the log-det."""
-    z0 = flow_inverse(model.flow, z_k)
-    _, log_det = model.flow(z0)
-    return model.base().log_prob(z0) - log_det
-
-
-# ----------------------------------------------------------------------------------------------- train / eval
 
 
 def _check(cfg) -> None:
@@ -341,39 +200,6 @@ def evaluate(
         "mass_outside_box": max(0.0, 1.0 - mass_in),  # the quadrature can exceed 1 by ~1e-4
         "_grid": {"centres": centres.numpy(), "log_q": log_q_grid.numpy(), "log_p": (-u_grid - log_z).numpy()},
     }
-
-
-# ----------------------------------------------------------------------------------------------- outputs
-
-
-def save_density(path: Path, grid: dict, box: float, target: str, flow: str, length: int) -> None:
-    """``density.npz``: ``centres`` (G,), ``log_q``/``log_p`` (G, G) with row = z2, column = z1, and labels."""
-    buffer = io.BytesIO()
-    np.savez_compressed(
-        buffer, **grid, box=np.float64(box), target=np.str_(target), flow=np.str_(flow), flow_length=np.int64(length)
-    )
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def plot_density(path: Path, grid: dict, box: float, title: str) -> None:
-    """``density.png``: exp(-U)/Z_box beside q_K's density on the box."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(7, 3.6), constrained_layout=True)
-    extent = (-box, box, -box, box)
-    for ax, key, name in zip(axes, ("log_p", "log_q"), ("exp(-U) / Z_box", "q_K"), strict=True):
-        ax.imshow(np.exp(grid[key]), origin="lower", extent=extent, cmap="viridis", interpolation="nearest")
-        ax.set_title(name)
-        ax.set_xlabel("z1")
-        ax.set_ylabel("z2")
-    fig.suptitle(title)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _resumed(cfg, out: Path) -> dict | None:

@@ -11,7 +11,7 @@ from torch.distributions import Independent, MultivariateNormal, Normal
 
 from nfvi.config import FlowConfig
 from nfvi.errors import NfviError
-from nfvi.evaluate import _chunks, elbo, log_marginal_likelihood, log_weights, nats_to_bits_per_dim
+from nfvi.estimators import _chunks, elbo, log_marginal_likelihood, log_weights, nats_to_bits_per_dim
 from nfvi.vae.model import ModelConfig, build_model
 
 

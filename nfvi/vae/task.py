@@ -39,68 +39,26 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from nfvi.config import FlowConfig, OptimConfig, PathsConfig, optimizer_from_config, select_device, store
-from nfvi.data import DatasetConfig, binarize, load_dataset, split_generator
+from nfvi.data import binarize, load_dataset, split_generator
 from nfvi.errors import NfviError, NonFiniteLossError, check_choice, check_range
-from nfvi.runs import MetricsLog, run_dir, seed_everything, write_json
+from nfvi.runs import MetricsLog, run_dir, seed_everything, select_device, write_json
+from nfvi.training import optimizer_from_config
 from nfvi.vae.checkpoint import BEST, CHECKPOINT, config_diff, load_checkpoint, save_checkpoint
-from nfvi.vae.evaluate import EvalConfig, check_eval_config, evaluate_run, summary_line
-from nfvi.vae.model import ModelConfig, build_model, check_likelihood_fits, model_input_shape
+from nfvi.vae.config import TrainConfig, TrainerConfig
+from nfvi.vae.evaluate import check_eval_config, evaluate_run, summary_line
+from nfvi.vae.model import build_model, check_likelihood_fits, model_input_shape
 from nfvi.vae.objectives import ANNEALING, annealed_loss, beta_schedule, free_energy_terms
 
 __all__ = ["TrainerConfig", "TrainConfig", "Trainer", "lr_factor", "newest_matching_run", "train", "run"]
 
 RUN_CONFIG = "run_config.json"
 LR_DECAYS = ("none", "cosine")
-
-
-@dataclass
-class TrainerConfig:
-    """The optimisation schedule. Defaults are the paper's (500,000 updates of batch 100, Eq. 20 annealing)."""
-
-    steps: int = 500_000  # parameter updates
-    batch_size: int = 100
-    samples: int = 1  # z-samples per data point per update
-    annealing: str = "eq20"  # eq20 (paper) | kl_warmup | none
-    anneal_steps: int = 10_000  # updates for beta to reach 1
-    beta0: float = 0.01  # beta at update 0
-    grad_clip: float = 0.0  # max global gradient norm; 0 = off
-    lr_decay: str = "none"  # none | cosine (to lr_final_factor * lr at the last update)
-    lr_final_factor: float = 0.01
-    init_output_bias: bool = True  # decoder output bias = logit(mean training image)
-    log_every: int = 100  # metrics.csv row every N updates
-    val_every: int = 1000  # validation -ELBO every N updates (and at the end)
-    val_images: int = 0  # 0: the whole validation split; N: a fixed random subset
-    ckpt_every: int = 1000  # checkpoint.pt every N updates (and at the end / on a signal)
-    progress: bool = True  # tqdm bar (updates/s, running loss)
-
-
-@dataclass
-class TrainConfig:
-    """``nfvi train``: see the module docstring; ``conf/train.yaml`` composes it."""
-
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 0  # torch CPU threads; 0 = torch's default (OMP_NUM_THREADS, else all cores)
-    resume: bool = False  # continue the checkpoint of run_dir (or of the newest run with this config)
-    run_dir: str = ""  # the run directory (default: a new one from Hydra)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    flow: FlowConfig = field(default_factory=FlowConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-
-
-store("base_train", TrainConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -324,7 +282,7 @@ class Trainer:
     # -- validation ----------------------------------------------------------------------------------------------------
     def validate(self) -> float:
         """Validation -ELBO (1 sample per image, a fixed random stream that leaves the training RNG untouched)."""
-        from nfvi.evaluate import elbo
+        from nfvi.estimators import elbo
 
         if len(self.valid) == 0:
             return float("nan")

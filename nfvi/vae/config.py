@@ -1,0 +1,89 @@
+"""Schemas of ``nfvi train`` (``base_train``) and ``nfvi evaluate`` (``base_evaluate``).
+
+Defaults are the paper's protocol (Sec. 6.2): 500,000 RMSprop updates of batch 100 with Eq. 20 annealing,
+and -ln p(x) by importance sampling with S = 200 (docs/paper.md, Table 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import MISSING
+
+from nfvi.config import FlowConfig, OptimConfig, PathsConfig, store
+from nfvi.data import DatasetConfig
+from nfvi.vae.model import ModelConfig
+
+__all__ = ["TrainerConfig", "EvalConfig", "TrainConfig", "EvaluateConfig"]
+
+
+@dataclass
+class TrainerConfig:
+    """The optimisation schedule. Defaults are the paper's (500,000 updates of batch 100, Eq. 20 annealing)."""
+
+    steps: int = 500_000  # parameter updates
+    batch_size: int = 100
+    samples: int = 1  # z-samples per data point per update
+    annealing: str = "eq20"  # eq20 (paper) | kl_warmup | none
+    anneal_steps: int = 10_000  # updates for beta to reach 1
+    beta0: float = 0.01  # beta at update 0
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off
+    lr_decay: str = "none"  # none | cosine (to lr_final_factor * lr at the last update)
+    lr_final_factor: float = 0.01
+    init_output_bias: bool = True  # decoder output bias = logit(mean training image)
+    log_every: int = 100  # metrics.csv row every N updates
+    val_every: int = 1000  # validation -ELBO every N updates (and at the end)
+    val_images: int = 0  # 0: the whole validation split; N: a fixed random subset
+    ckpt_every: int = 1000  # checkpoint.pt every N updates (and at the end / on a signal)
+    progress: bool = True  # tqdm bar (updates/s, running loss)
+
+
+@dataclass
+class EvalConfig:
+    """Test-set evaluation (end of ``nfvi train`` and ``nfvi evaluate``)."""
+
+    num_samples: int = 5000  # importance samples per image for -ln p(x) (paper Table 2: 200)
+    elbo_samples: int = 100  # Monte Carlo draws per image for the -ELBO
+    batch_size: Optional[int] = (
+        None  # z-samples pushed through the model at once (bounds memory); null: 2000 CPU, 10000 GPU
+    )
+    max_images: int = 0  # 0: the whole test split; N: a fixed random subset of N images (quick checks)
+    checkpoint: str = "best"  # best: best validation bound (best.pt) | last: checkpoint.pt
+    seed: int = 0  # random stream of the estimates and of the subset
+    at_end: bool = True  # nfvi train: evaluate when training finishes
+    progress: bool = True  # tqdm bar over chunks
+
+
+@dataclass
+class EvaluateConfig:
+    """``nfvi evaluate run_dir=<run or folder of runs>``."""
+
+    run_dir: str = MISSING
+    device: str = "auto"
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+store("base_evaluate", EvaluateConfig)
+
+
+@dataclass
+class TrainConfig:
+    """``nfvi train``: see the module docstring; ``conf/train.yaml`` composes it."""
+
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch CPU threads; 0 = torch's default (OMP_NUM_THREADS, else all cores)
+    resume: bool = False  # continue the checkpoint of run_dir (or of the newest run with this config)
+    run_dir: str = ""  # the run directory (default: a new one from Hydra)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+store("base_train", TrainConfig)
