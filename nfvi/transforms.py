@@ -8,8 +8,10 @@ log-absolute-determinant of its Jacobian (``ladj``) of shape ``z.shape[:-1]``.
 Shapes: ``z`` is ``(*sample, *batch, D)``; a parameter of one layer is ``(*batch, P)`` and
 broadcasts against ``z`` from the right, so global parameters are simply ``(P,)``.
 
-Planar and radial flows have no closed-form inverse; their ``_inverse`` raises. Compute
-log q_K along the sampling path (Eq. 7), never through an inverse cache.
+Inverses (``t.inv(y)``) are computed afresh at any point, never through a cache: planar by a
+monotone 1-D root search, radial in closed form, NICE and Householder exactly, IAF by D sequential
+passes. Sylvester layers have none (their ``_inverse`` raises); compute their log q_K along the
+sampling path (Eq. 7).
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ __all__ = [
     "PlanarTransform",
     "RadialTransform",
     "AdditiveCouplingTransform",
+    "IAFTransform",
+    "HouseholderTransform",
+    "SylvesterTransform",
+    "householder_matrix",
+    "bjorck_orthonormalize",
     "planar_u_hat",
     "planar_ladj",
     "planar_chain",
@@ -175,6 +182,27 @@ class PlanarTransform(FlowTransform):
         z_new = z + self.u_hat * h.unsqueeze(-1)
         return z_new, planar_ladj(a, h, self.wu)
 
+    def _inverse(self, y: Tensor, iters: int = 64, newton: int = 2) -> Tensor:
+        """Solve ``y = z + u_hat tanh(w^T z + b)`` for z (Appendix A.1 makes it unique).
+
+        Along w: with ``a = w^T z`` and ``c = w^T u_hat > -1``, ``g(a) = a + c tanh(a + b) = w^T y``;
+        ``g' = 1 + c sech^2(a + b) > 0`` so g is strictly increasing, and ``|a - w^T y| = |c tanh| <= |c|``
+        brackets the root. ``iters`` bisection halvings (64 reach float64 resolution of any bracket),
+        then ``newton`` Newton steps kept inside the final bracket; then ``z = y - u_hat tanh(a + b)``.
+        """
+        c = (self.w * self.u_hat).sum(-1)
+        target, c, b = torch.broadcast_tensors((y * self.w).sum(-1), c, self.b)
+        lo, hi = target - c.abs(), target + c.abs()
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            above = mid + c * torch.tanh(mid + b) > target
+            hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
+        a = 0.5 * (lo + hi)
+        for _ in range(newton):
+            h = torch.tanh(a + b)
+            a = torch.clamp(a - (a + c * h - target) / (1.0 + c * (1.0 - h * h)), lo, hi)
+        return y - self.u_hat * torch.tanh(a + b).unsqueeze(-1)
+
 
 class RadialTransform(FlowTransform):
     """Radial flow, paper Eq. 14: ``f(z) = z + beta h(alpha, r) (z - z0)``, ``h = 1/(alpha + r)``.
@@ -206,6 +234,19 @@ class RadialTransform(FlowTransform):
         ladj = (d - 1) * (torch.log(r + s) - log_ar) + torch.log(r * (r + 2 * alpha) + s * alpha) - 2 * log_ar
         return z_new, ladj
 
+    def _inverse(self, y: Tensor) -> Tensor:
+        """Closed form: ``y - z0 = (z - z0)(1 + beta/(alpha + r))``, so the radius obeys
+        ``r_y = r (r + s)/(alpha + r)`` (``s = alpha + beta > 0``), i.e. ``r^2 + (s - r_y) r - alpha r_y = 0``
+        with one root ``r >= 0`` (taken in the cancellation-free form for each sign of ``s - r_y``);
+        then ``z = z0 + (y - z0)(alpha + r)/(r + s)``."""
+        diff = y - self.z0
+        r_y = torch.linalg.vector_norm(diff, dim=-1)
+        alpha, s = self.alpha, self.s
+        q = s - r_y
+        disc = torch.sqrt(q * q + 4 * alpha * r_y)
+        r = torch.where(q > 0, 2 * alpha * r_y / (q + disc), 0.5 * (disc - q))
+        return self.z0 + diff * ((alpha + r) / (r + s)).unsqueeze(-1)
+
 
 class AdditiveCouplingTransform(FlowTransform):
     """NICE additive coupling (Dinh et al. 2014): ``z_b <- z_b + m(z_a)``; volume preserving.
@@ -220,12 +261,131 @@ class AdditiveCouplingTransform(FlowTransform):
         super().__init__()
         self.shift, self.keep, self.change = shift, keep, change
 
-    def call_and_ladj(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def _couple(self, z: Tensor, sign: float) -> Tensor:
+        shift = self.shift(z[..., self.keep])  # may carry batch dimensions z lacks (an amortized shift)
+        z = z.expand(*torch.broadcast_shapes(z.shape[:-1], shift.shape[:-1]), z.shape[-1])
         z_new = z.clone()
-        z_new[..., self.change] = z[..., self.change] + self.shift(z[..., self.keep])
-        return z_new, z.new_zeros(z.shape[:-1])
+        z_new[..., self.change] = z[..., self.change] + sign * shift
+        return z_new
+
+    def call_and_ladj(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        z_new = self._couple(z, 1.0)
+        return z_new, z_new.new_zeros(z_new.shape[:-1])
 
     def _inverse(self, y: Tensor) -> Tensor:
-        z = y.clone()
-        z[..., self.change] = y[..., self.change] - self.shift(y[..., self.keep])
+        return self._couple(y, -1.0)
+
+
+class IAFTransform(FlowTransform):
+    """Inverse autoregressive flow step (Kingma et al. 2016, Eq. 10-14), the gated (LSTM-type) update::
+
+        z' = sigma * z + (1 - sigma) * m,    sigma = sigmoid(s),    (m, s) = net(z)
+
+    where ``m_i`` and ``s_i`` depend only on the coordinates before i in the net's autoregressive order
+    (a MADE). The Jacobian is then triangular in that order with diagonal ``sigma``, so
+    ``ladj = sum_i log sigma_i = sum_i logsigmoid(s_i)`` (and ``1 - sigma = sigmoid(-s)``).
+
+    Inverse: the coordinate first in the order needs no other, so D passes ``z <- (y - sigmoid(-s) m) / sigma``
+    starting from any z fix one more coordinate each (``D`` network evaluations).
+
+    Args:
+        net: callable ``z (*, D) -> (m, s)``, each ``(*, D)`` (may broadcast extra batch dimensions).
+    """
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def call_and_ladj(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        m, s = self.net(z)
+        z_new = torch.sigmoid(s) * z + torch.sigmoid(-s) * m
+        return z_new, F.logsigmoid(s).sum(-1)
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        z = torch.zeros_like(y)
+        for _ in range(y.shape[-1]):
+            m, s = self.net(z)
+            z = (y - torch.sigmoid(-s) * m) / torch.sigmoid(s)
         return z
+
+
+def householder_matrix(v: Tensor) -> Tensor:
+    """``H = I - 2 v v^T / ||v||^2``, ``(*, D, D)`` from ``v`` ``(*, D)``; symmetric, orthogonal, det -1."""
+    eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
+    return eye - 2.0 * v.unsqueeze(-1) * v.unsqueeze(-2) / (v * v).sum(-1, keepdim=True).unsqueeze(-1)
+
+
+class HouseholderTransform(FlowTransform):
+    """Householder flow (Tomczak & Welling 2016, Eq. 6): ``z' = (I - 2 v v^T / ||v||^2) z``.
+
+    A reflection: volume preserving (``|det| = 1``, ``ladj = 0``) and its own inverse.
+
+    Args:
+        v: ``(*batch, D)`` Householder vector (any nonzero vector; only its direction matters).
+    """
+
+    def __init__(self, v: Tensor):
+        super().__init__()
+        self.v = v
+
+    def call_and_ladj(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        v = self.v
+        z_new = z - (2.0 * (z * v).sum(-1, keepdim=True) / (v * v).sum(-1, keepdim=True)) * v
+        return z_new, z_new.new_zeros(z_new.shape[:-1])
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        return self.call_and_ladj(y)[0]
+
+
+def bjorck_orthonormalize(a: Tensor, max_steps: int = 100, tol: float | None = None) -> Tensor:
+    """Orthonormalise the columns of ``a`` ``(*, D, M)``, ``M <= D``, by Björck's iteration
+    (van den Berg et al. 2018, Eq. 14, with Kovarik / Björck & Bowie 1971)::
+
+        Q_0 = A / ||A||_F,    Q <- Q (I + (I - Q^T Q) / 2)
+
+    Scaling by the Frobenius norm puts every singular value in (0, 1], where the iteration converges
+    (quadratically near the end) to the orthogonal polar factor. Stops when
+    ``max ||Q^T Q - I||_F < tol`` over the batch (default 1e-6 in float32, 1e-12 in float64) or after ``max_steps``.
+    """
+    if tol is None:
+        tol = 1e-12 if a.dtype == torch.float64 else 1e-6
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    q = a / torch.linalg.matrix_norm(a).clamp_min(1e-30)[..., None, None]
+    for _ in range(max_steps):
+        err = eye - q.transpose(-1, -2) @ q
+        if torch.linalg.matrix_norm(err).max() < tol:
+            break
+        q = q + 0.5 * q @ err
+    return q
+
+
+class SylvesterTransform(FlowTransform):
+    """Sylvester flow (van den Berg et al. 2018, Eq. 12-13): ``z' = z + Q R h(R~ Q^T z + b)``, ``h = tanh``.
+
+    ``Q`` ``(*batch, D, M)`` has orthonormal columns; ``R``, ``R~`` ``(*batch, M, M)`` are upper triangular
+    and ``b`` is ``(*batch, M)``. With ``a = R~ Q^T z + b``, Sylvester's determinant identity
+    ``det(I_D + A B) = det(I_M + B A)`` and ``Q^T Q = I`` give
+    ``det J = det(I_M + diag(h'(a)) R~ R) = prod_i (1 + R~_ii R_ii h'(a_i))`` (their Eq. 15; ``R~ R`` is upper
+    triangular). Invertibility (their Theorem 2) needs ``R_ii R~_ii > -1/||h'||_inf = -1``: the builders
+    (:mod:`nfvi.flows`) pass diagonals through ``tanh`` so ``R_ii R~_ii`` lies in (-1, 1), as in the
+    authors' code. ``ladj = sum_i log1p(R~_ii R_ii exp(log sech^2(a_i)))``, each term > -inf.
+
+    There is no closed-form inverse; ``_inverse`` raises.
+    """
+
+    def __init__(self, q: Tensor, r: Tensor, r_tilde: Tensor, b: Tensor):
+        super().__init__()
+        self.q, self.r, self.r_tilde, self.b = q, r, r_tilde, b
+        self.diag = torch.diagonal(r, dim1=-2, dim2=-1) * torch.diagonal(r_tilde, dim1=-2, dim2=-1)  # (*batch, M)
+
+    def call_and_ladj(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        qtz = (z.unsqueeze(-2) @ self.q).squeeze(-2)  # (*, M)
+        a = (qtz.unsqueeze(-2) @ self.r_tilde.transpose(-1, -2)).squeeze(-2) + self.b
+        h = torch.tanh(a)
+        rh = (h.unsqueeze(-2) @ self.r.transpose(-1, -2)).squeeze(-2)  # R h
+        z_new = z + (rh.unsqueeze(-2) @ self.q.transpose(-1, -2)).squeeze(-2)
+        ladj = torch.log1p(self.diag * torch.exp(log_sech2(a))).sum(-1)
+        return z_new, ladj
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        raise NotImplementedError("sylvester flows have no inverse; use rsample_and_log_prob")
