@@ -39,6 +39,7 @@ from nfvi.transforms import (
     SylvesterTransform,
     bjorck_orthonormalize,
     householder_matrix,
+    log1p_tanh_product,
     planar_chain,
     planar_ladj,
     planar_u_hat,
@@ -415,7 +416,8 @@ class SylvesterFlow(_ElementwiseParamFlow):
         }[self.variant]
         return torch.cat([r.flatten(), torch.zeros(m), q.flatten()])
 
-    def _upper(self, raw: Tensor) -> Tensor:
+    @staticmethod
+    def _upper(raw: Tensor) -> Tensor:
         """``(*, M, M)`` upper triangular with ``tanh`` on the diagonal."""
         return torch.triu(raw, 1) + torch.diag_embed(torch.tanh(torch.diagonal(raw, dim1=-2, dim2=-1)))
 
@@ -434,7 +436,8 @@ class SylvesterFlow(_ElementwiseParamFlow):
         else:
             eye = torch.eye(d, dtype=raw.dtype, device=raw.device)
             q = eye if k % 2 == 0 else self.reverse.to(raw.dtype)
-        return SylvesterTransform(q, self._upper(r), self._upper(r_tilde), b)
+        log1p_diag = log1p_tanh_product(torch.diagonal(r, dim1=-2, dim2=-1), torch.diagonal(r_tilde, dim1=-2, dim2=-1))
+        return SylvesterTransform(q, self._upper(r), self._upper(r_tilde), b, log1p_diag)
 
     def transforms(self, context=None):
         raw = self.raw_params(context)

@@ -37,6 +37,7 @@ __all__ = [
     "planar_ladj",
     "planar_chain",
     "log_softplus",
+    "log1p_tanh_product",
 ]
 
 
@@ -50,6 +51,17 @@ def log_sech2(a: Tensor) -> Tensor:
     """``log(1 - tanh(a)^2) = 2 (log 2 - |a| - softplus(-2|a|))``, finite for any finite ``a``."""
     a = a.abs()
     return 2.0 * (math.log(2.0) - a - F.softplus(-2.0 * a))
+
+
+def log1p_tanh_product(x: Tensor, y: Tensor) -> Tensor:
+    """``log(1 + tanh(x) tanh(y)) = log cosh(x + y) - log cosh(x) - log cosh(y)``, finite for any finite x, y
+    (``1 + tanh x tanh y = cosh(x + y) / (cosh x cosh y) > 0``) even where ``tanh x tanh y`` rounds to -1."""
+
+    def log_cosh(t: Tensor) -> Tensor:
+        t = t.abs()
+        return t + F.softplus(-2.0 * t) - math.log(2.0)
+
+    return log_cosh(x + y) - log_cosh(x) - log_cosh(y)
 
 
 def planar_u_hat(u: Tensor, w: Tensor) -> Tensor:
@@ -367,16 +379,25 @@ class SylvesterTransform(FlowTransform):
     ``det(I_D + A B) = det(I_M + B A)`` and ``Q^T Q = I`` give
     ``det J = det(I_M + diag(h'(a)) R~ R) = prod_i (1 + R~_ii R_ii h'(a_i))`` (their Eq. 15; ``R~ R`` is upper
     triangular). Invertibility (their Theorem 2) needs ``R_ii R~_ii > -1/||h'||_inf = -1``: the builders
-    (:mod:`nfvi.flows`) pass diagonals through ``tanh`` so ``R_ii R~_ii`` lies in (-1, 1), as in the
-    authors' code. ``ladj = sum_i log1p(R~_ii R_ii exp(log sech^2(a_i)))``, each term > -inf.
+    (:mod:`nfvi.flows`) pass diagonals through ``tanh`` so ``p_i = R_ii R~_ii`` lies in (-1, 1), as in the
+    authors' code. As for planar flows, each factor is written as a positive combination,
+    ``1 + p h' = tanh^2(a) + sech^2(a) (1 + p)``, and evaluated in log space with ``log(1 + p)`` given
+    (``log1p_diag``, from :func:`log1p_tanh_product` of the raw diagonals): finite even where ``p`` rounds to -1.
 
     There is no closed-form inverse; ``_inverse`` raises.
+
+    Args:
+        q: ``(*batch, D, M)``; r, r_tilde: ``(*batch, M, M)`` upper triangular; b: ``(*batch, M)``;
+        log1p_diag: ``(*batch, M)`` ``log(1 + R_ii R~_ii)``; if None, ``log1p`` of the product.
     """
 
-    def __init__(self, q: Tensor, r: Tensor, r_tilde: Tensor, b: Tensor):
+    def __init__(self, q: Tensor, r: Tensor, r_tilde: Tensor, b: Tensor, log1p_diag: Tensor | None = None):
         super().__init__()
         self.q, self.r, self.r_tilde, self.b = q, r, r_tilde, b
-        self.diag = torch.diagonal(r, dim1=-2, dim2=-1) * torch.diagonal(r_tilde, dim1=-2, dim2=-1)  # (*batch, M)
+        if log1p_diag is None:
+            diag = torch.diagonal(r, dim1=-2, dim2=-1) * torch.diagonal(r_tilde, dim1=-2, dim2=-1)
+            log1p_diag = torch.log1p(diag)
+        self.log1p_diag = log1p_diag  # (*batch, M)
 
     def call_and_ladj(self, z: Tensor) -> tuple[Tensor, Tensor]:
         qtz = (z.unsqueeze(-2) @ self.q).squeeze(-2)  # (*, M)
@@ -384,7 +405,8 @@ class SylvesterTransform(FlowTransform):
         h = torch.tanh(a)
         rh = (h.unsqueeze(-2) @ self.r.transpose(-1, -2)).squeeze(-2)  # R h
         z_new = z + (rh.unsqueeze(-2) @ self.q.transpose(-1, -2)).squeeze(-2)
-        ladj = torch.log1p(self.diag * torch.exp(log_sech2(a))).sum(-1)
+        log_h2 = torch.log(torch.clamp(h * h, min=1e-30))
+        ladj = torch.logaddexp(log_h2, log_sech2(a) + self.log1p_diag).sum(-1)
         return z_new, ladj
 
     def _inverse(self, y: Tensor) -> Tensor:
