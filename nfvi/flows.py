@@ -351,7 +351,10 @@ class IAFFlow(Flow):
             context = None
         elif context is None:
             raise NfviError(f"this IAFFlow is amortized (context_dim={self.context_dim}); pass context")
-        return [IAFTransform(lambda z, net=net: net(z, context)) for net in self.nets]
+        return [
+            IAFTransform(lambda z, net=net: net(z, context), getattr(self, f"order_{k}"))
+            for k, net in enumerate(self.nets)
+        ]
 
 
 class HouseholderFlow(_ElementwiseParamFlow):

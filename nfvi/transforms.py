@@ -194,25 +194,31 @@ class PlanarTransform(FlowTransform):
         z_new = z + self.u_hat * h.unsqueeze(-1)
         return z_new, planar_ladj(a, h, self.wu)
 
-    def _inverse(self, y: Tensor, iters: int = 64, newton: int = 2) -> Tensor:
+    def _inverse(self, y: Tensor, bits: int = 24, newton: int = 4) -> Tensor:
         """Solve ``y = z + u_hat tanh(w^T z + b)`` for z (Appendix A.1 makes it unique).
 
-        Along w: with ``a = w^T z`` and ``c = w^T u_hat > -1``, ``g(a) = a + c tanh(a + b) = w^T y``;
+        Along w: with ``a = w^T z`` and ``c = w^T u_hat > -1``, ``g(a) = a + c tanh(a + b) - w^T y = 0``;
         ``g' = 1 + c sech^2(a + b) > 0`` so g is strictly increasing, and ``|a - w^T y| = |c tanh| <= |c|``
-        brackets the root. ``iters`` bisection halvings (64 reach float64 resolution of any bracket),
-        then ``newton`` Newton steps kept inside the final bracket; then ``z = y - u_hat tanh(a + b)``.
+        brackets the root. Bisection shrinks the bracket to ``2^-bits`` (at most 64 halvings), then
+        ``newton`` safeguarded Newton steps (each also shrinks the bracket; a step leaving it is replaced by
+        the midpoint) reach float64 resolution where ``g'`` is not tiny. Then ``z = y - u_hat tanh(a + b)``.
         """
         c = (self.w * self.u_hat).sum(-1)
         target, c, b = torch.broadcast_tensors((y * self.w).sum(-1), c, self.b)
         lo, hi = target - c.abs(), target + c.abs()
-        for _ in range(iters):
+        widest = 2.0 * c.abs().max().item() if c.numel() else 0.0
+        for _ in range(min(64, bits + max(0, math.ceil(math.log2(1.0 + widest))))):
             mid = 0.5 * (lo + hi)
             above = mid + c * torch.tanh(mid + b) > target
             hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
         a = 0.5 * (lo + hi)
         for _ in range(newton):
             h = torch.tanh(a + b)
-            a = torch.clamp(a - (a + c * h - target) / (1.0 + c * (1.0 - h * h)), lo, hi)
+            g = a + c * h - target
+            above = g > 0
+            hi, lo = torch.where(above, a, hi), torch.where(above, lo, a)
+            step = a - g / (1.0 + c * (1.0 - h * h))
+            a = torch.where((step >= lo) & (step <= hi), step, 0.5 * (lo + hi))
         return y - self.u_hat * torch.tanh(a + b).unsqueeze(-1)
 
 
@@ -297,16 +303,18 @@ class IAFTransform(FlowTransform):
     (a MADE). The Jacobian is then triangular in that order with diagonal ``sigma``, so
     ``ladj = sum_i log sigma_i = sum_i logsigmoid(s_i)`` (and ``1 - sigma = sigmoid(-s)``).
 
-    Inverse: the coordinate first in the order needs no other, so D passes ``z <- (y - sigmoid(-s) m) / sigma``
-    starting from any z fix one more coordinate each (``D`` network evaluations).
+    Inverse: the coordinate first in the order needs no other, so D passes, pass j setting coordinate
+    ``order[j]`` to ``(y - sigmoid(-s) m) / sigma`` from the coordinates already found (the others held at 0,
+    so every pass stays finite), recover z exactly (``D`` network evaluations).
 
     Args:
         net: callable ``z (*, D) -> (m, s)``, each ``(*, D)`` (may broadcast extra batch dimensions).
+        order: ``(D,)`` the autoregressive order of ``net`` (default ``0..D-1``); used by the inverse only.
     """
 
-    def __init__(self, net):
+    def __init__(self, net, order: Tensor | None = None):
         super().__init__()
-        self.net = net
+        self.net, self.order = net, order
 
     def call_and_ladj(self, z: Tensor) -> tuple[Tensor, Tensor]:
         m, s = self.net(z)
@@ -314,10 +322,14 @@ class IAFTransform(FlowTransform):
         return z_new, F.logsigmoid(s).sum(-1)
 
     def _inverse(self, y: Tensor) -> Tensor:
+        dim = y.shape[-1]
+        order = torch.arange(dim, device=y.device) if self.order is None else self.order
         z = torch.zeros_like(y)
-        for _ in range(y.shape[-1]):
+        for i in order.tolist():
             m, s = self.net(z)
-            z = (y - torch.sigmoid(-s) * m) / torch.sigmoid(s)
+            z_i = (y[..., i] - torch.sigmoid(-s[..., i]) * m[..., i]) * torch.exp(-F.logsigmoid(s[..., i]))
+            z = z.expand(*z_i.shape, dim) if z.shape[:-1] != z_i.shape else z  # an amortized net adds batch dims
+            z = torch.cat([z[..., :i], z_i.unsqueeze(-1), z[..., i + 1 :]], dim=-1)
         return z
 
 
