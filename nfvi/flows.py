@@ -360,8 +360,8 @@ class IAFFlow(Flow):
 class HouseholderFlow(_ElementwiseParamFlow):
     """Householder flow (Tomczak & Welling 2016): K reflections, raw parameters ``v (D)`` per layer.
 
-    Volume preserving (``log_det = 0``) and self-inverse per layer; on its own it only rotates/reflects
-    the base, so it is meant to follow a full-covariance-free base (their VAE) or to mix between layers.
+    Volume preserving (``log_det = 0``) and self-inverse per layer: a product of reflections is an
+    orthogonal map, which turns a diagonal Gaussian base into a full-covariance one (their VAE posterior).
     """
 
     def init_raw(self, dim):

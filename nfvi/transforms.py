@@ -295,7 +295,7 @@ class AdditiveCouplingTransform(FlowTransform):
 
 
 class IAFTransform(FlowTransform):
-    """Inverse autoregressive flow step (Kingma et al. 2016, Eq. 10-14), the gated (LSTM-type) update::
+    """Inverse autoregressive flow step (Kingma et al. 2016, Sec. 4), the gated (LSTM-type) update::
 
         z' = sigma * z + (1 - sigma) * m,    sigma = sigmoid(s),    (m, s) = net(z)
 
@@ -340,7 +340,7 @@ def householder_matrix(v: Tensor) -> Tensor:
 
 
 class HouseholderTransform(FlowTransform):
-    """Householder flow (Tomczak & Welling 2016, Eq. 6): ``z' = (I - 2 v v^T / ||v||^2) z``.
+    """Householder flow (Tomczak & Welling 2016): ``z' = (I - 2 v v^T / ||v||^2) z``.
 
     A reflection: volume preserving (``|det| = 1``, ``ladj = 0``) and its own inverse.
 
@@ -363,16 +363,18 @@ class HouseholderTransform(FlowTransform):
 
 def bjorck_orthonormalize(a: Tensor, max_steps: int = 100, tol: float | None = None) -> Tensor:
     """Orthonormalise the columns of ``a`` ``(*, D, M)``, ``M <= D``, by Björck's iteration
-    (van den Berg et al. 2018, Eq. 14, with Kovarik / Björck & Bowie 1971)::
+    (as in van den Berg et al. 2018, after Björck & Bowie 1971)::
 
         Q_0 = A / ||A||_F,    Q <- Q (I + (I - Q^T Q) / 2)
 
     Scaling by the Frobenius norm puts every singular value in (0, 1], where the iteration converges
     (quadratically near the end) to the orthogonal polar factor. Stops when
-    ``max ||Q^T Q - I||_F < tol`` over the batch (default 1e-6 in float32, 1e-12 in float64) or after ``max_steps``.
+    ``max ||Q^T Q - I||_F < tol`` over the batch or after ``max_steps``. Default ``tol``: 1e-5 in float32
+    (its rounding floor is ~1e-6 for M = 64) and 1e-12 in float64 (so that the log-det identity of
+    :class:`SylvesterTransform`, which assumes ``Q^T Q = I``, holds to ~1e-12 there).
     """
     if tol is None:
-        tol = 1e-12 if a.dtype == torch.float64 else 1e-6
+        tol = 1e-12 if a.dtype == torch.float64 else 1e-5
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     q = a / torch.linalg.matrix_norm(a).clamp_min(1e-30)[..., None, None]
     for _ in range(max_steps):
@@ -384,13 +386,13 @@ def bjorck_orthonormalize(a: Tensor, max_steps: int = 100, tol: float | None = N
 
 
 class SylvesterTransform(FlowTransform):
-    """Sylvester flow (van den Berg et al. 2018, Eq. 12-13): ``z' = z + Q R h(R~ Q^T z + b)``, ``h = tanh``.
+    """Sylvester flow (van den Berg et al. 2018, Sec. 3): ``z' = z + Q R h(R~ Q^T z + b)``, ``h = tanh``.
 
     ``Q`` ``(*batch, D, M)`` has orthonormal columns; ``R``, ``R~`` ``(*batch, M, M)`` are upper triangular
     and ``b`` is ``(*batch, M)``. With ``a = R~ Q^T z + b``, Sylvester's determinant identity
     ``det(I_D + A B) = det(I_M + B A)`` and ``Q^T Q = I`` give
-    ``det J = det(I_M + diag(h'(a)) R~ R) = prod_i (1 + R~_ii R_ii h'(a_i))`` (their Eq. 15; ``R~ R`` is upper
-    triangular). Invertibility (their Theorem 2) needs ``R_ii R~_ii > -1/||h'||_inf = -1``: the builders
+    ``det J = det(I_M + diag(h'(a)) R~ R) = prod_i (1 + R~_ii R_ii h'(a_i))`` (``R~ R`` is upper
+    triangular). The layer is invertible (their Theorem 2) when ``R_ii R~_ii > -1/||h'||_inf = -1``: the builders
     (:mod:`nfvi.flows`) pass diagonals through ``tanh`` so ``p_i = R_ii R~_ii`` lies in (-1, 1), as in the
     authors' code. As for planar flows, each factor is written as a positive combination,
     ``1 + p h' = tanh^2(a) + sech^2(a) (1 + p)``, and evaluated in log space with ``log(1 + p)`` given

@@ -8,6 +8,9 @@ from torch.distributions import Distribution, Independent, Normal, TransformedDi
 
 from nfvi.flows import FlowDistribution, build_flow, rsample_and_log_prob
 
+# many small tensors: one intra-op thread is several times faster on a shared machine
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 INVERTIBLE = ["planar", "radial", "nice", "iaf", "householder"]
 
 

@@ -15,6 +15,9 @@ from nfvi.transforms import (
     planar_u_hat,
 )
 
+# many small tensors: one intra-op thread is several times faster on a shared machine
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 KINDS = ["planar", "radial", "nice"]
 # the later kinds, with their options: (kind, options); "orthogonal-m2" uses M = min(2, D) < D vectors
 NEW_SPECS = {
