@@ -56,6 +56,7 @@ __all__ = [
     "HouseholderFlow",
     "SylvesterFlow",
     "SYLVESTER_VARIANTS",
+    "FLOW_OPTIONS",
     "FlowDistribution",
     "build_flow",
     "rsample_and_log_prob",
@@ -296,8 +297,8 @@ class _MADE(nn.Module):
     on the variables before i in ``order`` only. The context enters the first hidden layer through an
     unmasked ``Linear(context_dim, hidden)`` (Kingma et al. 2016, their ``h``). With ``D = 1`` no hidden
     unit sees z: ``m`` and ``s`` are functions of the context (or constants). ``s`` starts near +2 so that
-    ``sigma = sigmoid(s) ~ 0.88`` and the last layer's weights are small: each layer starts near a contraction
-    towards a near-constant ``m``, as in the Sylvester authors' IAF.
+    ``sigma = sigmoid(s) ~ 0.88`` (the Sylvester authors' IAF adds a similar constant to s), and the output
+    weights start small (x 0.01), so ``m`` starts near 0.
     """
 
     def __init__(self, order: Tensor, hidden: int, num_hidden: int, context_dim: int):
