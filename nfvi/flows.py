@@ -10,23 +10,36 @@ the raw parameters and builds fresh transforms from them on every call. One publ
     z_k, log_det = flow(z_0, context=h)                          # h: (*batch, 400), z_0: (*sample, *batch, 40)
 
 ``log_det = sum_k log|det df_k/dz_{k-1}|`` (paper Eq. 7), so ``log q_K(z_K) = log q_0(z_0) - log_det``.
+
+Kinds: ``planar`` and ``radial`` (the paper), ``nice`` (Dinh et al. 2014), ``iaf`` (Kingma et al. 2016),
+``householder`` (Tomczak & Welling 2016) and ``sylvester`` (van den Berg et al. 2018). ``flow.inverse(z_K,
+context)`` maps back to z_0 for every kind but Sylvester; :class:`FlowDistribution` wraps a base and a flow
+as a ``torch.distributions.Distribution``.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
+from nfvi.distributions import FlowDistribution
 from nfvi.errors import NfviError, check_choice
 from nfvi.transforms import (
     AdditiveCouplingTransform,
     FlowTransform,
+    HouseholderTransform,
+    IAFTransform,
     PlanarTransform,
     RadialTransform,
+    SylvesterTransform,
+    bjorck_orthonormalize,
+    householder_matrix,
+    log1p_tanh_product,
     planar_chain,
     planar_ladj,
     planar_u_hat,
@@ -39,11 +52,28 @@ __all__ = [
     "PlanarFlow",
     "RadialFlow",
     "NICEFlow",
+    "IAFFlow",
+    "HouseholderFlow",
+    "SylvesterFlow",
+    "SYLVESTER_VARIANTS",
+    "FLOW_OPTIONS",
+    "FlowDistribution",
     "build_flow",
     "rsample_and_log_prob",
 ]
 
-FLOW_KINDS = ("none", "planar", "radial", "nice")
+FLOW_KINDS = ("none", "planar", "radial", "nice", "iaf", "householder", "sylvester")
+SYLVESTER_VARIANTS = ("orthogonal", "householder", "triangular")
+#: the keyword options ``build_flow`` accepts for each kind
+FLOW_OPTIONS = {
+    "none": (),
+    "planar": ("w_floor",),
+    "radial": (),
+    "nice": ("hidden", "mix"),
+    "iaf": ("hidden", "num_hidden"),
+    "householder": (),
+    "sylvester": ("variant", "num_vectors", "num_householder"),
+}
 
 
 class Flow(nn.Module):
@@ -61,6 +91,13 @@ class Flow(nn.Module):
             z, ladj = transform.call_and_ladj(z)
             log_det = log_det + ladj
         return z, log_det
+
+    def inverse(self, z_k: Tensor, context: Tensor | None = None) -> Tensor:
+        """``z_0 = f_1^{-1}(... f_K^{-1}(z_K))``: each layer's ``inv`` in reverse order, at any point ``(*, D)``."""
+        z = z_k
+        for transform in reversed(self.transforms(context)):
+            z = transform.inv(z)
+        return z
 
 
 class IdentityFlow(Flow):
@@ -86,6 +123,7 @@ class _ElementwiseParamFlow(Flow):
         super().__init__()
         self.dim, self.length, self.context_dim = dim, length, context_dim
         init = torch.stack([self.init_raw(dim) for _ in range(length)])  # (K, P)
+        self.num_params = init.shape[-1]  # P, raw parameters per layer
         if context_dim > 0:
             self.head = nn.Linear(context_dim, init.numel())
             with torch.no_grad():
@@ -93,10 +131,6 @@ class _ElementwiseParamFlow(Flow):
                 self.head.bias.copy_(init.flatten())
         else:
             self.raw = nn.Parameter(init)
-
-    @property
-    def num_params(self) -> int:
-        raise NotImplementedError
 
     def init_raw(self, dim: int) -> Tensor:
         raise NotImplementedError
@@ -192,9 +226,9 @@ class _CouplingNet(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, z_a: Tensor, context: Tensor | None) -> Tensor:
-        if context is not None:
-            context = context.expand(*z_a.shape[:-1], context.shape[-1])
-            z_a = torch.cat([z_a, context], dim=-1)
+        if context is not None:  # broadcast z (*sample, *batch) against the context (*batch) from the right
+            shape = torch.broadcast_shapes(z_a.shape[:-1], context.shape[:-1])
+            z_a = torch.cat([z_a.expand(*shape, z_a.shape[-1]), context.expand(*shape, context.shape[-1])], dim=-1)
         return self.net(z_a)
 
 
@@ -236,22 +270,220 @@ class NICEFlow(Flow):
         ]
 
 
+def _check_int(key: str, value, low: int, high: int | None = None) -> None:
+    """A one-line :class:`NfviError` unless ``value`` is a whole number in ``[low, high]``."""
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not whole or value < low or (high is not None and value > high):
+        allowed = f"a whole number >= {low}" if high is None else f"a whole number in [{low}, {high}]"
+        raise NfviError(f"{key}={value!r} is not allowed; use {allowed}")
+
+
+class _MaskedLinear(nn.Linear):
+    """``nn.Linear`` whose weight is multiplied by a fixed 0/1 ``mask`` ``(out, in)`` (MADE, Germain et al. 2015)."""
+
+    def __init__(self, mask: Tensor):
+        super().__init__(mask.shape[1], mask.shape[0])
+        self.register_buffer("mask", mask.to(self.weight.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+class _MADE(nn.Module):
+    """Autoregressive conditioner of one IAF layer: ``z (*, D) [, context] -> (m, s)``, each ``(*, D)``.
+
+    Variable ``order[j]`` gets degree ``j + 1``; hidden units degrees in ``1..D-1`` (cyclic); a unit sees
+    the units of lower or equal degree and an output of degree d those below d, so ``m_i``, ``s_i`` depend
+    on the variables before i in ``order`` only. The context enters the first hidden layer through an
+    unmasked ``Linear(context_dim, hidden)`` (Kingma et al. 2016, their ``h``). With ``D = 1`` no hidden
+    unit sees z: ``m`` and ``s`` are functions of the context (or constants). ``s`` starts near +2 so that
+    ``sigma = sigmoid(s) ~ 0.88`` (the Sylvester authors' IAF adds a similar constant to s), and the output
+    weights start small (x 0.01), so ``m`` starts near 0.
+    """
+
+    def __init__(self, order: Tensor, hidden: int, num_hidden: int, context_dim: int):
+        super().__init__()
+        dim = order.numel()
+        deg_in = torch.empty(dim, dtype=torch.long)
+        deg_in[order] = torch.arange(1, dim + 1)
+        deg_h = torch.arange(hidden) % (dim - 1) + 1 if dim > 1 else torch.zeros(hidden, dtype=torch.long)
+        layers = [_MaskedLinear(deg_h[:, None] >= deg_in[None, :])]
+        layers += [_MaskedLinear(deg_h[:, None] >= deg_h[None, :]) for _ in range(num_hidden - 1)]
+        self.hidden_layers = nn.ModuleList(layers)
+        self.out = _MaskedLinear((deg_in[:, None] > deg_h[None, :]).repeat(2, 1))  # [m; s]
+        with torch.no_grad():
+            self.out.weight.mul_(1e-2)
+            self.out.bias.zero_()
+            self.out.bias[dim:] = 2.0
+        self.context_layer = nn.Linear(context_dim, hidden) if context_dim > 0 else None
+
+    def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        h = self.hidden_layers[0](z)
+        if self.context_layer is not None:
+            h = h + self.context_layer(context)  # broadcasts (*sample, *batch, H) + (*batch, H)
+        h = F.elu(h)
+        for layer in self.hidden_layers[1:]:
+            h = F.elu(layer(h))
+        m, s = self.out(h).chunk(2, dim=-1)
+        return m, s
+
+
+class IAFFlow(Flow):
+    """Inverse autoregressive flow (Kingma et al. 2016): K gated steps :class:`nfvi.transforms.IAFTransform`.
+
+    Each step's ``(m, s)`` comes from its own MADE (:class:`_MADE`, ``num_hidden`` masked hidden layers of
+    width ``hidden``, ELU); the autoregressive order is reversed between layers (layer k uses
+    ``0..D-1`` for even k and ``D-1..0`` for odd k), so no coordinate is always first. Amortized
+    (``context_dim > 0``): the context is added to each MADE's first hidden layer.
+    """
+
+    def __init__(self, dim: int, length: int, context_dim: int = 0, hidden: int = 64, num_hidden: int = 1):
+        super().__init__()
+        _check_int("flow.hidden", hidden, 1)
+        _check_int("flow.num_hidden", num_hidden, 1)
+        self.dim, self.length, self.context_dim = dim, length, context_dim
+        orders = [torch.arange(dim) if k % 2 == 0 else torch.arange(dim).flip(0) for k in range(length)]
+        self.nets = nn.ModuleList(_MADE(order, hidden, num_hidden, context_dim) for order in orders)
+        for k, order in enumerate(orders):
+            self.register_buffer(f"order_{k}", order)
+
+    def transforms(self, context=None):
+        if self.context_dim == 0:
+            context = None
+        elif context is None:
+            raise NfviError(f"this IAFFlow is amortized (context_dim={self.context_dim}); pass context")
+        return [
+            IAFTransform(lambda z, net=net: net(z, context), getattr(self, f"order_{k}"))
+            for k, net in enumerate(self.nets)
+        ]
+
+
+class HouseholderFlow(_ElementwiseParamFlow):
+    """Householder flow (Tomczak & Welling 2016): K reflections, raw parameters ``v (D)`` per layer.
+
+    Volume preserving (``log_det = 0``) and self-inverse per layer: a product of reflections is an
+    orthogonal map, which turns a diagonal Gaussian base into a full-covariance one (their VAE posterior).
+    """
+
+    def init_raw(self, dim):
+        return torch.randn(dim)
+
+    def make(self, raw):
+        return HouseholderTransform(raw)
+
+
+class SylvesterFlow(_ElementwiseParamFlow):
+    """Sylvester normalizing flow (van den Berg et al. 2018): :class:`nfvi.transforms.SylvesterTransform` layers.
+
+    Raw parameters per layer: ``R'`` and ``R~'`` (``M x M`` each; the strict upper triangles are used as they
+    are, the diagonals pass through ``tanh`` so that ``R_ii R~_ii`` is in (-1, 1): every layer invertible),
+    ``b`` (M), then ``Q``'s parameters by ``variant``:
+
+    - ``orthogonal`` (O-SNF): a ``D x M`` matrix, ``M = num_vectors <= D`` (default D), orthonormalised by
+      :func:`nfvi.transforms.bjorck_orthonormalize`;
+    - ``householder`` (H-SNF): ``num_householder`` vectors (default 4), ``Q = H_1 ... H_H`` (``M = D``);
+    - ``triangular`` (T-SNF): none; ``Q`` is the identity on even layers and the reversal on odd ones (``M = D``).
+
+    Amortized: one ``Linear(context_dim, K * P)`` head computes all of them per data point, as the authors
+    compute them from the encoder's last features. No inverse: use the sampling path (Eq. 7).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        length: int,
+        context_dim: int = 0,
+        variant: str = "orthogonal",
+        num_vectors: int | None = None,
+        num_householder: int | None = None,
+    ):
+        check_choice("flow.variant", variant, SYLVESTER_VARIANTS)
+        if num_vectors is not None and variant != "orthogonal":
+            raise NfviError(f"flow.num_vectors={num_vectors!r} is not allowed with variant={variant!r}; M = D there")
+        if num_householder is not None and variant != "householder":
+            raise NfviError(f"flow.num_householder={num_householder!r} is not allowed with variant={variant!r}")
+        self.variant = variant
+        self.num_vectors = dim if num_vectors is None else num_vectors
+        _check_int("flow.num_vectors", self.num_vectors, 1, dim)
+        self.num_householder = 4 if num_householder is None else num_householder
+        _check_int("flow.num_householder", self.num_householder, 1)
+        super().__init__(dim, length, context_dim)
+        self.register_buffer("reverse", torch.eye(dim).flip(1))
+
+    def init_raw(self, dim):
+        m = self.num_vectors
+        r = torch.randn(2, m, m) * 0.1
+        q = {
+            "orthogonal": torch.eye(dim, m) + 0.1 * torch.randn(dim, m),
+            "householder": torch.randn(self.num_householder, dim),
+            "triangular": torch.zeros(0),
+        }[self.variant]
+        return torch.cat([r.flatten(), torch.zeros(m), q.flatten()])
+
+    @staticmethod
+    def _upper(raw: Tensor) -> Tensor:
+        """``(*, M, M)`` upper triangular with ``tanh`` on the diagonal."""
+        return torch.triu(raw, 1) + torch.diag_embed(torch.tanh(torch.diagonal(raw, dim1=-2, dim2=-1)))
+
+    def make_layer(self, raw: Tensor, k: int) -> SylvesterTransform:
+        d, m = self.dim, self.num_vectors
+        r, r_tilde = raw[..., : 2 * m * m].unflatten(-1, (2, m, m)).unbind(-3)
+        b = raw[..., 2 * m * m : 2 * m * m + m]
+        q_raw = raw[..., 2 * m * m + m :]
+        if self.variant == "orthogonal":
+            q = bjorck_orthonormalize(q_raw.unflatten(-1, (d, m)))
+        elif self.variant == "householder":
+            hs = householder_matrix(q_raw.unflatten(-1, (self.num_householder, d))).unbind(-3)
+            q = hs[0]
+            for h in hs[1:]:
+                q = q @ h
+        else:
+            eye = torch.eye(d, dtype=raw.dtype, device=raw.device)
+            q = eye if k % 2 == 0 else self.reverse.to(raw.dtype)
+        log1p_diag = log1p_tanh_product(torch.diagonal(r, dim1=-2, dim2=-1), torch.diagonal(r_tilde, dim1=-2, dim2=-1))
+        return SylvesterTransform(q, self._upper(r), self._upper(r_tilde), b, log1p_diag)
+
+    def transforms(self, context=None):
+        raw = self.raw_params(context)
+        return [self.make_layer(raw[..., k, :], k) for k in range(self.length)]
+
+    def inverse(self, z_k: Tensor, context: Tensor | None = None) -> Tensor:
+        raise NotImplementedError("sylvester flows have no inverse; use rsample_and_log_prob")
+
+
 def build_flow(kind: str, dim: int, length: int, context_dim: int = 0, **options) -> Flow:
     """Build a flow of ``length`` layers of ``kind`` on R^dim.
 
     Args:
-        kind: one of ``FLOW_KINDS``: ``planar``, ``radial``, ``nice``; ``none`` (or length 0) is the identity.
-        dim: event dimension D.
+        kind: one of ``FLOW_KINDS``: ``planar``, ``radial``, ``nice``, ``iaf``, ``householder``, ``sylvester``;
+            ``none`` (or length 0) is the identity.
+        dim: event dimension D >= 1.
         length: number of layers K >= 0.
         context_dim: 0 for global parameters; > 0 to compute them from a context vector (amortized).
-        options: kind-specific: ``w_floor`` (planar), ``hidden`` and ``mix`` (nice).
+        options: kind-specific (``FLOW_OPTIONS``): ``w_floor`` (planar); ``hidden`` and ``mix`` (nice);
+            ``hidden`` (MADE width, default 64) and ``num_hidden`` (MADE hidden layers, default 1) (iaf);
+            ``variant`` (``orthogonal`` | ``householder`` | ``triangular``), ``num_vectors`` (orthogonal: M <= D,
+            default D) and ``num_householder`` (householder: reflections in Q, default 4) (sylvester).
     """
     check_choice("flow", kind, FLOW_KINDS)
-    if not isinstance(length, int) or length < 0:
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
         raise NfviError(f"flow.length={length!r} is not allowed; use a whole number >= 0")
+    _check_int("flow.dim", dim, 1)
+    _check_int("flow.context_dim", context_dim, 0)
+    for name in options:
+        if name not in FLOW_OPTIONS[kind]:
+            allowed = ", ".join(FLOW_OPTIONS[kind]) or "none"
+            raise NfviError(f"flow option {name!r} is not allowed for flow={kind!r}; options: {allowed}")
     if kind == "none" or length == 0:
         return IdentityFlow(dim)
-    cls = {"planar": PlanarFlow, "radial": RadialFlow, "nice": NICEFlow}[kind]
+    cls = {
+        "planar": PlanarFlow,
+        "radial": RadialFlow,
+        "nice": NICEFlow,
+        "iaf": IAFFlow,
+        "householder": HouseholderFlow,
+        "sylvester": SylvesterFlow,
+    }[kind]
     return cls(dim, length, context_dim, **options)
 
 

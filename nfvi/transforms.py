@@ -8,8 +8,10 @@ log-absolute-determinant of its Jacobian (``ladj``) of shape ``z.shape[:-1]``.
 Shapes: ``z`` is ``(*sample, *batch, D)``; a parameter of one layer is ``(*batch, P)`` and
 broadcasts against ``z`` from the right, so global parameters are simply ``(P,)``.
 
-Planar and radial flows have no closed-form inverse; their ``_inverse`` raises. Compute
-log q_K along the sampling path (Eq. 7), never through an inverse cache.
+Inverses (``t.inv(y)``) are computed afresh at any point, never through a cache: planar by a
+monotone 1-D root search, radial in closed form, NICE and Householder exactly, IAF by D sequential
+passes. Sylvester layers have none (their ``_inverse`` raises); compute their log q_K along the
+sampling path (Eq. 7).
 """
 
 from __future__ import annotations
@@ -26,10 +28,16 @@ __all__ = [
     "PlanarTransform",
     "RadialTransform",
     "AdditiveCouplingTransform",
+    "IAFTransform",
+    "HouseholderTransform",
+    "SylvesterTransform",
+    "householder_matrix",
+    "bjorck_orthonormalize",
     "planar_u_hat",
     "planar_ladj",
     "planar_chain",
     "log_softplus",
+    "log1p_tanh_product",
 ]
 
 
@@ -43,6 +51,17 @@ def log_sech2(a: Tensor) -> Tensor:
     """``log(1 - tanh(a)^2) = 2 (log 2 - |a| - softplus(-2|a|))``, finite for any finite ``a``."""
     a = a.abs()
     return 2.0 * (math.log(2.0) - a - F.softplus(-2.0 * a))
+
+
+def log1p_tanh_product(x: Tensor, y: Tensor) -> Tensor:
+    """``log(1 + tanh(x) tanh(y)) = log cosh(x + y) - log cosh(x) - log cosh(y)``, finite for any finite x, y
+    (``1 + tanh x tanh y = cosh(x + y) / (cosh x cosh y) > 0``) even where ``tanh x tanh y`` rounds to -1."""
+
+    def log_cosh(t: Tensor) -> Tensor:
+        t = t.abs()
+        return t + F.softplus(-2.0 * t) - math.log(2.0)
+
+    return log_cosh(x + y) - log_cosh(x) - log_cosh(y)
 
 
 def planar_u_hat(u: Tensor, w: Tensor) -> Tensor:
@@ -175,6 +194,33 @@ class PlanarTransform(FlowTransform):
         z_new = z + self.u_hat * h.unsqueeze(-1)
         return z_new, planar_ladj(a, h, self.wu)
 
+    def _inverse(self, y: Tensor, bits: int = 24, newton: int = 4) -> Tensor:
+        """Solve ``y = z + u_hat tanh(w^T z + b)`` for z (Appendix A.1 makes it unique).
+
+        Along w: with ``a = w^T z`` and ``c = w^T u_hat > -1``, ``g(a) = a + c tanh(a + b) - w^T y = 0``;
+        ``g' = 1 + c sech^2(a + b) > 0`` so g is strictly increasing, and ``|a - w^T y| = |c tanh| <= |c|``
+        brackets the root. Bisection shrinks the bracket to ``2^-bits`` (at most 64 halvings), then
+        ``newton`` safeguarded Newton steps (each also shrinks the bracket; a step leaving it is replaced by
+        the midpoint) reach float64 resolution where ``g'`` is not tiny. Then ``z = y - u_hat tanh(a + b)``.
+        """
+        c = (self.w * self.u_hat).sum(-1)
+        target, c, b = torch.broadcast_tensors((y * self.w).sum(-1), c, self.b)
+        lo, hi = target - c.abs(), target + c.abs()
+        widest = 2.0 * c.abs().max().item() if c.numel() else 0.0
+        for _ in range(min(64, bits + max(0, math.ceil(math.log2(1.0 + widest))))):
+            mid = 0.5 * (lo + hi)
+            above = mid + c * torch.tanh(mid + b) > target
+            hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
+        a = 0.5 * (lo + hi)
+        for _ in range(newton):
+            h = torch.tanh(a + b)
+            g = a + c * h - target
+            above = g > 0
+            hi, lo = torch.where(above, a, hi), torch.where(above, lo, a)
+            step = a - g / (1.0 + c * (1.0 - h * h))
+            a = torch.where((step >= lo) & (step <= hi), step, 0.5 * (lo + hi))
+        return y - self.u_hat * torch.tanh(a + b).unsqueeze(-1)
+
 
 class RadialTransform(FlowTransform):
     """Radial flow, paper Eq. 14: ``f(z) = z + beta h(alpha, r) (z - z0)``, ``h = 1/(alpha + r)``.
@@ -206,6 +252,19 @@ class RadialTransform(FlowTransform):
         ladj = (d - 1) * (torch.log(r + s) - log_ar) + torch.log(r * (r + 2 * alpha) + s * alpha) - 2 * log_ar
         return z_new, ladj
 
+    def _inverse(self, y: Tensor) -> Tensor:
+        """Closed form: ``y - z0 = (z - z0)(1 + beta/(alpha + r))``, so the radius obeys
+        ``r_y = r (r + s)/(alpha + r)`` (``s = alpha + beta > 0``), i.e. ``r^2 + (s - r_y) r - alpha r_y = 0``
+        with one root ``r >= 0`` (taken in the cancellation-free form for each sign of ``s - r_y``);
+        then ``z = z0 + (y - z0)(alpha + r)/(r + s)``."""
+        diff = y - self.z0
+        r_y = torch.linalg.vector_norm(diff, dim=-1)
+        alpha, s = self.alpha, self.s
+        q = s - r_y
+        disc = torch.sqrt(q * q + 4 * alpha * r_y)
+        r = torch.where(q > 0, 2 * alpha * r_y / (q + disc), 0.5 * (disc - q))
+        return self.z0 + diff * ((alpha + r) / (r + s)).unsqueeze(-1)
+
 
 class AdditiveCouplingTransform(FlowTransform):
     """NICE additive coupling (Dinh et al. 2014): ``z_b <- z_b + m(z_a)``; volume preserving.
@@ -220,12 +279,149 @@ class AdditiveCouplingTransform(FlowTransform):
         super().__init__()
         self.shift, self.keep, self.change = shift, keep, change
 
-    def call_and_ladj(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def _couple(self, z: Tensor, sign: float) -> Tensor:
+        shift = self.shift(z[..., self.keep])  # may carry batch dimensions z lacks (an amortized shift)
+        z = z.expand(*torch.broadcast_shapes(z.shape[:-1], shift.shape[:-1]), z.shape[-1])
         z_new = z.clone()
-        z_new[..., self.change] = z[..., self.change] + self.shift(z[..., self.keep])
-        return z_new, z.new_zeros(z.shape[:-1])
+        z_new[..., self.change] = z[..., self.change] + sign * shift
+        return z_new
+
+    def call_and_ladj(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        z_new = self._couple(z, 1.0)
+        return z_new, z_new.new_zeros(z_new.shape[:-1])
 
     def _inverse(self, y: Tensor) -> Tensor:
-        z = y.clone()
-        z[..., self.change] = y[..., self.change] - self.shift(y[..., self.keep])
+        return self._couple(y, -1.0)
+
+
+class IAFTransform(FlowTransform):
+    """Inverse autoregressive flow step (Kingma et al. 2016, Sec. 4), the gated (LSTM-type) update::
+
+        z' = sigma * z + (1 - sigma) * m,    sigma = sigmoid(s),    (m, s) = net(z)
+
+    where ``m_i`` and ``s_i`` depend only on the coordinates before i in the net's autoregressive order
+    (a MADE). The Jacobian is then triangular in that order with diagonal ``sigma``, so
+    ``ladj = sum_i log sigma_i = sum_i logsigmoid(s_i)`` (and ``1 - sigma = sigmoid(-s)``).
+
+    Inverse: the coordinate first in the order needs no other, so D passes, pass j setting coordinate
+    ``order[j]`` to ``(y - sigmoid(-s) m) / sigma`` from the coordinates already found (the others held at 0,
+    so every pass stays finite), recover z exactly (``D`` network evaluations).
+
+    Args:
+        net: callable ``z (*, D) -> (m, s)``, each ``(*, D)`` (may broadcast extra batch dimensions).
+        order: ``(D,)`` the autoregressive order of ``net`` (default ``0..D-1``); used by the inverse only.
+    """
+
+    def __init__(self, net, order: Tensor | None = None):
+        super().__init__()
+        self.net, self.order = net, order
+
+    def call_and_ladj(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        m, s = self.net(z)
+        z_new = torch.sigmoid(s) * z + torch.sigmoid(-s) * m
+        return z_new, F.logsigmoid(s).sum(-1)
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        dim = y.shape[-1]
+        order = torch.arange(dim, device=y.device) if self.order is None else self.order
+        z = torch.zeros_like(y)
+        for i in order.tolist():
+            m, s = self.net(z)
+            z_i = (y[..., i] - torch.sigmoid(-s[..., i]) * m[..., i]) * torch.exp(-F.logsigmoid(s[..., i]))
+            z = z.expand(*z_i.shape, dim) if z.shape[:-1] != z_i.shape else z  # an amortized net adds batch dims
+            z = torch.cat([z[..., :i], z_i.unsqueeze(-1), z[..., i + 1 :]], dim=-1)
         return z
+
+
+def householder_matrix(v: Tensor) -> Tensor:
+    """``H = I - 2 v v^T / ||v||^2``, ``(*, D, D)`` from ``v`` ``(*, D)``; symmetric, orthogonal, det -1."""
+    eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
+    return eye - 2.0 * v.unsqueeze(-1) * v.unsqueeze(-2) / (v * v).sum(-1, keepdim=True).unsqueeze(-1)
+
+
+class HouseholderTransform(FlowTransform):
+    """Householder flow (Tomczak & Welling 2016): ``z' = (I - 2 v v^T / ||v||^2) z``.
+
+    A reflection: volume preserving (``|det| = 1``, ``ladj = 0``) and its own inverse.
+
+    Args:
+        v: ``(*batch, D)`` Householder vector (any nonzero vector; only its direction matters).
+    """
+
+    def __init__(self, v: Tensor):
+        super().__init__()
+        self.v = v
+
+    def call_and_ladj(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        v = self.v
+        z_new = z - (2.0 * (z * v).sum(-1, keepdim=True) / (v * v).sum(-1, keepdim=True)) * v
+        return z_new, z_new.new_zeros(z_new.shape[:-1])
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        return self.call_and_ladj(y)[0]
+
+
+def bjorck_orthonormalize(a: Tensor, max_steps: int = 100, tol: float | None = None) -> Tensor:
+    """Orthonormalise the columns of ``a`` ``(*, D, M)``, ``M <= D``, by Björck's iteration
+    (as in van den Berg et al. 2018, after Björck & Bowie 1971)::
+
+        Q_0 = A / ||A||_F,    Q <- Q (I + (I - Q^T Q) / 2)
+
+    Scaling by the Frobenius norm puts every singular value in (0, 1], where the iteration converges
+    (quadratically near the end) to the orthogonal polar factor. Stops when
+    ``max ||Q^T Q - I||_F < tol`` over the batch or after ``max_steps``. Default ``tol``: 1e-5 in float32
+    (its rounding floor is ~1e-6 for M = 64) and 1e-12 in float64 (so that the log-det identity of
+    :class:`SylvesterTransform`, which assumes ``Q^T Q = I``, holds to ~1e-12 there).
+    """
+    if tol is None:
+        tol = 1e-12 if a.dtype == torch.float64 else 1e-5
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    q = a / torch.linalg.matrix_norm(a).clamp_min(1e-30)[..., None, None]
+    for _ in range(max_steps):
+        err = eye - q.transpose(-1, -2) @ q
+        if torch.linalg.matrix_norm(err).max() < tol:
+            break
+        q = q + 0.5 * q @ err
+    return q
+
+
+class SylvesterTransform(FlowTransform):
+    """Sylvester flow (van den Berg et al. 2018, Sec. 3): ``z' = z + Q R h(R~ Q^T z + b)``, ``h = tanh``.
+
+    ``Q`` ``(*batch, D, M)`` has orthonormal columns; ``R``, ``R~`` ``(*batch, M, M)`` are upper triangular
+    and ``b`` is ``(*batch, M)``. With ``a = R~ Q^T z + b``, Sylvester's determinant identity
+    ``det(I_D + A B) = det(I_M + B A)`` and ``Q^T Q = I`` give
+    ``det J = det(I_M + diag(h'(a)) R~ R) = prod_i (1 + R~_ii R_ii h'(a_i))`` (``R~ R`` is upper
+    triangular). The layer is invertible (their Theorem 2) when ``R_ii R~_ii > -1/||h'||_inf = -1``: the builders
+    (:mod:`nfvi.flows`) pass diagonals through ``tanh`` so ``p_i = R_ii R~_ii`` lies in (-1, 1), as in the
+    authors' code. As for planar flows, each factor is written as a positive combination,
+    ``1 + p h' = tanh^2(a) + sech^2(a) (1 + p)``, and evaluated in log space with ``log(1 + p)`` given
+    (``log1p_diag``, from :func:`log1p_tanh_product` of the raw diagonals): finite even where ``p`` rounds to -1.
+
+    There is no closed-form inverse; ``_inverse`` raises.
+
+    Args:
+        q: ``(*batch, D, M)``; r, r_tilde: ``(*batch, M, M)`` upper triangular; b: ``(*batch, M)``;
+        log1p_diag: ``(*batch, M)`` ``log(1 + R_ii R~_ii)``; if None, ``log1p`` of the product.
+    """
+
+    def __init__(self, q: Tensor, r: Tensor, r_tilde: Tensor, b: Tensor, log1p_diag: Tensor | None = None):
+        super().__init__()
+        self.q, self.r, self.r_tilde, self.b = q, r, r_tilde, b
+        if log1p_diag is None:
+            diag = torch.diagonal(r, dim1=-2, dim2=-1) * torch.diagonal(r_tilde, dim1=-2, dim2=-1)
+            log1p_diag = torch.log1p(diag)
+        self.log1p_diag = log1p_diag  # (*batch, M)
+
+    def call_and_ladj(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        qtz = (z.unsqueeze(-2) @ self.q).squeeze(-2)  # (*, M)
+        a = (qtz.unsqueeze(-2) @ self.r_tilde.transpose(-1, -2)).squeeze(-2) + self.b
+        h = torch.tanh(a)
+        rh = (h.unsqueeze(-2) @ self.r.transpose(-1, -2)).squeeze(-2)  # R h
+        z_new = z + (rh.unsqueeze(-2) @ self.q.transpose(-1, -2)).squeeze(-2)
+        log_h2 = torch.log(torch.clamp(h * h, min=1e-30))
+        ladj = torch.logaddexp(log_h2, log_sech2(a) + self.log1p_diag).sum(-1)
+        return z_new, ladj
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        raise NotImplementedError("sylvester flows have no inverse; use rsample_and_log_prob")
