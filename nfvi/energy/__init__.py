@@ -5,7 +5,7 @@
 """
 
 from nfvi.energy.config import EnergyConfig
-from nfvi.energy.model import EnergyModel, flow_inverse, log_density
+from nfvi.energy.model import EnergyModel, log_density
 from nfvi.energy.task import beta_at, evaluate, fit, run
 
-__all__ = ["EnergyConfig", "EnergyModel", "beta_at", "evaluate", "fit", "flow_inverse", "log_density", "run"]
+__all__ = ["EnergyConfig", "EnergyModel", "beta_at", "evaluate", "fit", "log_density", "run"]
