@@ -1,7 +1,7 @@
 """``model=gated_conv``: the gated convolutional encoder and decoder of Sylvester normalizing flows.
 
 van den Berg, Hasenclever, Tomczak & Welling, "Sylvester Normalizing Flows for Variational Inference",
-UAI 2018 (arXiv 1803.05649), Sec. 6; this mirrors their code (``riannevdberg/sylvester-flows``,
+UAI 2018 (arXiv 1803.05649); this mirrors their code (``riannevdberg/sylvester-flows``,
 ``models/layers.py``: ``GatedConv2d``, ``GatedConvTranspose2d``; ``models/VAE.py``: ``VAE.create_encoder``
 and ``VAE.create_decoder`` for ``input_type='binary'`` and ``input_size=[1, 28, 28]``)::
 
