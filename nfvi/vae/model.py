@@ -18,7 +18,8 @@ returning an encoder ``x (B, *x_shape) -> h (B, H)`` with an ``out_dim``, and a 
 x built from the decoder's output (:mod:`nfvi.vae.likelihoods`: ``bernoulli``, and for 8-bit images
 ``discretized_logistic`` and ``logit_normal``; ``P`` is the likelihood's number of parameters per value).
 Register a new architecture with :func:`register_architecture`; ``model=conv`` (:mod:`nfvi.vae.conv`)
-is the convolutional one for image-shaped data. :func:`model_input_shape` says which ``x_dim`` an
+is the convolutional one for image-shaped data, ``model=gated_conv`` (:mod:`nfvi.vae.gated_conv`) the
+Sylvester-flows paper's gated convnet for binary 1x28x28 images. :func:`model_input_shape` says which ``x_dim`` an
 architecture takes (flat for the MLPs, ``(C, H, W)`` for conv), and uint8 inputs are 8-bit images read
 as ``k / 255`` (:meth:`VAE.prepare`).
 
@@ -45,6 +46,7 @@ from nfvi.errors import NfviError, check_choice, check_range
 from nfvi.flows import Flow
 from nfvi.training import flow_from_config
 from nfvi.vae.conv import conv_architecture
+from nfvi.vae.gated_conv import gated_conv_architecture
 from nfvi.vae.likelihoods import SPECS
 
 __all__ = [
@@ -70,7 +72,7 @@ LOG_2PI = math.log(2.0 * math.pi)
 class ModelConfig:
     """``model=maxout`` (the paper's) or ``model=mlp``; the keys every architecture reads."""
 
-    name: str = "maxout"  # architecture: maxout | mlp | conv
+    name: str = "maxout"  # architecture: maxout | mlp | conv | gated_conv
     latent_dim: int = 40  # D, the number of latent variables
     hidden: int = 400  # units per hidden layer (maxout: units after the max)
     maxout_window: int = 4  # maxout: pieces per unit (paper: windows of 4)
@@ -159,6 +161,7 @@ def register_architecture(name: str, images: bool = False):
 
 
 register_architecture("conv", images=True)(conv_architecture)
+register_architecture("gated_conv", images=True)(gated_conv_architecture)
 
 
 def model_input_shape(model_cfg, image_shape: tuple[int, ...]) -> int | tuple[int, ...]:
