@@ -15,8 +15,10 @@ than it names (``seeds``) is marked ``†`` (``unfinished`` column), with a lege
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from nfvi.cde.data import BENCHMARK_NF_NLL, DATASETS
@@ -30,7 +32,7 @@ UNFINISHED_LEGEND = f"{UNFINISHED_MARK} unfinished: fewer seeds were fitted than
 
 
 def _finite(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_) and math.isfinite(value)
 
 
 def _unfinished(n_seeds, seeds) -> str:
@@ -42,7 +44,8 @@ def _unfinished(n_seeds, seeds) -> str:
 
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, model_name): the latest run's numbers, sorted by dataset then model."""
-    rows = frame[frame["test_nll_mean"].map(_finite)].copy()  # a NaN/inf/null run never replaces a good one
+    finite = np.isfinite(pd.to_numeric(frame["test_nll_mean"], errors="coerce"))
+    rows = frame[finite].copy()  # a NaN/inf/null run never replaces a good one
     rows["finished_at"] = col(rows, "finished_at", "").fillna("").astype(str)
     rows = rows.sort_values("finished_at").groupby(["dataset", "model_name"], as_index=False).tail(1)
     out = pd.DataFrame(

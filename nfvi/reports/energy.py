@@ -71,8 +71,10 @@ def _usable(frame: pd.DataFrame) -> pd.DataFrame:
     """The runs with a finite bound and KL (a NaN/inf run never replaces a good one), each with its
     ``unfinished`` note (``""``, or updates done/configured: :func:`nfvi.reports.common.unfinished_notes`)."""
     frame = frame.assign(unfinished=unfinished_notes(frame))
-    finite = [np.isfinite(pd.to_numeric(frame.get(c, math.nan), errors="coerce")) for c in ("bound", "kl")]
-    return frame[finite[0] & finite[1]]
+    keep = pd.Series(True, index=frame.index)
+    for name in ("bound", "kl"):
+        keep &= np.isfinite(pd.to_numeric(frame[name], errors="coerce")) if name in frame else False
+    return frame[keep]
 
 
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:

@@ -320,8 +320,15 @@ def figure4(table: pd.DataFrame) -> bytes:
             ax.set_title(title, fontsize=10)
             ax.grid(alpha=0.3)
             ax.set_xticks(sorted(ks))
+        flagged = [f"K={k} ({u})" for k, u in zip(g["K"], col(g, "unfinished", "").fillna(""), strict=True) if u]
         note = row_axes[0].annotate(
-            _caption(g), xy=(0.0, 1.16), xycoords="axes fraction", ha="left", va="bottom", fontsize=8, color="0.25"
+            _caption(g) + (f"; {UNFINISHED_MARK} unfinished: {', '.join(flagged)}" if flagged else ""),
+            xy=(0.0, 1.16),
+            xycoords="axes fraction",
+            ha="left",
+            va="bottom",
+            fontsize=8,
+            color="0.25",
         )
         note.set_in_layout(False)
         row_axes[2].legend(fontsize=7)
