@@ -51,6 +51,7 @@ BAD_FILES = {
     "number": ("42", "not a JSON object (a int)"),
     "no_task": ({"dataset": "mnist", "test_nll": 90.0}, "no 'task' field"),
     "unknown_task": ({"task": "gan", "fid": 3.0}, "unknown task 'gan'"),
+    "list_task": ({"task": ["vae"]}, "unknown task ['vae']"),
     "missing": ({k: v for k, v in vae_row("planar", 2).items() if k != "test_nll"}, "'test_nll' is missing or null"),
     "wrong_type": (vae_row("planar", 2, flow_length="two"), "'flow_length' is not a number ('two')"),
     "wrong_str": (vae_row("planar", 2, dataset=7), "'dataset' is not a string (7)"),

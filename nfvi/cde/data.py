@@ -281,9 +281,7 @@ def _numeric(spec: UCISpec, path: Path, frame: pd.DataFrame, columns, header_row
         if huge.any():
             i = int(np.argmax(huge))
             row = int(frame.index[i]) + 1 + header_rows
-            raise _fail(
-                spec, path, f"{_bad_cell(num.iloc[i])} {col.iloc[i]} in column {c!r} at row {row} of the file"
-            )
+            raise _fail(spec, path, f"{_bad_cell(num.iloc[i])} {col.iloc[i]} in column {c!r} at row {row} of the file")
         out[c] = num
     return pd.DataFrame(out, index=frame.index)
 

@@ -141,7 +141,7 @@ def check_record(row: dict) -> str:
     task = row.get("task")
     if task is None:
         return "no 'task' field"
-    if task not in FIELDS:
+    if not isinstance(task, str) or task not in FIELDS:
         return f"unknown task {task!r} (known: {', '.join(TASKS)})"
     for name, (kind, required) in FIELDS[task].items():
         why = _problem(row.get(name), kind, required)
