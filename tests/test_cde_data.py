@@ -300,3 +300,85 @@ def test_table_checksum_ignores_float_noise_but_sees_a_change():
     y2 = y.copy()
     y2[7] += 1e-3
     assert table_checksum(x, y) != table_checksum(x, y2)
+
+
+# ------------------------------------------------------------------ cells and columns float64 cannot standardise
+
+
+def _fish_with_cell(tmp_path, row: int, col: int, text: str) -> Path:
+    """A fish file (no header) whose 1-based ``row`` has ``text`` in column ``col`` (0-based)."""
+    lines = fish_text(30).split("\r\n")
+    cells = lines[row - 1].split(";")
+    cells[col] = text
+    lines[row - 1] = ";".join(cells)
+    path = tmp_path / "qsar_fish_toxicity.csv"
+    path.write_text("\r\n".join(lines))
+    return path
+
+
+@pytest.mark.parametrize("text", ["inf", "-inf", "1e400", "1e300", "-1e200"])
+def test_non_finite_or_overflowing_cell_is_refused_naming_file_row_and_column(tmp_path, text):
+    path = _fish_with_cell(tmp_path, 7, 6, text)
+    with pytest.raises(NfviError) as err:
+        read_uci_file(UCI_DATASETS["fish"], path)
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg and "'LC50'" in msg and "row 7 of the file" in msg
+
+
+def test_bad_cell_row_counts_the_header_line(tmp_path):
+    frame = energy_frame(30)
+    frame.loc[4, "X3"] = np.inf  # the 5th data row: row 6 of the sheet, under the header
+    path = tmp_path / "ENB2012_data.xlsx"
+    frame.to_excel(path, index=False)
+    with pytest.raises(NfviError, match=r"inf.*'X3' at row 6 of the file"):
+        read_uci_file(UCI_DATASETS["energy"], path)
+
+
+def _fish_table(tmp_path, **columns) -> cde_data.Table:
+    table = read_uci_file(UCI_DATASETS["fish"], _fish_with_cell(tmp_path, 1, 0, "1.0"))
+    table.x, table.y = table.x.copy(), table.y.copy()
+    for name, values in columns.items():
+        part, j = ("y", 0) if name == "LC50" else ("x", list(cde_data._FISH).index(name))
+        getattr(table, part)[:, j] = values
+    return table
+
+
+def test_constant_target_is_refused_naming_the_column_and_dataset(tmp_path):
+    table = _fish_table(tmp_path, LC50=3.0)
+    with pytest.raises(NfviError, match=r"dataset=fish \(.*qsar_fish_toxicity.csv\): y column 'LC50' is constant"):
+        split_and_standardize(table, 0)
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e-160])
+def test_target_too_small_for_float64_is_refused(tmp_path, scale):
+    table = _fish_table(tmp_path)
+    table.y = table.y * scale
+    with pytest.raises(NfviError, match=r"y column 'LC50' cannot be standardised in float64 \(all its values"):
+        split_and_standardize(table, 0)
+
+
+def test_target_with_no_spread_relative_to_its_mean_is_refused(tmp_path):
+    table = _fish_table(tmp_path)
+    table.y = 1e6 + table.y * 1e-8  # spread 1e-14 of the mean: about 100 ulps
+    with pytest.raises(NfviError, match=r"'LC50' cannot be standardised.*std .* below 1e-12 x \|mean\|"):
+        split_and_standardize(table, 0)
+
+
+def test_constant_feature_is_kept_as_zeros(tmp_path):
+    table = _fish_table(tmp_path, NdsCH=2.0)
+    split = split_and_standardize(table, 0)
+    j = list(cde_data._FISH).index("NdsCH")
+    assert (split.x_train[:, j] == 0).all() and np.isfinite(split.x_train).all()
+    tiny = _fish_table(tmp_path)
+    tiny.x[:, j] *= 1e-200  # not constant, but its spread underflows: refused rather than silently lost
+    with pytest.raises(NfviError, match=r"x column 'NdsCH' cannot be standardised"):
+        split_and_standardize(tiny, 0)
+
+
+@pytest.mark.parametrize("value", [np.inf, np.nan, 1e300])
+def test_split_refuses_a_bad_cell_of_any_table_naming_row_and_column(value):
+    table = make_synthetic("sine", 50)
+    table.y[11, 0] = value
+    with pytest.raises(NfviError, match=r"dataset=sine \(synthetic:sine\(n=50\)\): .* in y column 'y' at table row 12"):
+        split_and_standardize(table, 0)
+    assert np.isfinite(split_and_standardize(make_synthetic("bimodal", 50), 0).y_train).all()

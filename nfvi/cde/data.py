@@ -251,7 +251,22 @@ def _read_frame(spec: UCISpec, path: Path) -> pd.DataFrame:
         raise _fail(spec, path, f"cannot read it as {kind} file ({reason[:200]})") from None
 
 
-def _numeric(spec: UCISpec, path: Path, frame: pd.DataFrame, columns) -> pd.DataFrame:
+#: the largest magnitude a cell may have: its square (in the standard deviation) must not overflow float64
+MAX_ABS_VALUE = 1e150
+
+
+def _bad_cell(value: float) -> str:
+    """Why a parsed cell cannot be standardised in float64, or ``""`` (NaN is a missing value, handled apart)."""
+    if math.isinf(value):
+        return "a non-finite value (inf; 1e309 and beyond overflow float64)"
+    if abs(value) > MAX_ABS_VALUE:
+        return f"a value beyond ±{MAX_ABS_VALUE:g} (its square overflows float64)"
+    return ""
+
+
+def _numeric(spec: UCISpec, path: Path, frame: pd.DataFrame, columns, header_rows: int = 0) -> pd.DataFrame:
+    """``columns`` of ``frame`` as float64; a non-numeric, infinite or overflowing cell is a one-line error
+    naming the file, its row (1-based, as in the file: ``header_rows`` header lines come first) and the column."""
     out = {}
     for c in columns:
         col = frame[c]
@@ -260,7 +275,14 @@ def _numeric(spec: UCISpec, path: Path, frame: pd.DataFrame, columns) -> pd.Data
         if bad.any():
             i = int(np.argmax(bad.to_numpy()))
             raise _fail(spec, path, f"non-numeric value {col.iloc[i]!r} in column {c!r} (data row {i + 1})")
-        out[c] = num.astype(float)
+        num = num.astype(float)
+        huge = ~np.isfinite(num.to_numpy()) & num.notna().to_numpy()
+        huge |= np.abs(num.fillna(0.0).to_numpy()) > MAX_ABS_VALUE
+        if huge.any():
+            i = int(np.argmax(huge))
+            row = int(frame.index[i]) + 1 + header_rows
+            raise _fail(spec, path, f"{_bad_cell(num.iloc[i])} {col.iloc[i]} in column {c!r} at row {row} of the file")
+        out[c] = num
     return pd.DataFrame(out, index=frame.index)
 
 
@@ -293,7 +315,7 @@ def read_uci_file(spec: UCISpec, path: str | Path) -> Table:
         )
     if spec.dropna:  # the suite drops incomplete rows (over all columns, e.g. Temperature's min/max rows)
         frame = frame[frame.notna().all(axis=1)]
-    data = _numeric(spec, path, frame, wanted)
+    data = _numeric(spec, path, frame, wanted, header_rows=0 if spec.names else 1)
     if not spec.dropna and data.isna().any().any():
         col = data.columns[data.isna().any()].tolist()
         raise _fail(spec, path, f"missing (NaN/empty) values in column(s) {col}; the UCI release has none there")
@@ -488,7 +510,13 @@ class Split:
 
 def split_and_standardize(table: Table, seed: int, test_fraction: float = 0.3, val_fraction: float = 0.2) -> Split:
     """Random ``1 - test_fraction`` / ``test_fraction`` split by ``seed``; the last ``val_fraction`` of
-    the training split is the validation part (early stopping). Standardise with training-split stats."""
+    the training split is the validation part (early stopping). Standardise with training-split stats.
+
+    Refused in one line (:class:`NfviError`) naming the dataset, its source and the column: a non-finite
+    cell or one beyond ±:data:`MAX_ABS_VALUE` (also the table row, 1-based), a constant ``y`` column (no
+    density to estimate: its NLL would be meaningless) and a column that float64 cannot standardise
+    (:func:`_degenerate`). A constant ``x`` column is kept: centred, unscaled, it becomes 0 (no information).
+    """
     check_range("test_fraction", test_fraction, low=0.05, high=0.9, kind="a fraction")
     check_range("val_fraction", val_fraction, low=0.05, high=0.9, kind="a fraction")
     n = len(table.y)
@@ -498,12 +526,62 @@ def split_and_standardize(table: Table, seed: int, test_fraction: float = 0.3, v
     n_val = int(round(val_fraction * len(train)))
     fit, val = train[: len(train) - n_val], train[len(train) - n_val :]
 
-    def stats(a):
-        mean, std = a[train].mean(0), a[train].std(0)
-        return mean, np.where(std > 0, std, 1.0)
-
-    xm, xs = stats(table.x)
-    ym, ys = stats(table.y)
+    _check_cells(table)
+    xm, xs = _stats(table, "x", train, seed)
+    ym, ys = _stats(table, "y", train, seed)
     fx = lambda i: ((table.x[i] - xm) / xs).astype(np.float32)
     fy = lambda i: ((table.y[i] - ym) / ys).astype(np.float32)
     return Split(fx(fit), fy(fit), fx(val), fy(val), fx(test), fy(test), ym, ys, test)
+
+
+#: a column whose spread is below this fraction of its mean (or whose values are all below
+#: :data:`MIN_ABS_SCALE` in magnitude) cannot be standardised in float64 without losing it
+MIN_RELATIVE_STD = 1e-12
+MIN_ABS_SCALE = 1e-150
+
+
+def _where(table: Table) -> str:
+    return f"dataset={table.name} ({table.source})"
+
+
+def _check_cells(table: Table) -> None:
+    """A non-finite or overflowing cell of ``table`` is a one-line error naming the table row (1-based) and column."""
+    for part, names in (("x", table.x_names), ("y", table.y_names)):
+        a = getattr(table, part)
+        bad = ~np.isfinite(a) | (np.abs(np.nan_to_num(a)) > MAX_ABS_VALUE)
+        if bad.any():
+            i, j = (int(v) for v in np.argwhere(bad)[0])
+            value = float(a[i, j])
+            why = "a missing value (NaN)" if math.isnan(value) else _bad_cell(value)
+            raise NfviError(f"{_where(table)}: {why} {value!r} in {part} column {names[j]!r} at table row {i + 1}")
+
+
+def _degenerate(v: np.ndarray, mean: float, std: float) -> str:
+    """Why float64 standardisation would lose column ``v`` (not constant), or ``""``."""
+    scale = float(np.abs(v).max())
+    if scale < MIN_ABS_SCALE:
+        return f"all its values are below {MIN_ABS_SCALE:g} in magnitude (max {scale:.3g}): their squares underflow"
+    if not std > MIN_RELATIVE_STD * abs(mean):
+        return f"its std {std:.3g} is below {MIN_RELATIVE_STD:g} x |mean| = {abs(mean):.3g}: rounding would dominate"
+    return ""
+
+
+def _stats(table: Table, part: str, rows: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training-split mean and std of ``table.<part>`` ``(D,)`` each; std 1 for a constant ``x`` column."""
+    a = getattr(table, part)[rows]
+    names = table.x_names if part == "x" else table.y_names
+    mean, std = a.mean(0), a.std(0)
+    for j, name in enumerate(names):
+        v = a[:, j]
+        where = f"{_where(table)}: {part} column {name!r}"
+        if v.min() == v.max():
+            if part == "y":
+                raise NfviError(
+                    f"{where} is constant ({v[0]:g}) on the training split of seed {seed}: a constant target has "
+                    "no density to estimate (its NLL would be meaningless)"
+                )
+            continue
+        why = _degenerate(v, float(mean[j]), float(std[j]))
+        if why:
+            raise NfviError(f"{where} cannot be standardised in float64 ({why}); rescale that column in the file")
+    return mean, np.where(std > 0, std, 1.0)

@@ -7,27 +7,45 @@
   standardised-units NLL, seeds and run folders;
 - ``cde.csv``: the long table as numbers.
 
-When several runs share a (dataset, model) cell, the most recent one (``finished_at``) is used.
+When several runs share a (dataset, model) cell, the most recent one (``finished_at``) is used; a run
+whose ``test_nll_mean`` is missing or not finite is never used. A run with fewer seeds done (``n_seeds``)
+than it names (``seeds``) is marked ``†`` (``unfinished`` column), with a legend under the table.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from nfvi.cde.data import BENCHMARK_NF_NLL, DATASETS
-from nfvi.reports.common import col
+from nfvi.reports.common import UNFINISHED_MARK, col
 from nfvi.runs import atomic_write_text
 
 __all__ = ["write", "summarize", "pivot"]
 
 _KIND_ORDER = {"gaussian": 0, "mdn": 1, "planar": 2, "radial": 3, "nice": 4}
+UNFINISHED_LEGEND = f"{UNFINISHED_MARK} unfinished: fewer seeds were fitted than the run names (n_seeds < len(seeds))."
+
+
+def _finite(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_) and math.isfinite(value)
+
+
+def _unfinished(n_seeds, seeds) -> str:
+    """``""``, or ``"3/5 seeds"`` when a run fitted fewer seeds than it names."""
+    if isinstance(seeds, list) and _finite(n_seeds) and n_seeds < len(seeds):
+        return f"{int(n_seeds)}/{len(seeds)} seeds"
+    return ""
 
 
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, model_name): the latest run's numbers, sorted by dataset then model."""
-    rows = frame.copy()
+    finite = np.isfinite(pd.to_numeric(frame["test_nll_mean"], errors="coerce"))
+    rows = frame[finite].copy()  # a NaN/inf/null run never replaces a good one
     rows["finished_at"] = col(rows, "finished_at", "").fillna("").astype(str)
     rows = rows.sort_values("finished_at").groupby(["dataset", "model_name"], as_index=False).tail(1)
     out = pd.DataFrame(
@@ -43,6 +61,7 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
             "benchmark_nf_nll": rows["dataset"].map(BENCHMARK_NF_NLL),
             "true_nll": col(rows, "true_nll"),
             "run_dir": col(rows, "run_dir", ""),
+            "unfinished": [_unfinished(n, s) for n, s in zip(col(rows, "n_seeds"), col(rows, "seeds"), strict=True)],
         }
     )
     order = {name: i for i, name in enumerate(DATASETS)}
@@ -77,6 +96,7 @@ def pivot(summary: pd.DataFrame) -> pd.DataFrame:
         best = rows["test_nll_mean"].min()
         for _, r in rows.iterrows():
             cell = _pm(r["test_nll_mean"], r["test_nll_std"])
+            cell += f" {UNFINISHED_MARK}" if r.get("unfinished") else ""
             line[r["model"]] = f"**{cell}**" if r["test_nll_mean"] == best and len(rows) > 1 else cell
         nf = BENCHMARK_NF_NLL.get(dataset)
         line["NF (benchmark)"] = f"{nf:.2f}" if nf is not None else ""
@@ -111,7 +131,10 @@ def write(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
                 for m, s in zip(summary.test_nll_standardized_mean, summary.test_nll_standardized_std, strict=True)
             ],
         }
-    )[["dataset", "y_dim", "model", "n_seeds", "test NLL (original y)", "test NLL (standardised y)", "run_dir"]]
+    )
+    flagged = summary["unfinished"].astype(bool).any()
+    columns = ["dataset", "y_dim", "model", "n_seeds", "test NLL (original y)", "test NLL (standardised y)"]
+    long = long[[*columns, *(["unfinished"] if flagged else []), "run_dir"]]
     text = "\n".join(
         [
             "# Conditional density estimation: test NLL (nats per test point, lower is better)",
@@ -126,6 +149,7 @@ def write(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
             "",
             _markdown(long),
             "",
+            *([UNFINISHED_LEGEND, ""] if flagged else []),
         ]
     )
     md, csv = out_dir / "cde.md", out_dir / "cde.csv"

@@ -11,6 +11,9 @@ stand-in ``fake_cifar10``; :func:`is_table3_row` says which) and writes into ``o
   (unconfirmed, paper.md section 4); each section says how comparable it is.
 - ``vae_table3.csv``: the same numbers, one row per (dataset, settings, flow, K), with run folders.
 
+Rows holding a run stopped before its configured updates carry ``†`` (``unfinished`` column), KL cells
+that are negative or come from S < 100 importance samples ``‡`` (``kl_noisy``); legends below the table.
+
 The readings (docs/cifar10.md): ``cifar10`` is nfvi's standard one (whole images, discretized
 logistic: a discrete ``-ln p(x)``, not comparable to the paper's negative continuous-density values);
 ``cifar10_patches`` is the reproductions' reading (3x8x8 patches, logit-normal density), the one the
@@ -24,7 +27,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from nfvi.reports.common import FLOW_LABEL, FLOW_ORDER, col, normalize_runs
+from nfvi.reports.common import (
+    FLOW_LABEL,
+    FLOW_ORDER,
+    NOISY_KL_LEGEND,
+    NOISY_KL_MARK,
+    UNFINISHED_LEGEND,
+    UNFINISHED_MARK,
+    col,
+    group_unfinished,
+    noisy_kl,
+    normalize_runs,
+    unfinished_notes,
+)
 from nfvi.runs import atomic_write_text
 
 __all__ = ["PAPER_TABLE3", "READINGS", "is_table3_row", "summarize_table3", "table3_markdown", "write_table3"]
@@ -66,7 +81,8 @@ def summarize_table3(frame: pd.DataFrame) -> pd.DataFrame:
     for s in SETTINGS:
         df[s] = col(df, s, "").fillna("").astype(str)
     df["run_dir"] = col(df, "run_dir", "").fillna("").astype(str)
-    df = df.dropna(subset=["test_nll"])
+    df["unfinished"] = unfinished_notes(df)
+    df = df[df["test_nll"].map(math.isfinite)]  # NaN/inf: never shown, never the latest
     rows = []
     keys = ["dataset", *SETTINGS, "flow", "flow_length"]
     for key, g in df.groupby(keys, sort=False):
@@ -82,6 +98,8 @@ def summarize_table3(frame: pd.DataFrame) -> pd.DataFrame:
         row["paper_nll"] = paper if paper is not None else math.nan
         row["paper_status"] = "U" if paper is not None else ""
         row["run_dirs"] = ";".join(g["run_dir"])
+        row["unfinished"] = group_unfinished(g["unfinished"])
+        row["kl_noisy"] = noisy_kl(g["test_kl"].min(), values["num_importance_samples"])
         rows.append(row)
     table = pd.DataFrame(rows).drop(columns=["flow_length"])
     order = table["flow"].map(FLOW_ORDER).fillna(len(FLOW_ORDER))
@@ -121,11 +139,17 @@ def table3_markdown(table: pd.DataFrame) -> str:
         head += ["-ELBO (nats)", "KL (nats)", "paper -ln p(x) [U]", "seeds"]
         lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         for _, row in g.iterrows():
-            cells = [row["label"], str(row["K"]), _nll(row)] + ([_num(row["test_bpd"], ".3f")] if bpd else [])
+            note = row.get("unfinished") or ""
+            label = f"{row['label']} {UNFINISHED_MARK} (unfinished: {note})" if note else row["label"]
+            cells = [label, str(row["K"]), _nll(row)] + ([_num(row["test_bpd"], ".3f")] if bpd else [])
             paper = _num(row["paper_nll"], ".1f")
-            cells += [_num(row["test_neg_elbo"]), _num(row["test_kl"]), paper, str(row["seeds"])]
+            kl = _num(row["test_kl"])
+            kl = f"{kl} {NOISY_KL_MARK}" if kl and row.get("kl_noisy", False) == True else kl  # noqa: E712
+            cells += [_num(row["test_neg_elbo"]), kl, paper, str(row["seeds"])]
             lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    legends = [UNFINISHED_LEGEND] if col(table, "unfinished", "").fillna("").astype(bool).any() else []
+    legends += [NOISY_KL_LEGEND] if col(table, "kl_noisy", False).fillna(False).astype(bool).any() else []
+    return "\n".join([*lines, *(["", *legends] if legends else [])]) + "\n"
 
 
 def write_table3(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:

@@ -1,10 +1,41 @@
-"""Helpers every report shares: a tolerant column reader and the VAE runs' normalisation and flow labels."""
+"""Helpers every report shares: a tolerant column reader, the VAE runs' normalisation and flow labels, and
+the markers of runs whose numbers need a caveat (:data:`UNFINISHED_MARK`, :data:`NOISY_KL_MARK`)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
-__all__ = ["FLOW_ORDER", "FLOW_LABEL", "col", "normalize_runs"]
+__all__ = [
+    "FLOW_ORDER",
+    "FLOW_LABEL",
+    "UNFINISHED_MARK",
+    "UNFINISHED_LEGEND",
+    "NOISY_KL_MARK",
+    "NOISY_KL_LEGEND",
+    "MIN_RELIABLE_SAMPLES",
+    "col",
+    "normalize_runs",
+    "unfinished_notes",
+    "group_unfinished",
+    "noisy_kl",
+]
+
+#: marks a row holding a run stopped before its configured number of updates
+UNFINISHED_MARK = "†"
+UNFINISHED_LEGEND = (
+    f"{UNFINISHED_MARK} unfinished: the run stopped before its configured number of updates (trainer.steps); "
+    "its numbers are not those of the planned experiment."
+)
+#: importance samples S below which -ln p(x) (and so KL = -ELBO - (-ln p(x))) is flagged as noisy
+MIN_RELIABLE_SAMPLES = 100
+#: marks a KL cell that is negative or estimated with S < MIN_RELIABLE_SAMPLES importance samples
+NOISY_KL_MARK = "‡"
+NOISY_KL_LEGEND = (
+    f"{NOISY_KL_MARK} -ln p(x) is an importance-sampling estimate that is noisy and biased upward at this S "
+    f"(few samples: S < {MIN_RELIABLE_SAMPLES}, or a negative KL): -ELBO - (-ln p(x)) is then not a KL "
+    "(a KL is never negative); raise eval.num_samples."
+)
 
 FLOW_ORDER = {"none": 0, "planar": 1, "radial": 2, "nice": 3}
 FLOW_LABEL = {
@@ -38,3 +69,43 @@ def normalize_runs(frame: pd.DataFrame, metrics) -> pd.DataFrame:
         df["test_kl"] = df["test_neg_elbo"] - df["test_nll"]
     df["finished_at"] = col(df, "finished_at", "").fillna("").astype(str)
     return df
+
+
+def _fmt_int(value: float) -> str:
+    return f"{int(value):,}"
+
+
+def unfinished_notes(frame: pd.DataFrame) -> pd.Series:
+    """Per run, ``""`` or why it is unfinished: ``"661/500,000 updates"`` (``steps`` below its target).
+
+    The target is the resolved config's ``config/trainer/steps`` when results.json records it (provenance),
+    else ``trainer/steps``; with no target, a run whose results.json says ``finished: false`` gives
+    ``"661 updates, finished=false"``; otherwise the run is not flagged.
+    """
+    done = pd.to_numeric(col(frame, "steps"), errors="coerce")
+    target = pd.to_numeric(col(frame, "config/trainer/steps"), errors="coerce")
+    target = target.fillna(pd.to_numeric(col(frame, "trainer/steps"), errors="coerce"))
+    finished = col(frame, "finished")
+    notes = []
+    for d, t, f in zip(done, target, finished, strict=True):
+        if pd.notna(d) and pd.notna(t) and d < t:
+            notes.append(f"{_fmt_int(d)}/{_fmt_int(t)} updates")
+        elif pd.isna(t) and isinstance(f, bool | np.bool_) and not f:
+            notes.append(f"{_fmt_int(d)} updates, finished=false" if pd.notna(d) else "finished=false")
+        else:
+            notes.append("")
+    return pd.Series(notes, index=frame.index, dtype=object)
+
+
+def group_unfinished(notes: pd.Series) -> str:
+    """The notes of a group of runs (one table row) joined: ``""`` when every run finished."""
+    return "; ".join(dict.fromkeys(n for n in notes if n))
+
+
+def noisy_kl(kl: float, num_samples) -> bool:
+    """Whether a KL = -ELBO - (-ln p(x)) needs :data:`NOISY_KL_MARK`: negative, or S below
+    :data:`MIN_RELIABLE_SAMPLES` (``num_samples`` may be several values joined by commas; unknown: not flagged)."""
+    if pd.notna(kl) and kl < 0:
+        return True
+    values = pd.to_numeric(pd.Series(str(num_samples).split(",")), errors="coerce").dropna()
+    return bool(len(values) and values.min() < MIN_RELIABLE_SAMPLES)

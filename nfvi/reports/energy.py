@@ -10,7 +10,9 @@ points at the folder holding ``density.npz``). Outputs in ``out_dir``:
 
 Several runs of one (target, flow, length, steps) -- different seeds -- are averaged in the tables
 (``runs`` counts them; repeated runs with the same seed count once, the latest). The figure shows,
-per (target, flow, length), the run with the most steps (the latest among equals).
+per (target, flow, length), the run with the most steps (the latest among equals). A run with a
+non-finite bound or KL is never used; a run that stopped before its configured ``trainer.steps`` (known
+from the resolved config in results.json) is marked ``†`` in the pivots and noted in ``unfinished``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from nfvi.reports.common import UNFINISHED_LEGEND, UNFINISHED_MARK, group_unfinished, unfinished_notes
 from nfvi.runs import atomic_write_bytes, atomic_write_text
 
 __all__ = ["write", "summarize", "to_markdown"]
@@ -64,9 +67,20 @@ def _latest(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.drop_duplicates(keys, keep="last")
 
 
+def _usable(frame: pd.DataFrame) -> pd.DataFrame:
+    """The runs with a finite bound and KL (a NaN/inf run never replaces a good one), each with its
+    ``unfinished`` note (``""``, or updates done/configured: :func:`nfvi.reports.common.unfinished_notes`)."""
+    frame = frame.assign(unfinished=unfinished_notes(frame))
+    keep = pd.Series(True, index=frame.index)
+    for name in ("bound", "kl"):
+        keep &= np.isfinite(pd.to_numeric(frame[name], errors="coerce")) if name in frame else False
+    return frame[keep]
+
+
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean of each number over seeds per (target, flow, flow_length, steps, wall), with ``runs`` and the bound's sd."""
-    frame = _latest(frame)
+    """Mean of each number over seeds per (target, flow, flow_length, steps, wall), with ``runs``, the bound's sd
+    and ``unfinished`` (``""`` when every run of the row did all its configured updates)."""
+    frame = _latest(_usable(frame))
     for col in [*NUMBERS, "wall"]:
         if col not in frame:
             frame[col] = math.nan
@@ -77,6 +91,7 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     table["bound_sd"] = grouped["bound"].std()
     if "box" in frame:
         table["box"] = grouped["box"].first()
+    table["unfinished"] = grouped["unfinished"].agg(group_unfinished)
     return _order(table.reset_index())
 
 
@@ -102,7 +117,11 @@ def _pivot(table: pd.DataFrame, value: str) -> pd.DataFrame:
     pivot = pivot.reset_index()
     pivot = pivot.assign(_f=pivot["flow"].map(_rank))
     pivot = pivot.sort_values(["target", "_f", "flow"]).drop(columns="_f")
-    pivot["flow"] = pivot["flow"].map(_label)
+    notes = best.get("unfinished", pd.Series("", index=best.index)).fillna("")
+    flagged = {(t, f) for t, f, u in zip(best["target"], best["flow"], notes, strict=True) if u}
+    keys = zip(pivot["target"], pivot["flow"], strict=True)
+    marks = [f" {UNFINISHED_MARK}" if key in flagged else "" for key in keys]
+    pivot["flow"] = pivot["flow"].map(_label) + marks
     return pivot
 
 
@@ -116,7 +135,7 @@ def _save(fig, path: Path) -> None:
 
 
 def _figure_runs(frame: pd.DataFrame) -> pd.DataFrame:
-    frame = _latest(frame).sort_values(["steps", "finished_at"])
+    frame = _latest(_usable(frame)).sort_values(["steps", "finished_at"])
     return _order(frame.drop_duplicates(["target", "flow", "flow_length"], keep="last"))
 
 
@@ -223,8 +242,9 @@ def write(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         "",
         "`wall`: the width of the soft wall at the box edge (0: the raw Table 1 energy); `runs`: the seeds averaged.",
         "",
-        to_markdown(table),
+        to_markdown(table if table["unfinished"].astype(bool).any() else table.drop(columns="unfinished")),
         "",
+        *([UNFINISHED_LEGEND, ""] if table["unfinished"].astype(bool).any() else []),
     ]
     atomic_write_text(paths[1], "\n".join(md))
     plot_fig3(frame, paths[2])

@@ -3,12 +3,18 @@
 Each run's ``results.json`` carries a ``task`` field (``energy``, ``vae``, ``cde``). The rows of
 each task go to its writer, ``nfvi.reports.<task>.write(frame, out_dir) -> list[Path]``, which
 writes markdown, CSV (and LaTeX) tables and PNG figures into ``report.out_dir``.
+
+A file that cannot be used (unreadable, not a JSON object, no or an unknown ``task``, a field of
+:data:`FIELDS` missing, of the wrong type or not finite) is skipped with one warning line naming it
+and why (logger ``nfvi.report``, on stderr by default); the others are reported.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,12 +40,60 @@ class ReportConfig:
 store("base_report", ReportConfig)
 
 
+#: per task, the fields a writer relies on: name -> (kind, required). ``num`` = a finite int or float; a
+#: required field must be present and valid; an optional one may be absent or null (a NaN/inf there counts
+#: as absent). The required numbers are the headline metrics: a run without them is skipped, never shown.
+FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
+    "vae": {
+        "dataset": ("str", True),
+        "flow": ("str", True),
+        "flow_length": ("int", True),
+        "test_nll": ("num", True),
+        "test_neg_elbo": ("num", True),
+        "test_kl": ("num", False),
+        "seed": ("int", False),
+        "steps": ("int", False),
+        "num_importance_samples": ("int", False),
+        "num_test_images": ("int", False),
+        "finished": ("bool", False),
+    },
+    "energy": {
+        "target": ("str", True),
+        "flow": ("str", True),
+        "flow_length": ("int", True),
+        "steps": ("int", True),
+        "bound": ("num", True),
+        "kl": ("num", True),
+        "seed": ("int", False),
+        "wall": ("num", False),
+    },
+    "cde": {
+        "dataset": ("str", True),
+        "model_name": ("str", True),
+        "test_nll_mean": ("num", True),
+        "test_nll_std": ("num", False),
+        "test_nll_standardized_mean": ("num", False),
+        "test_nll_standardized_std": ("num", False),
+        "y_dim": ("int", False),
+        "n_seeds": ("int", False),
+    },
+}
+
+log = logging.getLogger("nfvi.report")
+
+
 def collect(roots: list[str | Path]) -> pd.DataFrame:
     """One row per ``results.json`` found under ``roots``; nested dicts flattened with ``/``.
 
-    The ``run_dir`` column holds the folder of each file.
+    The ``run_dir`` column holds the folder of each file. Unreadable files and files that do not hold a
+    JSON object are skipped with a one-line warning (logger ``nfvi.report``).
     """
     return pd.DataFrame(read_results(roots))
+
+
+def _constant(token: str) -> float:
+    """``NaN``/``Infinity``/``-Infinity`` in old files parse as floats; :func:`check_record` treats them as missing."""
+    return float(token)
 
 
 def read_results(roots: list[str | Path]) -> list[dict]:
@@ -48,14 +102,67 @@ def read_results(roots: list[str | Path]) -> list[dict]:
     for root in roots:
         for path in sorted(Path(root).rglob("results.json")):
             try:
-                data = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                print(f"nfvi report: skipping unreadable {path} ({exc})")
+                data = json.loads(path.read_text(), parse_constant=_constant)
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                log.warning("nfvi report: skipping %s: unreadable (%s)", path, " ".join(str(exc).split()))
                 continue
-            row = pd.json_normalize(data, sep="/").iloc[0].to_dict()
+            if not isinstance(data, dict):
+                log.warning("nfvi report: skipping %s: not a JSON object (a %s)", path, type(data).__name__)
+                continue
+            row = pd.json_normalize(data, sep="/").iloc[0].to_dict() if data else {}
             row["run_dir"] = str(path.parent)
             rows.append(row)
     return rows
+
+
+def _problem(value, kind: str, required: bool) -> str:
+    """Why ``value`` is not a valid ``kind`` field (``""`` when it is; missing = None or NaN)."""
+    missing = value is None or (isinstance(value, float) and math.isnan(value))
+    if missing:
+        return "missing or null" if required else ""
+    if kind == "str":
+        return "" if isinstance(value, str) else f"not a string ({value!r})"
+    if kind == "bool":
+        return "" if isinstance(value, bool) else f"not true/false ({value!r})"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"not a number ({value!r})"
+    if not math.isfinite(value):
+        return f"not finite ({value!r})" if required else ""
+    if kind == "int" and not float(value).is_integer():
+        return f"not a whole number ({value!r})"
+    return ""
+
+
+def check_record(row: dict) -> str:
+    """Why the flattened ``results.json`` ``row`` cannot go into the report (``""`` when it can).
+
+    Non-finite optional numbers are set to None in ``row`` (treated as missing).
+    """
+    task = row.get("task")
+    if task is None:
+        return "no 'task' field"
+    if not isinstance(task, str) or task not in FIELDS:
+        return f"unknown task {task!r} (known: {', '.join(TASKS)})"
+    for name, (kind, required) in FIELDS[task].items():
+        why = _problem(row.get(name), kind, required)
+        if why:
+            return f"field {name!r} is {why}"
+    for name, value in row.items():  # NaN/inf anywhere else (e.g. test_kl_se): missing
+        if isinstance(value, float) and not math.isfinite(value):
+            row[name] = None
+    return ""
+
+
+def usable_records(rows: list[dict]) -> list[dict]:
+    """The rows that pass :func:`check_record`; each other one is skipped with a one-line warning."""
+    keep = []
+    for row in rows:
+        why = check_record(row)
+        if why:
+            log.warning("nfvi report: skipping %s: %s", Path(str(row.get("run_dir", "?"))) / "results.json", why)
+        else:
+            keep.append(row)
+    return keep
 
 
 def run(cfg) -> dict:
@@ -65,9 +172,12 @@ def run(cfg) -> dict:
     for t in tasks:
         if t not in TASKS:
             raise NfviError(f"report.tasks contains {t!r}; choose from: {', '.join(TASKS)}")
-    records = [r for r in read_results(roots) if "task" in r]
+    found = read_results(roots)
+    records = usable_records(found)
     if not records:
-        raise NfviError(f"no results.json found under {', '.join(map(str, roots))}; run an experiment first")
+        seen = any(next(Path(r).rglob("results.json"), None) for r in roots)
+        what = "no usable results.json (see the warnings above)" if seen else "no results.json"
+        raise NfviError(f"{what} found under {', '.join(map(str, roots))}; run an experiment first")
     written = {}
     for task in tasks:
         # one frame per task, so that a key only some tasks have does not turn another task's whole numbers into floats

@@ -16,7 +16,10 @@ Outputs in ``out_dir``:
 Runs are grouped by dataset and by the settings that differ between runs of that dataset
 (e.g. ``steps`` or ``num_importance_samples``); within a group, several seeds are averaged (mean ±
 standard deviation over seeds); a single run shows ± its standard error over test images. Repeated
-runs of one seed count once (the latest, by ``finished_at``).
+runs of one seed count once (the latest, by ``finished_at``); a run with a non-finite -ln p(x) or -ELBO
+never counts. Markers (legends under the tables when used): ``†`` a row holding a run stopped before its
+configured ``trainer.steps`` (with its updates done/configured); ``‡`` a KL that is negative or comes from
+S < 100 importance samples, where the IS estimate is too noisy for -ELBO - (-ln p(x)) to be a KL.
 """
 
 from __future__ import annotations
@@ -28,7 +31,19 @@ from pathlib import Path
 import pandas as pd
 
 from nfvi.reports.cifar import is_table3_row, write_table3
-from nfvi.reports.common import FLOW_LABEL, FLOW_ORDER, col, normalize_runs
+from nfvi.reports.common import (
+    FLOW_LABEL,
+    FLOW_ORDER,
+    NOISY_KL_LEGEND,
+    NOISY_KL_MARK,
+    UNFINISHED_LEGEND,
+    UNFINISHED_MARK,
+    col,
+    group_unfinished,
+    noisy_kl,
+    normalize_runs,
+    unfinished_notes,
+)
 from nfvi.runs import atomic_write_bytes, atomic_write_text
 
 __all__ = ["PAPER_TABLE2", "summarize", "to_markdown", "to_latex", "write"]
@@ -68,7 +83,9 @@ METRICS = ("test_neg_elbo", "test_nll", "test_kl")
 def _prepare(frame: pd.DataFrame) -> pd.DataFrame:
     df = normalize_runs(frame, (*METRICS, "test_nll_se", "test_neg_elbo_se", "test_kl_se"))
     df["dataset"] = col(df, "dataset", "?").fillna("?").astype(str)
-    return df.dropna(subset=["test_nll", "test_neg_elbo"])
+    df["unfinished"] = unfinished_notes(df)
+    finite = df["test_nll"].map(math.isfinite) & df["test_neg_elbo"].map(math.isfinite)  # NaN/inf: never shown
+    return df[finite]
 
 
 def _settings_varying(df: pd.DataFrame) -> list[str]:
@@ -81,7 +98,9 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     Columns: dataset, the settings that vary within the dataset (``setting``: a readable summary),
     flow, K, label, seeds, runs, ``neg_elbo``/``nll``/``kl`` (means, nats), ``*_sd`` (std over seeds,
     NaN for one seed), ``*_se`` (mean of the runs' standard errors over test images), paper_nll,
-    paper_status, diff_nll (ours - paper), steps, num_importance_samples, num_test_images, run_dirs.
+    paper_status, diff_nll (ours - paper), steps, num_importance_samples, num_test_images, run_dirs,
+    ``unfinished`` (``""``, or the updates done/configured of the runs stopped early) and ``kl_noisy``
+    (a seed's KL is negative or S < :data:`~nfvi.reports.common.MIN_RELIABLE_SAMPLES`).
     """
     df = _prepare(frame)
     out = []
@@ -115,6 +134,8 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
                 vals = col(g, s).dropna().unique()
                 row[s] = vals[0] if len(vals) == 1 else ",".join(map(str, vals))
             row["run_dirs"] = ";".join(map(str, col(g, "run_dir", "").fillna("")))
+            row["unfinished"] = group_unfinished(g["unfinished"])
+            row["kl_noisy"] = noisy_kl(g["test_kl"].min(), row["num_importance_samples"])
             out.append(row)
     table = pd.DataFrame(out)
     if table.empty:
@@ -141,11 +162,14 @@ def _diff(row) -> str:
 
 def _cells(r) -> list[str]:
     """One Table 2 row: model, -ELBO, -ln p(x), KL (ours), the paper's -ln p(x), ours - paper, seeds."""
+    note = r.get("unfinished") or ""
+    label = f"{r['label']} {UNFINISHED_MARK} (unfinished: {note})" if note else r["label"]
+    kl = _pm(r["kl"], r["kl_sd"], r["kl_se"])
     return [
-        r["label"],
+        label,
         _pm(r["neg_elbo"], r["neg_elbo_sd"], r["neg_elbo_se"]),
         _pm(r["nll"], r["nll_sd"], r["nll_se"]),
-        _pm(r["kl"], r["kl_sd"], r["kl_se"]),
+        f"{kl} {NOISY_KL_MARK}" if kl and r.get("kl_noisy", False) == True else kl,  # noqa: E712 (numpy bools)
         _paper(r),
         _diff(r),
         str(r["seeds"]),
@@ -188,9 +212,16 @@ def to_markdown(table: pd.DataFrame) -> str:
         "KL(q_K(z|x) || p(z|x)). -ln p(x) is an importance-sampling estimate (an upper bound in expectation).",
         "Paper: Rezende & Mohamed (2015), Table 2 (S=200 importance samples). [C] confirmed by secondary sources; "
         "[U] unconfirmed (from memory, paper.md section 3.2): treat as approximate targets.",
+        *_legends(table),
         "",
     ]
     return "\n".join(lines)
+
+
+def _legends(table: pd.DataFrame) -> list[str]:
+    """The legend lines of the markers the table uses (none when every row is plain)."""
+    out = [UNFINISHED_LEGEND] if col(table, "unfinished", "").fillna("").astype(bool).any() else []
+    return out + ([NOISY_KL_LEGEND] if col(table, "kl_noisy", False).fillna(False).astype(bool).any() else [])
 
 
 def _tex(text: str) -> str:
@@ -202,6 +233,9 @@ def _tex(text: str) -> str:
         .replace("_", r"\_")
         .replace("#", r"\#")
         .replace("±", r"$\pm$")
+        .replace("<", r"$<$")
+        .replace(UNFINISHED_MARK, r"$^\dagger$")
+        .replace(NOISY_KL_MARK, r"$^\ddagger$")
     )
 
 
@@ -217,7 +251,9 @@ def to_latex(table: pd.DataFrame) -> str:
         lines += [r"\midrule", rf"\multicolumn{{7}}{{l}}{{\emph{{{_tex(_caption(g))}}}}} \\", r"\midrule"]
         for _, r in g.iterrows():
             lines.append(" & ".join(_tex(c) for c in _cells(r)) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", ""]
+    lines.append(r"\bottomrule")
+    lines += [rf"\multicolumn{{7}}{{p{{0.95\linewidth}}}}{{\footnotesize {_tex(text)}}} \\" for text in _legends(table)]
+    lines += [r"\end{tabular}", ""]
     return "\n".join(lines)
 
 
@@ -284,8 +320,15 @@ def figure4(table: pd.DataFrame) -> bytes:
             ax.set_title(title, fontsize=10)
             ax.grid(alpha=0.3)
             ax.set_xticks(sorted(ks))
+        flagged = [f"K={k} ({u})" for k, u in zip(g["K"], col(g, "unfinished", "").fillna(""), strict=True) if u]
         note = row_axes[0].annotate(
-            _caption(g), xy=(0.0, 1.16), xycoords="axes fraction", ha="left", va="bottom", fontsize=8, color="0.25"
+            _caption(g) + (f"; {UNFINISHED_MARK} unfinished: {', '.join(flagged)}" if flagged else ""),
+            xy=(0.0, 1.16),
+            xycoords="axes fraction",
+            ha="left",
+            va="bottom",
+            fontsize=8,
+            color="0.25",
         )
         note.set_in_layout(False)
         row_axes[2].legend(fontsize=7)
