@@ -44,6 +44,7 @@ from nfvi.reports.common import (
     normalize_runs,
     unfinished_notes,
 )
+from nfvi.reports.table1 import is_table1_row, write_table1
 from nfvi.runs import atomic_write_bytes, atomic_write_text
 
 __all__ = ["PAPER_TABLE2", "summarize", "to_markdown", "to_latex", "write"]
@@ -344,16 +345,19 @@ def write(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     """Write Table 2 (md, csv, tex) and Figure 4 (png) for the VAE runs in ``frame``; return the paths.
 
     CIFAR-10 runs (:func:`nfvi.reports.cifar.is_table3_row`) go to Table 3 instead
-    (:func:`nfvi.reports.cifar.write_table3`: ``vae_table3.md`` / ``.csv``).
+    (:func:`nfvi.reports.cifar.write_table3`: ``vae_table3.md`` / ``.csv``), and runs of the Sylvester protocol
+    (``model=gated_conv``, :func:`nfvi.reports.table1.is_table1_row`) to its Table 1
+    (:func:`nfvi.reports.table1.write_table1`: ``sylvester_table1.md`` / ``.csv`` / ``.tex`` / ``.png``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     if not frame.empty:
-        mask = is_table3_row(frame)
-        if mask.any():
-            written += write_table3(frame[mask].reset_index(drop=True), out_dir)
-        frame = frame[~mask].reset_index(drop=True)
+        for is_row, writer in ((is_table3_row, write_table3), (is_table1_row, write_table1)):
+            mask = is_row(frame)
+            if mask.any():
+                written += writer(frame[mask].reset_index(drop=True), out_dir)
+            frame = frame[~mask].reset_index(drop=True)
     table = summarize(frame) if not frame.empty else pd.DataFrame()
     if table.empty:
         return written
