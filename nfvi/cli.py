@@ -129,13 +129,28 @@ def _own_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name not in hydra_files) if folder.is_dir() else []
 
 
-def _job_failed(command: str, exc: Exception, folder: Path, *, user: bool, remove: bool) -> int:
+def _remove_run_folder(folder: Path, output_dir: str | None) -> None:
+    """Delete a job folder, then the folders above it that are left empty, up to (not including) ``output_dir``."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    if output_dir is None:
+        return
+    top = Path(output_dir).resolve()
+    parent = folder.resolve().parent
+    while top in parent.parents and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
+
+
+def _job_failed(command: str, exc: Exception, folder: Path, *, user: bool, remove: bool, output_dir=None) -> int:
     """Report a failed job in one line on stderr and in ``<folder>/error.txt`` (with the traceback).
 
-    ``remove``: delete the folder instead (a refused config or data file: the job wrote nothing of its own).
-    Returns the exit status: 2 for a user error, 1 for anything else.
+    ``remove``: delete the folder (and the folders above it left empty, up to ``output_dir``) instead: a refused
+    config or data file, the job wrote nothing of its own. A command that runs in the working directory
+    (``nfvi report``) gets no ``error.txt`` there: the traceback of an unexpected error goes to stderr.
+    Returns the exit status: 2 user error, 1 anything else.
     """
-    import shutil
     import traceback
 
     from nfvi.runs import atomic_write_text
@@ -146,16 +161,19 @@ def _job_failed(command: str, exc: Exception, folder: Path, *, user: bool, remov
     else:
         first = next(iter(str(exc).splitlines()), "")
         line = f"nfvi {command}: error: {type(exc).__name__}{': ' if first else ''}{first}"
-        line += f" (traceback saved in {error_file})"
     if remove:
-        shutil.rmtree(folder, ignore_errors=True)
-    else:
+        _remove_run_folder(folder, output_dir)
+    elif _is_job_folder(folder):
         try:
-            atomic_write_text(error_file, line + "\n" + "".join(traceback.format_exception(exc)))
+            saved = f"{line} (traceback saved in {error_file})" if not user else line
+            atomic_write_text(error_file, saved + "\n" + "".join(traceback.format_exception(exc)))
+            line = saved
         except OSError as write_error:  # a full disk must not hide the job's own error
-            line = line.replace(f" (traceback saved in {error_file})", "")
-            line += f" (could not save {error_file}: {write_error}; traceback above)"
             traceback.print_exception(exc)
+            line += f" (could not save {error_file}: {write_error}; traceback above)"
+    elif not user:
+        traceback.print_exception(exc)
+        line += " (traceback above)"
     print(line, file=sys.stderr)
     return 2 if user else 1
 
@@ -172,19 +190,23 @@ def _job(command: str, task, debug: bool):
     @functools.wraps(task)
     def task_function(cfg):
         global _run_status
+        from omegaconf import OmegaConf
+
         from nfvi.runs import run_dir
 
         folder = run_dir()
         fresh = not _own_files(folder)  # nothing but Hydra's files: this job made the folder
-        (folder / ERROR_FILE).unlink(missing_ok=True)  # from an earlier attempt
+        if _is_job_folder(folder):
+            (folder / ERROR_FILE).unlink(missing_ok=True)  # from an earlier attempt
         try:
             # validation hook: the maintainer wires the config checks (nfvi.config.validate(cfg)) in here
             return task(cfg)
         except Exception as exc:
             user = isinstance(exc, user_errors)
             multirun = _is_multirun()
-            remove = user and fresh and not multirun and not _own_files(folder) and _removable(folder)
-            status = _job_failed(command, exc, folder, user=user, remove=remove)
+            remove = user and fresh and not multirun and not _own_files(folder) and _is_job_folder(folder)
+            output_dir = OmegaConf.select(cfg, "paths.output_dir")
+            status = _job_failed(command, exc, folder, user=user, remove=remove, output_dir=output_dir)
             if debug:
                 raise
             if not multirun:
@@ -194,8 +216,8 @@ def _job(command: str, task, debug: bool):
     return task_function
 
 
-def _removable(folder: Path) -> bool:
-    """A job folder may be deleted unless it is (or holds) the working directory."""
+def _is_job_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a job's own folder: not the working directory or a folder above it."""
     cwd = Path.cwd().resolve()
     folder = folder.resolve()
     return folder != cwd and folder not in cwd.parents

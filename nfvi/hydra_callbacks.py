@@ -28,7 +28,8 @@ class SweepFailures(Callback):
     """After a sweep, print each failed job's one-line error and a summary on stderr; ``nfvi`` then exits 1.
 
     A job counts as failed in this sweep if its ``error.txt`` is new or was rewritten since the sweep started
-    (a sweep folder may be reused, e.g. with ``resume=true``). :attr:`failed` lists those one-line errors.
+    (a sweep folder may be reused, e.g. with ``resume=true``). :attr:`failed` lists those one-line errors,
+    each naming its job folder (relative to the sweep folder).
     """
 
     #: One-line errors of the failed jobs of the last sweep in this process (read by :func:`nfvi.cli.main`).
@@ -48,6 +49,7 @@ class SweepFailures(Callback):
         lines = []
         for path in failed:
             line = next(iter(path.read_text().splitlines()), "").removeprefix(prefix)
+            line = line.removesuffix(f" (traceback saved in {path})")
             lines.append(f"{prefix}job {path.parent.relative_to(sweep_dir)}: {line}")
         SweepFailures.failed = lines
         if lines:
