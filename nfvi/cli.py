@@ -2,7 +2,10 @@
 
 After the subcommand, Hydra owns the arguments (overrides, ``-m`` for multirun, ``--help``,
 ``--cfg job``, ``--info searchpath``). Each command has a primary config ``conf/<command>.yaml``.
-User errors (bad config values, missing data, ...) end in one line on stderr and exit status 2.
+User errors (bad config values, missing data, ...) end in one line on stderr and exit status 2; any other failure
+in one line naming the exception and ``<run folder>/error.txt`` (the line, then the traceback), exit status 1.
+Each job runs exactly once; a sweep goes on past a failed job and exits 1 at the end
+(:class:`nfvi.hydra_callbacks.SweepFailures`).
 """
 
 from __future__ import annotations
