@@ -128,7 +128,8 @@ def _own_files(folder: Path) -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
-    hydra_files = {str(hydra_cfg.output_subdir), f"{hydra_cfg.job.name}.log", ERROR_FILE}
+    subdir = Path(str(hydra_cfg.output_subdir)).parts[0]  # ".hydra" (also for evaluate's .hydra/evaluate-<time>)
+    hydra_files = {subdir, f"{hydra_cfg.job.name}.log", ERROR_FILE}
     return sorted(p.name for p in folder.iterdir() if p.name not in hydra_files) if folder.is_dir() else []
 
 
@@ -220,8 +221,10 @@ def _job(command: str, task, debug: bool):
 
 
 def _is_job_folder(folder: Path) -> bool:
-    """Whether ``folder`` is a job's own folder: not the working directory or a folder above it."""
-    cwd = Path.cwd().resolve()
+    """Whether ``folder`` is a job's own folder: not the launch directory (``nfvi report``'s) or a folder above it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    cwd = Path(HydraConfig.get().runtime.cwd).resolve()  # where nfvi was started, also with hydra.job.chdir=true
     folder = folder.resolve()
     return folder != cwd and folder not in cwd.parents
 
