@@ -2,11 +2,15 @@
 
 After the subcommand, Hydra owns the arguments (overrides, ``-m`` for multirun, ``--help``,
 ``--cfg job``, ``--info searchpath``). Each command has a primary config ``conf/<command>.yaml``.
-User errors (bad config values, missing data, ...) end in one line on stderr and exit status 2.
+User errors (bad config values, missing data, ...) end in one line on stderr and exit status 2; any other failure
+in one line naming the exception and ``<run folder>/error.txt`` (the line, then the traceback), exit status 1.
+Each job runs exactly once; a sweep goes on past a failed job and exits 1 at the end
+(:class:`nfvi.hydra_callbacks.SweepFailures`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -94,29 +98,140 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return (NfviError, HydraException, OmegaConfBaseException)
 
 
-def _install_error_reporter(command: str) -> None:
-    """Make Hydra report user errors in one line (``HYDRA_FULL_ERROR=1`` restores tracebacks)."""
-    import hydra._internal.utils as hydra_utils
+#: Written into a failed job's folder: the one-line message, then the full traceback.
+ERROR_FILE = "error.txt"
 
-    original = hydra_utils.run_and_report
+#: Exit status of the last single run (0 ok, 1 unexpected error, 2 user error); sweeps use SweepFailures.
+_run_status = 0
+
+
+@contextlib.contextmanager
+def _hydra_raises():
+    """Make Hydra raise its own errors (composition, sweep validation, launchers) instead of printing them.
+
+    Hydra's documented debugging switch ``HYDRA_FULL_ERROR=1`` re-raises them out of ``hydra.main``, so that
+    :func:`main` can fold them into one line. The user's own setting is restored afterwards.
+    """
+    old = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = old
+
+
+def _own_files(folder: Path) -> list[str]:
+    """What a job folder holds besides Hydra's files (``.hydra/``, the job log) and :data:`ERROR_FILE`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    subdir = Path(str(hydra_cfg.output_subdir)).parts[0]  # ".hydra" (also for evaluate's .hydra/evaluate-<time>)
+    hydra_files = {subdir, f"{hydra_cfg.job.name}.log", ERROR_FILE}
+    return sorted(p.name for p in folder.iterdir() if p.name not in hydra_files) if folder.is_dir() else []
+
+
+def _remove_run_folder(folder: Path, output_dir: str | None) -> None:
+    """Delete a job folder, then the folders above it that are left empty, up to (not including) ``output_dir``."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    if output_dir is None:
+        return
+    top = Path(output_dir).resolve()
+    parent = folder.resolve().parent
+    while top in parent.parents and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
+
+
+def _job_failed(command: str, exc: Exception, folder: Path, *, user: bool, remove: bool, output_dir=None) -> int:
+    """Report a failed job in one line on stderr and in ``<folder>/error.txt`` (with the traceback).
+
+    ``remove``: delete the folder (and the folders above it left empty, up to ``output_dir``) instead: a refused
+    config or data file, the job wrote nothing of its own. A command that runs in the working directory
+    (``nfvi report``) gets no ``error.txt`` there: the traceback of an unexpected error goes to stderr.
+    Returns the exit status: 2 user error, 1 anything else.
+    """
+    import traceback
+
+    from nfvi.runs import atomic_write_text
+
+    error_file = folder / ERROR_FILE
+    if user:
+        line = f"nfvi {command}: error: {one_line(exc)}"
+    else:
+        first = next(iter(str(exc).splitlines()), "")
+        line = f"nfvi {command}: error: {type(exc).__name__}{': ' if first else ''}{first}"
+    if remove:
+        _remove_run_folder(folder, output_dir)
+    elif _is_job_folder(folder):
+        try:
+            saved = f"{line} (traceback saved in {error_file})" if not user else line
+            atomic_write_text(error_file, saved + "\n" + "".join(traceback.format_exception(exc)))
+            line = saved
+        except OSError as write_error:  # a full disk must not hide the job's own error
+            traceback.print_exception(exc)
+            line += f" (could not save {error_file}: {write_error}; traceback above)"
+    elif not user:
+        traceback.print_exception(exc)
+        line += " (traceback above)"
+    print(line, file=sys.stderr)
+    return 2 if user else 1
+
+
+def _job(command: str, task, debug: bool):
+    """Wrap ``task`` so that it runs exactly once and every failure ends in one line and ``error.txt``.
+
+    Single run: sets :data:`_run_status` (2 user error, 1 other). Sweep: the job returns normally so the others go
+    on; :class:`nfvi.hydra_callbacks.SweepFailures` reports it at the end. ``debug`` (``HYDRA_FULL_ERROR=1``):
+    re-raise after reporting.
+    """
     user_errors = _user_error_types()
 
-    def run_and_report(func):
-        try:
-            return func()
-        except user_errors as exc:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            print(f"nfvi {command}: error: {one_line(exc)}", file=sys.stderr)
-            sys.exit(2)
-        except Exception:
-            return original(func)
+    @functools.wraps(task)
+    def task_function(cfg):
+        global _run_status
+        from omegaconf import OmegaConf
 
-    hydra_utils.run_and_report = run_and_report
+        from nfvi.runs import run_dir
+
+        folder = run_dir()
+        fresh = not _own_files(folder)  # nothing but Hydra's files: this job made the folder
+        if _is_job_folder(folder):
+            (folder / ERROR_FILE).unlink(missing_ok=True)  # from an earlier attempt
+        try:
+            # validation hook: the maintainer wires the config checks (nfvi.config.validate(cfg)) in here
+            return task(cfg)
+        except Exception as exc:
+            user = isinstance(exc, user_errors)
+            multirun = _is_multirun()
+            remove = user and fresh and not multirun and not _own_files(folder) and _is_job_folder(folder)
+            output_dir = OmegaConf.select(cfg, "paths.output_dir")
+            status = _job_failed(command, exc, folder, user=user, remove=remove, output_dir=output_dir)
+            if debug:
+                raise
+            if not multirun:
+                _run_status = status
+            return None
+
+    return task_function
+
+
+def _is_job_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a job's own folder: not the launch directory (``nfvi report``'s) or a folder above it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    cwd = Path(HydraConfig.get().runtime.cwd).resolve()  # where nfvi was started, also with hydra.job.chdir=true
+    folder = folder.resolve()
+    return folder != cwd and folder not in cwd.parents
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point ``nfvi``."""
+    global _run_status
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -132,33 +247,32 @@ def main(argv: list[str] | None = None) -> None:
 
     import hydra
 
-    from nfvi.errors import NfviError
+    from nfvi.hydra_callbacks import SweepFailures
 
-    _install_error_reporter(command)
-
-    @functools.wraps(task)
-    def task_function(cfg):
+    debug = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    _run_status = 0
+    SweepFailures.failed = []
+    sys.argv = [f"nfvi-{command}", *rest]
+    with _hydra_raises():
         try:
-            return task(cfg)
-        except NfviError as exc:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            hydra.main(config_path=str(CONF_DIR), config_name=command, version_base="1.3")(_job(command, task, debug))()
+        except _user_error_types() as exc:  # Hydra's own: a bad override, an unknown option, a type error
+            if debug:
                 raise
             print(f"nfvi {command}: error: {one_line(exc)}", file=sys.stderr)
-            if not _is_multirun():
-                sys.exit(2)
-            # In a sweep, one failed job (a NaN, a bad combination) should not cancel the others: report it,
-            # carry on, and exit non-zero once the sweep is done.
-            _failed_jobs.append(str(exc))
-            return {"error": str(exc)}
+            sys.exit(2)
+        except Exception:  # a launcher or Hydra itself failed (e.g. a submitit job killed for time or memory)
+            if debug:
+                raise
+            import traceback
 
-    sys.argv = [f"nfvi-{command}", *rest]
-    hydra.main(config_path=str(CONF_DIR), config_name=command, version_base="1.3")(task_function)()
-    if _failed_jobs:
-        print(f"nfvi {command}: error: {len(_failed_jobs)} job(s) of the sweep failed (see above)", file=sys.stderr)
+            traceback.print_exc()
+            print(f"nfvi {command}: error: the command failed (traceback above)", file=sys.stderr)
+            sys.exit(1)
+    if _run_status:
+        sys.exit(_run_status)
+    if SweepFailures.failed:
         sys.exit(1)
-
-
-_failed_jobs: list[str] = []
 
 
 def _check_choices(command: str, choices: dict[str, tuple[str, ...]], args: list[str]) -> None:

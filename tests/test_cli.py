@@ -85,3 +85,22 @@ def test_report_collects_results_json(tmp_path):
     (run / "results.json").write_text(json.dumps({"task": "energy", "kl": 0.1, "units": {"kl": "nats"}}))
     frame = collect([tmp_path])
     assert frame.loc[0, "kl"] == 0.1 and frame.loc[0, "units/kl"] == "nats" and frame.loc[0, "run_dir"] == str(run)
+
+
+def test_composition_error_is_one_line_exit_2_and_no_run_folder(tmp_path):
+    result = nfvi("train", "flow=nope", f"paths.output_dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "nfvi train: error: In 'train': Could not find 'flow/nope'; "
+        "Available options in 'flow': nice, none, planar, radial"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refused_config_leaves_no_run_folder(tmp_path):
+    """A user error raised by the task before it wrote anything: one line, exit 2, the run folder removed."""
+    result = nfvi("energy", "flow.length=-1", f"paths.output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("nfvi energy: error: flow.length=-1 is not allowed")
+    assert not (tmp_path / "out" / "energy").exists()

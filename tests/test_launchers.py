@@ -94,3 +94,34 @@ def test_submitit_local_two_job_sweep(tmp_path):
     assert result.returncode == 0, result.stderr + result.stdout
     assert sweep_results(tmp_path / "sweep") == [0, 2]
     assert list((tmp_path / "sweep" / ".submitit").iterdir())  # submitit's logs and pickles
+
+
+ENERGY_SWEEP = ["-m", "trainer.steps=20", "eval.samples=1000", "eval.grid=20", "flow.length=2,-1"]
+LAUNCHERS = {
+    "basic": [],
+    "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+    "submitit_local": ["hydra/launcher=local", "hydra.launcher.timeout_min=5"],
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "basic",
+        pytest.param("joblib", marks=pytest.mark.slow),
+        pytest.param("submitit_local", marks=pytest.mark.slow),
+    ],
+)
+def test_a_failed_job_fails_the_sweep_on_every_launcher(tmp_path, name):
+    """flow.length=-1 fails, flow.length=2 finishes: exit 1, the job's one line on the console, error.txt kept."""
+    sweep = tmp_path / "sweep"
+    args = [*ENERGY_SWEEP, *LAUNCHERS[name], f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"]
+    result = nfvi("energy", *args, "hydra/job_logging=none", "hydra/hydra_logging=none", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr + result.stdout
+    message = "flow.length=-1 is not allowed"
+    assert f"nfvi energy: error: job 1: {message}" in result.stderr
+    assert "nfvi energy: error: 1 job(s) of the sweep failed" in result.stderr and "Traceback" not in result.stderr
+    line, traceback = (sweep / "1" / "error.txt").read_text().split("\n", 1)
+    assert line.startswith(f"nfvi energy: error: {message}") and traceback.startswith("Traceback (most recent")
+    assert json.loads((sweep / "0" / "results.json").read_text())["flow_length"] == 2
+    assert not (sweep / "0" / "error.txt").exists()
