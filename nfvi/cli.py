@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import hydra
 
+    from nfvi.config import validate
     from nfvi.errors import NfviError
 
     _install_error_reporter(command)
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     @functools.wraps(task)
     def task_function(cfg):
         try:
+            validate(cfg)  # every config value, once, before the task writes anything
             return task(cfg)
         except NfviError as exc:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
