@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -22,7 +23,7 @@ from tests.conftest import compose
 def nfvi(*args, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "nfvi", *args], cwd=cwd, capture_output=True, text=True, timeout=180,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
     )  # fmt: skip
 
 
