@@ -85,7 +85,7 @@ class PathsConfig:
     output_dir: str = "outputs"
 
     def __post_init__(self):
-        if not self.output_dir.strip():  # runs would go to /<command>/... at the filesystem root
+        if not str(self.output_dir).strip():  # runs would go to /<command>/... at the filesystem root
             raise NfviError("paths.output_dir='' is not allowed; give a folder, e.g. paths.output_dir=outputs")
 
 
