@@ -7,6 +7,7 @@ each refuses a bad value with ``key=value is not allowed; use ... in [lo, hi]`` 
 from __future__ import annotations
 
 import math
+import numbers
 
 #: seeds: numpy and torch accept 0 <= seed < 2**32 (numpy refuses negatives); other integers are refused
 SEED_MAX = 2**32 - 1
@@ -32,7 +33,7 @@ def check_choice(key: str, value: object, allowed) -> None:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars too
 
 
 def check_range(
@@ -61,7 +62,7 @@ def check_range(
 
 def check_int_range(key: str, value, low=None, high=None, kind: str = "a whole number") -> None:
     """:func:`check_range` for whole numbers: a float (2.5, nan) or a bool is refused with the same message."""
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         lo = "-inf" if low is None else low
         hi = "inf" if high is None else high
         raise NfviError(f"{key}={value!r} is not allowed; use {kind} in [{lo}, {hi}]")
