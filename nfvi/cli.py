@@ -196,6 +196,7 @@ def _job(command: str, task, debug: bool):
         global _run_status
         from omegaconf import OmegaConf
 
+        from nfvi.config import validate
         from nfvi.runs import run_dir
 
         folder = run_dir()
@@ -203,7 +204,7 @@ def _job(command: str, task, debug: bool):
         if _is_job_folder(folder):
             (folder / ERROR_FILE).unlink(missing_ok=True)  # from an earlier attempt
         try:
-            # validation hook: the maintainer wires the config checks (nfvi.config.validate(cfg)) in here
+            validate(cfg)  # every config value, once, before the task writes anything
             return task(cfg)
         except Exception as exc:
             user = isinstance(exc, user_errors)

@@ -5,6 +5,12 @@ so a misspelled key or a value of the wrong type fails at composition with Hydra
 task package (``nfvi.energy``, ``nfvi.vae``, ``nfvi.cde``) defines its own schemas in its ``config.py``
 and registers its primary schema as ``base_<command>`` with :func:`store`. No torch here: the data
 layer and the reports import this module without dragging in the flows (factories: :mod:`nfvi.training`).
+
+Validation happens once, at the edge: every schema's ``__post_init__`` checks its own fields (the primary
+schema of a command also checks the fields that depend on each other), and :func:`validate` runs them all
+on a composed config when a command starts (``nfvi.cli``). Task code then trusts its config. Each schema is
+mounted at one fixed key in every command (``flow``, ``optim``, ``paths``, ``trainer``, ``eval``, ``model``,
+``dataset``), so its messages name the full key (``trainer.beta0=nan is not allowed; ...``).
 """
 
 from __future__ import annotations
@@ -13,8 +19,21 @@ from dataclasses import dataclass
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["FlowConfig", "OptimConfig", "PathsConfig", "store"]
+from nfvi.errors import NfviError, check_choice, check_int_range, check_range
+
+__all__ = ["FLOW_KINDS", "MAX_FLOW_LENGTH", "MAX_WIDTH", "OPTIMIZERS", "FlowConfig", "OptimConfig", "PathsConfig",
+           "store", "validate"]  # fmt: skip
+
+#: the flows (``nfvi.flows.FLOW_KINDS``, kept torch-free here) and the optimizers (``nfvi.training.OPTIMIZERS``)
+FLOW_KINDS = ("none", "planar", "radial", "nice")
+OPTIMIZERS = ("rmsprop", "adam", "adamax")
+#: upper bounds of sizes, so that a typo (flow.length=100000000) is refused before it allocates gigabytes
+MAX_FLOW_LENGTH = 1000
+MAX_WIDTH = 16384  # hidden-layer widths
+MAX_LR = 10.0  # larger learning rates only diverge (the loss guard would stop them a step later)
 
 
 @dataclass
@@ -28,6 +47,14 @@ class FlowConfig:
     w_floor: Optional[float] = 0.1  # planar, amortized only: ||w|| >= w_floor (paper.md section 13); null = off
     amortized: bool = True  # train/cde: parameters computed per data point from the encoder (Sec. 4.3); false = global
 
+    def __post_init__(self):
+        check_choice("flow", self.kind, FLOW_KINDS)
+        check_int_range("flow.length", self.length, 0, MAX_FLOW_LENGTH, kind="a whole number of layers")
+        check_int_range("flow.hidden", self.hidden, 1, MAX_WIDTH, kind="a layer width")
+        check_choice("flow.mix", self.mix, ("alternate", "permute"))
+        if self.w_floor is not None:
+            check_range("flow.w_floor", self.w_floor, 0.0, 100.0, kind="a floor on ||w|| (null: off)")
+
 
 @dataclass
 class OptimConfig:
@@ -40,6 +67,15 @@ class OptimConfig:
     weight_decay: float = 0.0
     flow_lr_factor: float = 1.0  # the flow's own parameters (e.g. its amortization head) learn at lr * this factor
 
+    def __post_init__(self):
+        """torch's own ranges (lr > 0, eps >= 0, weight_decay >= 0, momentum in [0, 1)), plus finite upper bounds."""
+        check_choice("optim.name", self.name, OPTIMIZERS)
+        check_range("optim.lr", self.lr, 0.0, MAX_LR, kind="a positive learning rate", low_open=True)
+        check_range("optim.momentum", self.momentum, 0.0, 1.0, kind="a momentum (rmsprop)", high_open=True)
+        check_range("optim.eps", self.eps, 0.0, 1.0, kind="a denominator term")
+        check_range("optim.weight_decay", self.weight_decay, 0.0, 1.0, kind="an L2 penalty")
+        check_range("optim.flow_lr_factor", self.flow_lr_factor, 0.0, 100.0, kind="a multiplier of optim.lr")
+
 
 @dataclass
 class PathsConfig:
@@ -47,6 +83,10 @@ class PathsConfig:
 
     data_dir: str = "${oc.env:NFVI_DATA,./data}"
     output_dir: str = "outputs"
+
+    def __post_init__(self):
+        if not str(self.output_dir).strip():  # runs would go to /<command>/... at the filesystem root
+            raise NfviError("paths.output_dir='' is not allowed; give a folder, e.g. paths.output_dir=outputs")
 
 
 def store(name: str, node, group: str | None = None) -> None:
@@ -57,3 +97,20 @@ def store(name: str, node, group: str | None = None) -> None:
 store("base_flow", FlowConfig, group="flow")
 store("base_optim", OptimConfig, group="optim")
 store("base_paths", PathsConfig, group="paths")
+
+
+def validate(cfg) -> None:
+    """Check every value of a composed command config once, when the command starts; else a one-line NfviError.
+
+    ``OmegaConf.to_object`` builds the schema's dataclasses, which runs the ``__post_init__`` of every nested
+    schema (then of the primary one). OmegaConf may wrap what ``__post_init__`` raised; the :class:`NfviError`
+    inside is re-raised as is. OmegaConf's own errors (a missing mandatory value) propagate: the CLI reports
+    them in one line too.
+    """
+    try:
+        OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, NfviError):
+            raise NfviError(str(cause)) from None
+        raise

@@ -12,6 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import nfvi.cde.task as cde_run
+from nfvi.config import validate
 from nfvi.errors import NfviError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -63,7 +64,7 @@ def test_dataset_key_survives_a_dataset_config_group_on_the_search_path(tmp_path
 def test_invalid_values_are_one_line_errors(tmp_path, override, message):
     cfg = composed("dataset=sine", *FAST, override)
     with pytest.raises(NfviError) as err:
-        cde_run.run_cde(cfg, out_dir=tmp_path)
+        validate(cfg)  # the CLI's task wrapper validates before run_cde
     assert message in str(err.value) and "\n" not in str(err.value)
 
 

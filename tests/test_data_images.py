@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from nfvi.data import DATASETS, DatasetConfig, ImageData, binarize, load_dataset, sources, split_generator
 from nfvi.data.fake import fake_images
@@ -64,9 +65,11 @@ def no_internet(monkeypatch):
         monkeypatch.setitem(sources.URLS, dataset, {n: f"http://127.0.0.1:{port}/{dataset}/{n}" for n in urls})
 
 
+DEFAULTS = {"fake": {"fake_size": 64}, "mnist_static": {"binarize": "static"}}
+
+
 def cfg(name: str = "fake", **kw) -> DatasetConfig:
-    defaults = {"fake": {"fake_size": 64}, "mnist_static": {"binarize": "static"}}
-    return DatasetConfig(name=name, **{**defaults.get(name, {}), **kw})
+    return DatasetConfig(name=name, **{**DEFAULTS.get(name, {}), **kw})
 
 
 # ---------------------------------------------------------------- configs and validation
@@ -111,8 +114,12 @@ def test_typo_or_wrong_type_fails_at_composition(override):
     ids=["name", "static-dynamic", "binarize", "fake-size", "fake-size-elsewhere", "static-valid", "seed"],
 )
 def test_bad_values_give_one_line_errors(tmp_path, kwargs, fragment):
-    assert fragment in one_line_error(load_dataset, cfg(**kwargs), tmp_path)
-    assert list(tmp_path.iterdir()) == []  # validation happens before any file access
+    assert fragment in one_line_error(cfg, **kwargs)  # DatasetConfig.__post_init__: before any file access
+    bad = OmegaConf.structured(DatasetConfig)
+    for key, value in {**DEFAULTS.get(kwargs["name"], {}), **kwargs}.items():
+        setattr(bad, key, value)
+    assert fragment in one_line_error(load_dataset, bad, tmp_path)  # a DictConfig is checked by load_dataset
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_dictconfig_is_accepted():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -22,7 +23,7 @@ from tests.conftest import compose
 def nfvi(*args, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "nfvi", *args], cwd=cwd, capture_output=True, text=True, timeout=180,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
     )  # fmt: skip
 
 
@@ -156,7 +157,7 @@ def test_resume_skips_a_finished_run_and_refuses_another_runs_directory(tmp_path
     [
         ("target=U9", "target='U9' is not allowed; choose one of: U1, U2, U3, U4"),
         ("flow=foo", "Could not find 'flow/foo'; Available options in 'flow': nice, none, planar, radial"),
-        ("flow.length=-1", "flow.length=-1 is not allowed; use a whole number >= 0"),
+        ("flow.length=-1", "flow.length=-1 is not allowed; use a whole number of layers in [0, 1000]"),
         ("trainer.stpes=5", "Key 'stpes' not in 'EnergyTrainerConfig'"),
     ],
 )
@@ -179,6 +180,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, override, expected):
     ],
 )
 def test_bad_values_raise_one_line_nfvi_errors(tmp_path, monkeypatch, override, expected):
+    from nfvi.config import validate
     from nfvi.errors import NfviError
 
     monkeypatch.chdir(tmp_path)
@@ -187,7 +189,7 @@ def test_bad_values_raise_one_line_nfvi_errors(tmp_path, monkeypatch, override, 
         assert run(cfg)["optim"] == "rmsprop"
         return
     with pytest.raises(NfviError) as info:
-        run(cfg)
+        validate(cfg)  # the CLI's task wrapper validates before run(cfg)
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from nfvi.config import validate
 from nfvi.errors import NfviError, NonFiniteLossError
 from nfvi.vae import task as train_mod
 from nfvi.vae.checkpoint import load_checkpoint
@@ -156,7 +157,7 @@ def test_nonfinite_parameters_are_never_checkpointed(tmp_path, monkeypatch):
 
 def test_config_values_are_checked(tmp_path):
     with pytest.raises(NfviError, match="trainer.annealing='warm' is not allowed"):
-        train_mod.train(cfg_of("trainer.annealing=warm"), tmp_path)
+        validate(cfg_of("trainer.annealing=warm"))
     with pytest.raises(NfviError, match="trainer.batch_size=500 exceeds the 200 training images"):
         train_mod.train(cfg_of("trainer.batch_size=500"), tmp_path)
 

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from nfvi.config import validate
 from nfvi.errors import NfviError
 from nfvi.vae import evaluate as evaluate_mod
 from nfvi.vae import task as train_mod
@@ -67,7 +68,7 @@ def test_evaluate_errors(tmp_path):
     with pytest.raises(NfviError, match="holds no checkpoint.pt"):
         evaluate(tmp_path)
     with pytest.raises(NfviError, match="eval.num_samples=0 is not allowed"):
-        evaluate(tmp_path, "eval.num_samples=0")
+        validate(compose("evaluate", [f"run_dir={tmp_path}", "eval.num_samples=0"]))
 
 
 def test_cli_evaluate_writes_into_the_run(runs):

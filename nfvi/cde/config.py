@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from nfvi.cde.data import DATASETS
-from nfvi.cde.model import MODELS
-from nfvi.config import FlowConfig, OptimConfig, PathsConfig, store
+from nfvi.cde.model import ACTIVATIONS, MODELS
+from nfvi.config import MAX_WIDTH, FlowConfig, OptimConfig, PathsConfig, store
+from nfvi.errors import NfviError, check_choice, check_int_range, check_range, check_seed
 
 __all__ = ["CDEConfig"]
 
@@ -58,6 +59,32 @@ class CDEConfig:
     #: torch CPU threads (small MLPs gain nothing from more; 0: torch's default)
     threads: int = 1
     device: str = "cpu"
+
+    def __post_init__(self):
+        check_choice("dataset", self.dataset, DATASETS)
+        check_choice("model", self.model, MODELS)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        if not self.seeds:
+            raise NfviError("seeds=[] is not allowed; give at least one seed, e.g. seeds=[0,1,2,3,4]")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise NfviError(f"seeds={list(self.seeds)} repeats a seed; give distinct seeds")
+        for seed in self.seeds:
+            check_seed("seeds", seed)
+        if not 1 <= len(self.hidden) <= 64:
+            raise NfviError(f"hidden={list(self.hidden)} is not allowed; give 1 to 64 widths, e.g. hidden=[64,64]")
+        for h in self.hidden:
+            check_int_range("hidden", h, 1, MAX_WIDTH, kind="layer widths")
+        check_int_range("synthetic_size", self.synthetic_size, 20, 10_000_000, kind="a number of rows")
+        check_range("test_fraction", self.test_fraction, 0.05, 0.9, kind="a fraction")
+        check_range("val_fraction", self.val_fraction, 0.05, 0.9, kind="a fraction")
+        check_int_range("mdn_components", self.mdn_components, 1, 1000, kind="a number of mixture components")
+        check_range("min_scale", self.min_scale, 0.0, 100.0, kind="a non-negative scale floor")
+        check_int_range("batch_size", self.batch_size, 1, 1_000_000, kind="a positive batch size")
+        check_int_range("max_epochs", self.max_epochs, 1, kind="a positive number of epochs")
+        check_int_range("patience", self.patience, 1, kind="a positive number of epochs")
+        check_int_range("lr_decay_patience", self.lr_decay_patience, 0, kind="a number of epochs (0: off)")
+        check_range("grad_clip", self.grad_clip, 0.0, kind="a gradient-norm bound (0: off)")
+        check_int_range("threads", self.threads, 0, 1024, kind="a number of threads (0: torch's default)")
 
 
 store("base_cde", CDEConfig)

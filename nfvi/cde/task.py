@@ -23,30 +23,13 @@ import torch
 from omegaconf import DictConfig
 
 from nfvi.cde.config import GROUP_CHOICES, CDEConfig  # noqa: F401  (GROUP_CHOICES: read by nfvi.cli)
-from nfvi.cde.data import BENCHMARK_NF_NLL, DATASETS, Table, load_dataset, split_and_standardize
+from nfvi.cde.data import BENCHMARK_NF_NLL, Table, load_dataset, split_and_standardize
 from nfvi.cde.fit import FitResult, fit
-from nfvi.cde.model import ACTIVATIONS, MODELS, build_model, model_label
-from nfvi.errors import NfviError, check_choice, check_range
+from nfvi.cde.model import build_model, model_label
+from nfvi.errors import NfviError
 from nfvi.runs import MetricsLog, run_dir, run_metadata, seed_everything, select_device, write_json
 
 __all__ = ["CDEConfig", "run", "run_cde"]
-
-
-def validate(cfg) -> None:
-    """One-line errors for values the schema's types cannot catch."""
-    check_choice("dataset", cfg.dataset, DATASETS)
-    check_choice("model", cfg.model, MODELS)
-    check_choice("activation", cfg.activation, ACTIVATIONS)
-    if not cfg.seeds:
-        raise NfviError("seeds=[] is not allowed; give at least one seed, e.g. seeds=[0,1,2,3,4]")
-    if len(set(cfg.seeds)) != len(cfg.seeds):
-        raise NfviError(f"seeds={list(cfg.seeds)} repeats a seed; give distinct seeds")
-    for h in cfg.hidden:
-        check_range("hidden", h, low=1, kind="layer widths >= 1")
-    check_range("flow.length", cfg.flow.length, low=0, kind="a number of layers")
-    check_range("threads", cfg.threads, low=0, kind="a number of threads (0: torch's default)")
-    check_range("grad_clip", cfg.grad_clip, low=0.0, kind="a gradient-norm bound (0: off)")
-    check_range("lr_decay_patience", cfg.lr_decay_patience, low=0, kind="a number of epochs (0: off)")
 
 
 def _describe(cfg, table: Table) -> dict:
@@ -70,7 +53,6 @@ def _describe(cfg, table: Table) -> dict:
 def run_cde(cfg, out_dir=None) -> dict:
     """Fit ``cfg.model`` on ``cfg.dataset`` once per seed; write and return the results dict."""
     started = time.time()
-    validate(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = select_device(cfg.device)

@@ -38,7 +38,7 @@ from nfvi.config import store
 from nfvi.data import cifar, sources
 from nfvi.data.fake import fake_images
 from nfvi.download import DownloadError
-from nfvi.errors import NfviError, check_choice, check_range
+from nfvi.errors import NfviError, check_choice, check_int_range, check_range, check_seed
 
 __all__ = [
     "DATASETS",
@@ -86,6 +86,33 @@ class DatasetConfig:
     fake_size: int = 0  # fake, fake_cifar10 only: generated images per split
     patch_size: int = 0  # cifar10_patches only: side of the square random crops (the reading: 8)
     patches_per_image: int = 1  # cifar10_patches only: random crops per image
+
+    def __post_init__(self):
+        """The checks that need no data (``valid_size`` against the training set waits for the data)."""
+        name = self.name
+        check_choice("dataset", name, ALL_DATASETS)
+        check_choice(f"dataset.binarize (for dataset={name})", self.binarize, BINARIZE[name])
+        check_seed("dataset.split_seed", self.split_seed)
+        check_int_range("dataset.valid_size", self.valid_size, 0, kind="a whole number of images")
+        if name in ("fake", "fake_cifar10"):
+            check_int_range("dataset.fake_size", self.fake_size, 1, 10**6, kind="a positive integer (images per split)")
+        elif self.fake_size != 0:
+            raise NfviError(
+                f"dataset.fake_size={self.fake_size!r} applies to dataset=fake only (and fake_cifar10); leave it at 0"
+            )
+        if name == "cifar10_patches":
+            check_int_range("dataset.patch_size", self.patch_size, 1, 32, kind="a whole number of pixels")
+            check_int_range("dataset.patches_per_image", self.patches_per_image, 1, 1024, kind="a whole number")
+        elif self.patch_size != 0 or self.patches_per_image != 1:
+            raise NfviError(
+                f"dataset.patch_size={self.patch_size!r} / patches_per_image={self.patches_per_image!r} apply to "
+                f"dataset=cifar10_patches only; leave them at 0 / 1"
+            )
+        if name == "mnist_static" and self.valid_size != STATIC_VALID_SIZE:
+            raise NfviError(
+                f"dataset.valid_size={self.valid_size!r} does not apply to mnist_static, whose validation split is "
+                f"fixed at {STATIC_VALID_SIZE}; leave it at {STATIC_VALID_SIZE}"
+            )
 
 
 store("base_dataset", DatasetConfig, group="dataset")
@@ -230,29 +257,7 @@ def _color(cfg: DatasetConfig, root: Path) -> ImageData:
 def load_dataset(cfg: DatasetConfig | DictConfig, root: str | Path) -> ImageData:
     """Load (fetching if needed) the dataset ``cfg.name`` from the data root ``root``; see the module docstring."""
     cfg = DatasetConfig(**{k: _field(cfg, k) for k in DatasetConfig.__dataclass_fields__})
-    name = cfg.name
-    check_choice("dataset", name, ALL_DATASETS)
-    check_choice(f"dataset.binarize (for dataset={name})", cfg.binarize, BINARIZE[name])
-    check_range("dataset.split_seed", cfg.split_seed, low=0, kind="a non-negative integer")
-    if name in ("fake", "fake_cifar10"):
-        check_range("dataset.fake_size", cfg.fake_size, low=1, kind="a positive integer (images per split)")
-    elif cfg.fake_size != 0:
-        raise NfviError(
-            f"dataset.fake_size={cfg.fake_size!r} applies to dataset=fake only (and fake_cifar10); leave it at 0"
-        )
-    if name == "cifar10_patches":
-        check_range("dataset.patch_size", cfg.patch_size, low=1, high=32, kind="a whole number of pixels")
-        check_range("dataset.patches_per_image", cfg.patches_per_image, low=1, kind="a positive whole number")
-    elif cfg.patch_size != 0 or cfg.patches_per_image != 1:
-        raise NfviError(
-            f"dataset.patch_size={cfg.patch_size!r} / patches_per_image={cfg.patches_per_image!r} apply to "
-            f"dataset=cifar10_patches only; leave them at 0 / 1"
-        )
-    if name == "mnist_static" and cfg.valid_size != STATIC_VALID_SIZE:
-        raise NfviError(
-            f"dataset.valid_size={cfg.valid_size!r} does not apply to mnist_static, whose validation split is "
-            f"fixed at {STATIC_VALID_SIZE}; leave it at {STATIC_VALID_SIZE}"
-        )
+    name = cfg.name  # DatasetConfig(...) above checked the values (DatasetConfig.__post_init__)
     root = Path(root).expanduser()
 
     if name == "fake":

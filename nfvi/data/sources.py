@@ -182,6 +182,8 @@ def _read_npz(path: Path, spec: NpzFile) -> dict[str, np.ndarray]:
                 has = ", ".join(f.files)
                 raise NfviError(f"{path} has no array {missing[0]!r} (it has {has}); is it {spec.filename}?")
             return {k: f[k] for k in spec.keys}
+    except NfviError:  # a ValueError too: keep its own message
+        raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise NfviError(f"{path} is not a readable .npz file ({' '.join(str(exc).split())})") from None
 

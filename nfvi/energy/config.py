@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from nfvi import energies
 from nfvi.config import FlowConfig, OptimConfig, PathsConfig, store
+from nfvi.errors import check_choice, check_int_range, check_range, check_seed
 
 __all__ = ["EnergyTrainerConfig", "EnergyEvalConfig", "EnergyConfig"]
 
@@ -24,6 +25,17 @@ class EnergyTrainerConfig:
     clip_grad: float = 0.0  # max gradient norm; 0 = off
     log_every: int = 100
 
+    def __post_init__(self):
+        check_int_range("trainer.steps", self.steps, 1, kind="a whole number")
+        # (samples, 2) per layer kept for autograd: 100,000 x 1000 layers is already ~3 GB
+        check_int_range("trainer.samples", self.samples, 1, 100_000, kind="a whole number")
+        check_int_range("trainer.anneal_steps", self.anneal_steps, 1, kind="a whole number")
+        check_range("trainer.beta0", self.beta0, 0.0, 1.0)
+        check_choice("trainer.lr_decay", self.lr_decay, ("none", "cosine"))
+        check_range("trainer.lr_final_factor", self.lr_final_factor, 0.0, 1.0)
+        check_range("trainer.clip_grad", self.clip_grad, 0.0, kind="a gradient norm (0 = off)")
+        check_int_range("trainer.log_every", self.log_every, 1, kind="a whole number")
+
 
 @dataclass
 class EnergyEvalConfig:
@@ -33,6 +45,12 @@ class EnergyEvalConfig:
     box: float = energies.DEFAULT_BOX
     grid: int = 400
     chunk: int = 25000
+
+    def __post_init__(self):
+        check_int_range("eval.samples", self.samples, 1, 10_000_000, kind="a whole number")
+        check_range("eval.box", self.box, 1e-6, 1000.0, kind="a positive half-width")
+        check_int_range("eval.grid", self.grid, 2, 10_000, kind="a whole number")
+        check_int_range("eval.chunk", self.chunk, 1, 1_000_000, kind="a whole number of points at once")
 
 
 @dataclass
@@ -51,6 +69,11 @@ class EnergyConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def __post_init__(self):
+        check_choice("target", self.target, energies.ENERGIES)
+        check_range("wall", self.wall, 0.0, 1000.0, kind="a width >= 0 (0 = off)")
+        check_seed("seed", self.seed)
 
 
 store("base_energy", EnergyConfig)

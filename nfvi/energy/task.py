@@ -51,7 +51,7 @@ from nfvi import energies
 from nfvi.energy.config import EnergyConfig
 from nfvi.energy.model import EnergyModel, log_density
 from nfvi.energy.plots import plot_density, save_density
-from nfvi.errors import NfviError, check_choice, check_range
+from nfvi.errors import NfviError
 from nfvi.runs import (
     MetricsLog,
     atomic_torch_save,
@@ -83,24 +83,6 @@ def beta_at(step: int, anneal: bool = True, beta0: float = 0.01, anneal_steps: i
     if not anneal:
         return 1.0
     return min(1.0, beta0 + step / anneal_steps)
-
-
-def _check(cfg) -> None:
-    check_choice("target", cfg.target, energies.ENERGIES)
-    check_range("wall", cfg.wall, low=0.0, kind="a width >= 0 (0 = off)")
-    t, e = cfg.trainer, cfg.eval
-    check_range("trainer.steps", t.steps, low=1, kind="a whole number")
-    check_range("trainer.samples", t.samples, low=1, kind="a whole number")
-    check_range("trainer.anneal_steps", t.anneal_steps, low=1, kind="a whole number")
-    check_range("trainer.beta0", t.beta0, low=0.0, high=1.0)
-    check_choice("trainer.lr_decay", t.lr_decay, ("none", "cosine"))
-    check_range("trainer.lr_final_factor", t.lr_final_factor, low=0.0, high=1.0)
-    check_range("trainer.clip_grad", t.clip_grad, low=0.0)
-    check_range("trainer.log_every", t.log_every, low=1, kind="a whole number")
-    check_range("eval.samples", e.samples, low=1, kind="a whole number")
-    check_range("eval.box", e.box, low=1e-6, kind="a positive half-width")
-    check_range("eval.grid", e.grid, low=2, kind="a whole number")
-    check_range("eval.chunk", e.chunk, low=1, kind="a whole number")
 
 
 def fit(model: EnergyModel, energy, cfg, metrics: MetricsLog | None = None, where: Path | None = None) -> float:
@@ -220,7 +202,6 @@ def _resumed(cfg, out: Path) -> dict | None:
 
 def run(cfg) -> dict:
     """The ``nfvi energy`` task: fit, evaluate, write the run directory; returns the results dict."""
-    _check(cfg)
     out = run_dir()
     out.mkdir(parents=True, exist_ok=True)
     previous = _resumed(cfg, out)

@@ -36,6 +36,11 @@ class ReportConfig:
     #: restrict to these tasks (empty: all)
     tasks: list[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        for t in self.tasks:
+            if t not in TASKS:
+                raise NfviError(f"report.tasks contains {t!r}; choose from: {', '.join(TASKS)}")
+
 
 store("base_report", ReportConfig)
 
@@ -169,9 +174,6 @@ def run(cfg) -> dict:
     roots = list(cfg.search) or [cfg.paths.output_dir]
     out_dir = Path(cfg.out_dir or Path(cfg.paths.output_dir) / "tables")
     tasks = list(cfg.tasks) or list(TASKS)
-    for t in tasks:
-        if t not in TASKS:
-            raise NfviError(f"report.tasks contains {t!r}; choose from: {', '.join(TASKS)}")
     found = read_results(roots)
     records = usable_records(found)
     if not records:

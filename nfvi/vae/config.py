@@ -12,10 +12,17 @@ from typing import Optional
 from omegaconf import MISSING
 
 from nfvi.config import FlowConfig, OptimConfig, PathsConfig, store
-from nfvi.data import DatasetConfig
-from nfvi.vae.model import ModelConfig
+from nfvi.data import COLOR_DATASETS, DatasetConfig
+from nfvi.errors import check_choice, check_int_range, check_range, check_seed
+from nfvi.vae.model import ModelConfig, check_likelihood_fits
+from nfvi.vae.objectives import ANNEALING
 
 __all__ = ["TrainerConfig", "EvalConfig", "TrainConfig", "EvaluateConfig"]
+
+#: z-samples pushed through the model per training update (trainer.samples * trainer.batch_size) at most:
+#: 100,000 MNIST decoder passes already hold a few GB for autograd
+MAX_SAMPLES_PER_UPDATE = 100_000
+MAX_EVAL_SAMPLES = 10_000_000  # eval.num_samples, eval.elbo_samples (pushed in chunks of eval.batch_size)
 
 
 @dataclass
@@ -38,6 +45,21 @@ class TrainerConfig:
     ckpt_every: int = 1000  # checkpoint.pt every N updates (and at the end / on a signal)
     progress: bool = True  # tqdm bar (updates/s, running loss)
 
+    def __post_init__(self):
+        for key in ("steps", "log_every", "val_every", "ckpt_every"):
+            check_int_range(f"trainer.{key}", getattr(self, key), 1, kind="a positive whole number")
+        most = MAX_SAMPLES_PER_UPDATE
+        check_int_range("trainer.batch_size", self.batch_size, 1, most, kind="a positive whole number")
+        per_image = f"a whole number (trainer.samples * trainer.batch_size <= {most})"
+        check_int_range("trainer.samples", self.samples, 1, max(1, most // self.batch_size), kind=per_image)
+        check_choice("trainer.annealing", self.annealing, ANNEALING)
+        check_choice("trainer.lr_decay", self.lr_decay, ("none", "cosine"))
+        check_int_range("trainer.anneal_steps", self.anneal_steps, 0, kind="a whole number of updates")
+        check_range("trainer.beta0", self.beta0, 0.0, 1.0, kind="an inverse temperature")
+        check_range("trainer.grad_clip", self.grad_clip, 0.0, kind="a gradient norm (0 = off)")
+        check_range("trainer.lr_final_factor", self.lr_final_factor, 0.0, 1.0, kind="a fraction of optim.lr")
+        check_int_range("trainer.val_images", self.val_images, 0, kind="a whole number (0 = all)")
+
 
 @dataclass
 class EvalConfig:
@@ -53,6 +75,16 @@ class EvalConfig:
     seed: int = 0  # random stream of the estimates and of the subset
     at_end: bool = True  # nfvi train: evaluate when training finishes
     progress: bool = True  # tqdm bar over chunks
+
+    def __post_init__(self):
+        check_int_range("eval.num_samples", self.num_samples, 1, MAX_EVAL_SAMPLES, kind="a whole number of samples")
+        check_int_range("eval.elbo_samples", self.elbo_samples, 1, MAX_EVAL_SAMPLES, kind="a whole number of samples")
+        if self.batch_size is not None:
+            check_int_range("eval.batch_size", self.batch_size, 1, MAX_SAMPLES_PER_UPDATE,
+                            kind="a whole number of z-samples (null: automatic)")  # fmt: skip
+        check_int_range("eval.max_images", self.max_images, 0, kind="a whole number (0 = all)")
+        check_choice("eval.checkpoint", self.checkpoint, ("best", "last"))
+        check_seed("eval.seed", self.seed)
 
 
 @dataclass
@@ -84,6 +116,12 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def __post_init__(self):
+        check_seed("seed", self.seed)
+        check_int_range("threads", self.threads, 0, 1024, kind="a whole number (0 = torch's default)")
+        data_kind = "8bit" if self.dataset.name in COLOR_DATASETS else "binary"
+        check_likelihood_fits(self.model.likelihood, data_kind, self.dataset.name)
 
 
 store("base_train", TrainConfig)

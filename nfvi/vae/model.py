@@ -41,8 +41,8 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal
 
-from nfvi.config import FlowConfig, store
-from nfvi.errors import NfviError, check_choice, check_range
+from nfvi.config import MAX_WIDTH, FlowConfig, store
+from nfvi.errors import NfviError, check_choice, check_int_range, check_range
 from nfvi.flows import Flow
 from nfvi.training import flow_from_config
 from nfvi.vae.conv import conv_architecture
@@ -81,6 +81,19 @@ class ModelConfig:
     likelihood: str = "bernoulli"  # bernoulli (binary data) | discretized_logistic | logit_normal (8-bit data)
     min_scale: float = 1e-4  # q_0: sigma = softplus(raw) + min_scale
     channels: int = 32  # conv only: channels of the first conv stage (doubled at each downsampling)
+
+    def __post_init__(self):
+        check_choice("model", self.name, ARCHITECTURES)
+        check_choice("model.activation", self.activation, ACTIVATIONS)
+        if self.name == "maxout" and self.activation != "maxout":
+            raise NfviError(f"model=maxout needs model.activation=maxout, got {self.activation!r}; use model=mlp")
+        if self.name in IMAGE_ARCHITECTURES and self.activation == "maxout":
+            raise NfviError(f"model={self.name} has no maxout layers; use model.activation=relu or tanh")
+        check_choice("model.likelihood", self.likelihood, LIKELIHOODS)
+        for key, high in (("latent_dim", 4096), ("hidden", MAX_WIDTH), ("maxout_window", 64), ("layers", 64)):
+            check_int_range(f"model.{key}", getattr(self, key), 1, high, kind="a whole number")
+        check_int_range("model.channels", self.channels, 1, 4096, kind="a whole number")
+        check_range("model.min_scale", self.min_scale, 0.0, 100.0, kind="a non-negative number")
 
 
 store("base_model", ModelConfig, group="model")
@@ -229,7 +242,6 @@ class VAE(nn.Module):
         min_scale: float = 1e-4,
     ):
         super().__init__()
-        check_choice("model.likelihood", likelihood, LIKELIHOODS)
         self.encoder, self.decoder, self.flow = encoder, decoder, flow
         self.latent_dim, self.x_shape = latent_dim, tuple(x_shape)
         self.likelihood, self.min_scale = likelihood, min_scale
@@ -320,17 +332,6 @@ def build_model(model_cfg: ModelConfig | DictConfig, flow_cfg: FlowConfig | Dict
 
     ``x_dim``: size of one flat data point (784 for MNIST), or a shape tuple for other decoders.
     """
-    check_choice("model", model_cfg.name, ARCHITECTURES)
-    check_choice("model.activation", model_cfg.activation, ACTIVATIONS)
-    if model_cfg.name == "maxout" and model_cfg.activation != "maxout":
-        raise NfviError(f"model=maxout needs model.activation=maxout, got {model_cfg.activation!r}; use model=mlp")
-    if model_cfg.name in IMAGE_ARCHITECTURES and model_cfg.activation == "maxout":
-        raise NfviError(f"model={model_cfg.name} has no maxout layers; use model.activation=relu or tanh")
-    check_choice("model.likelihood", model_cfg.likelihood, LIKELIHOODS)
-    for key in ("latent_dim", "hidden", "maxout_window", "layers"):
-        check_range(f"model.{key}", getattr(model_cfg, key), low=1, kind="a whole number")
-    check_range("model.channels", getattr(model_cfg, "channels", 32), low=1, kind="a whole number")
-    check_range("model.min_scale", model_cfg.min_scale, low=0.0, kind="a non-negative number")
     x_shape = (int(x_dim),) if isinstance(x_dim, int) else tuple(int(n) for n in x_dim)
     encoder, decoder = ARCHITECTURES[model_cfg.name](x_shape, model_cfg)
     flow = flow_from_config(flow_cfg, model_cfg.latent_dim, context_dim=encoder.out_dim)

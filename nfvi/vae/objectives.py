@@ -22,8 +22,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from nfvi.errors import check_choice, check_range
-
 __all__ = ["ANNEALING", "TERMS", "beta_schedule", "free_energy_terms", "annealed_loss"]
 
 ANNEALING = ("eq20", "kl_warmup", "none")
@@ -32,7 +30,6 @@ TERMS = ("log_px_z", "log_pz", "log_q0", "log_det", "log_qk", "elbo")
 
 def beta_schedule(step: int, mode: str, start: float = 0.01, steps: int = 10000) -> float:
     """Inverse temperature at update ``step`` (0-based): ``min(1, start + step/steps)``; ``none`` gives 1."""
-    check_choice("annealing", mode, ANNEALING)
     if mode == "none" or steps <= 0:
         return 1.0
     return min(1.0, start + step / steps)
@@ -48,7 +45,6 @@ def free_energy_terms(model, x: Tensor, num_samples: int = 1) -> dict[str, Tenso
     ``model`` needs ``sample_posterior(x, S)`` (a :class:`~nfvi.vae.model.PosteriorSample`),
     ``log_likelihood(x, z)`` and ``prior``, as :class:`~nfvi.vae.model.VAE` has.
     """
-    check_range("num_samples", num_samples, low=1, kind="a whole number")
     sample = model.sample_posterior(x, num_samples)
     log_px_z = model.log_likelihood(x, sample.z_k)
     log_pz = model.prior.log_prob(sample.z_k)  # at z_K (Eq. 15), not z_0
@@ -66,7 +62,6 @@ def free_energy_terms(model, x: Tensor, num_samples: int = 1) -> dict[str, Tenso
 
 def annealed_loss(terms: dict[str, Tensor], beta: float, mode: str) -> Tensor:
     """Per-data-point loss ``(B,)`` to ``.mean()``: see the module docstring for each ``mode``."""
-    check_choice("annealing", mode, ANNEALING)
     if mode == "eq20":
         return terms["log_qk"] - beta * (terms["log_px_z"] + terms["log_pz"])
     if mode == "kl_warmup":

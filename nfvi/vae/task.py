@@ -46,14 +46,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from nfvi.data import binarize, load_dataset, split_generator
-from nfvi.errors import NfviError, NonFiniteLossError, check_choice, check_range
+from nfvi.errors import NfviError, NonFiniteLossError
 from nfvi.runs import MetricsLog, run_dir, seed_everything, select_device, write_json
 from nfvi.training import optimizer_from_config
 from nfvi.vae.checkpoint import BEST, CHECKPOINT, config_diff, load_checkpoint, save_checkpoint
 from nfvi.vae.config import TrainConfig, TrainerConfig
-from nfvi.vae.evaluate import check_eval_config, evaluate_run, summary_line
+from nfvi.vae.evaluate import evaluate_run, summary_line
 from nfvi.vae.model import build_model, check_likelihood_fits, model_input_shape
-from nfvi.vae.objectives import ANNEALING, annealed_loss, beta_schedule, free_energy_terms
+from nfvi.vae.objectives import annealed_loss, beta_schedule, free_energy_terms
 
 __all__ = ["TrainerConfig", "TrainConfig", "Trainer", "lr_factor", "newest_matching_run", "train", "run"]
 
@@ -129,21 +129,6 @@ def lr_factor(step: int, steps: int, decay: str, final: float) -> float:
         return 1.0
     progress = min(1.0, step / (steps - 1))
     return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def check_train_config(cfg) -> None:
-    t = cfg.trainer
-    for key in ("steps", "batch_size", "samples", "log_every", "val_every", "ckpt_every"):
-        check_range(f"trainer.{key}", getattr(t, key), low=1, kind="a positive whole number")
-    check_choice("trainer.annealing", t.annealing, ANNEALING)
-    check_choice("trainer.lr_decay", t.lr_decay, LR_DECAYS)
-    check_range("trainer.anneal_steps", t.anneal_steps, low=0, kind="a whole number of updates")
-    check_range("trainer.beta0", t.beta0, low=0.0, high=1.0, kind="an inverse temperature")
-    check_range("trainer.grad_clip", t.grad_clip, low=0.0, kind="a gradient norm (0 = off)")
-    check_range("trainer.lr_final_factor", t.lr_final_factor, low=0.0, high=1.0, kind="a fraction of optim.lr")
-    check_range("trainer.val_images", t.val_images, low=0, kind="a whole number (0 = all)")
-    check_eval_config(cfg.eval)
-    check_range("threads", cfg.threads, low=0, kind="a whole number (0 = torch's default)")
 
 
 def _x_dim_value(x_dim) -> int | list[int]:
@@ -419,7 +404,6 @@ def train(cfg: DictConfig, out: str | Path, device: torch.device | None = None) 
     Without evaluation the dict holds the training summary only (``results.json`` is not written).
     """
     started = time.time()
-    check_train_config(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = device or select_device(cfg.device)
