@@ -24,11 +24,22 @@ from omegaconf.errors import OmegaConfBaseException
 
 from nfvi.errors import NfviError, check_choice, check_int_range, check_range
 
-__all__ = ["FLOW_KINDS", "MAX_FLOW_LENGTH", "MAX_WIDTH", "OPTIMIZERS", "FlowConfig", "OptimConfig", "PathsConfig",
-           "store", "validate"]  # fmt: skip
+__all__ = [
+    "FLOW_KINDS",
+    "SYLVESTER_VARIANTS",
+    "MAX_FLOW_LENGTH",
+    "MAX_WIDTH",
+    "OPTIMIZERS",
+    "FlowConfig",
+    "OptimConfig",
+    "PathsConfig",
+    "store",
+    "validate",
+]
 
 #: the flows (``nfvi.flows.FLOW_KINDS``, kept torch-free here) and the optimizers (``nfvi.training.OPTIMIZERS``)
-FLOW_KINDS = ("none", "planar", "radial", "nice")
+FLOW_KINDS = ("none", "planar", "radial", "nice", "iaf", "householder", "sylvester")
+SYLVESTER_VARIANTS = ("orthogonal", "householder", "triangular")
 OPTIMIZERS = ("rmsprop", "adam", "adamax")
 #: upper bounds of sizes, so that a typo (flow.length=100000000) is refused before it allocates gigabytes
 MAX_FLOW_LENGTH = 1000
@@ -42,16 +53,25 @@ class FlowConfig:
 
     kind: str = "planar"
     length: int = 10
-    hidden: int = 64  # nice: width of each coupling MLP
+    hidden: int = 64  # nice: width of each coupling MLP; iaf: width of each MADE hidden layer
     mix: str = "alternate"  # nice: alternate | permute
     w_floor: Optional[float] = 0.1  # planar, amortized only: ||w|| >= w_floor (paper.md section 13); null = off
     amortized: bool = True  # train/cde: parameters computed per data point from the encoder (Sec. 4.3); false = global
+    num_hidden: int = 1  # iaf: MADE hidden layers
+    variant: str = "orthogonal"  # sylvester: orthogonal | householder | triangular (O-, H-, T-SNF)
+    num_vectors: Optional[int] = None  # sylvester orthogonal: columns M <= D of Q; null = D
+    num_householder: int = 4  # sylvester householder: reflections whose product is Q
 
     def __post_init__(self):
         check_choice("flow", self.kind, FLOW_KINDS)
         check_int_range("flow.length", self.length, 0, MAX_FLOW_LENGTH, kind="a whole number of layers")
         check_int_range("flow.hidden", self.hidden, 1, MAX_WIDTH, kind="a layer width")
         check_choice("flow.mix", self.mix, ("alternate", "permute"))
+        check_int_range("flow.num_hidden", self.num_hidden, 1, 16, kind="a number of MADE hidden layers")
+        check_choice("flow.variant", self.variant, SYLVESTER_VARIANTS)
+        if self.num_vectors is not None:
+            check_int_range("flow.num_vectors", self.num_vectors, 1, MAX_WIDTH, kind="a number of columns of Q (<= D)")
+        check_int_range("flow.num_householder", self.num_householder, 1, MAX_WIDTH, kind="a number of reflections")
         if self.w_floor is not None:
             check_range("flow.w_floor", self.w_floor, 0.0, 100.0, kind="a floor on ||w|| (null: off)")
 

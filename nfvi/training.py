@@ -20,7 +20,7 @@ def flow_from_config(cfg: FlowConfig | DictConfig, dim: int, context_dim: int = 
     """``build_flow`` with the options of ``cfg`` that apply to its kind.
 
     ``context_dim`` is the width of the features the flow may read (0: none); with ``flow.amortized=false``
-    the flow ignores them and keeps global parameters.
+    the flow ignores them and keeps global parameters. Options per kind: docs/flows.md.
     """
     context_dim = context_dim if getattr(cfg, "amortized", True) else 0
     options = {}
@@ -28,6 +28,14 @@ def flow_from_config(cfg: FlowConfig | DictConfig, dim: int, context_dim: int = 
         options = {"hidden": cfg.hidden, "mix": cfg.mix}
     elif cfg.kind == "planar" and context_dim > 0:
         options = {"w_floor": cfg.w_floor}
+    elif cfg.kind == "iaf":
+        options = {"hidden": cfg.hidden, "num_hidden": cfg.num_hidden}
+    elif cfg.kind == "sylvester":
+        options = {"variant": cfg.variant}
+        if cfg.variant == "orthogonal":
+            options["num_vectors"] = cfg.num_vectors
+        elif cfg.variant == "householder":
+            options["num_householder"] = cfg.num_householder
     return build_flow(cfg.kind, dim, cfg.length, context_dim=context_dim, **options)
 
 
