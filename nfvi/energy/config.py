@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from nfvi import energies
 from nfvi.config import FlowConfig, OptimConfig, PathsConfig, store
-from nfvi.errors import check_choice, check_int_range, check_range, check_seed
+from nfvi.errors import NfviError, check_choice, check_int_range, check_range, check_seed
 
 __all__ = ["EnergyTrainerConfig", "EnergyEvalConfig", "EnergyConfig"]
 
@@ -74,6 +74,11 @@ class EnergyConfig:
         check_choice("target", self.target, energies.ENERGIES)
         check_range("wall", self.wall, 0.0, 1000.0, kind="a width >= 0 (0 = off)")
         check_seed("seed", self.seed)
+        if self.flow.kind == "sylvester" and self.flow.length > 0:
+            raise NfviError(
+                "flow=sylvester is not allowed in nfvi energy: it has no inverse, and the KL on the box needs q_K's "
+                "density at every grid point; choose planar, radial, nice, iaf or householder"
+            )
 
 
 store("base_energy", EnergyConfig)
