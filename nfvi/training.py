@@ -106,13 +106,15 @@ def cosine_scheduler(optimizer: torch.optim.Optimizer, steps: int, eta_min: floa
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=eta_min)
 
 
-def check_finite(value, step: int, where: str | None = None, what: str = "loss") -> None:
+def check_finite(value, step: int, where=None, what: str = "loss") -> None:
     """The non-finite guard of every loop: raise :class:`NonFiniteLossError` if ``value`` is NaN or inf.
 
     The one-line message names ``what``, its value and the ``step`` (``"<what> became nan at step 7; stopping"``),
-    then ``where`` (what was kept, e.g. the last good checkpoint) when given.
+    then ``where`` (what was kept, e.g. the last good checkpoint) when given: a string, or a function returning
+    one (called only on failure).
     """
     value = float(value)
     if not math.isfinite(value):
+        where = where() if callable(where) else where
         kept = f"; {where}" if where else ""
         raise NonFiniteLossError(f"{what} became {value} at step {step}; stopping{kept}")
