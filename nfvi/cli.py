@@ -109,6 +109,13 @@ def _install_error_reporter(command: str) -> None:
                 raise
             print(f"nfvi {command}: error: {one_line(exc)}", file=sys.stderr)
             sys.exit(2)
+        except OSError as exc:  # the file system: a run folder Hydra cannot make or write (nfvi.runs)
+            from nfvi.runs import environment_fault
+
+            if os.environ.get("HYDRA_FULL_ERROR") == "1" or environment_fault(exc) is None:
+                raise
+            print(f"nfvi {command}: error: {environment_fault(exc)}", file=sys.stderr)
+            sys.exit(2)
         except Exception:
             return original(func)
 

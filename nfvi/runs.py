@@ -259,29 +259,38 @@ def environment_fault(exc: BaseException, folder: str | Path | None = None) -> s
         exc = exc.__cause__ or exc.__context__
     if exc is None:
         return None
-    path = exc.filename or folder or "the run folder"
+    path = Path(exc.filename or folder or ".")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        problem = _path_problem(path)
+        if problem is not None:
+            return problem
     causes = {
         errno.ENOSPC: "no space left on the device",
         errno.EDQUOT: "the disk quota is exceeded",
         errno.EROFS: "the file system is read-only",
-        errno.EACCES: "permission denied (read-only?)",
-        errno.EPERM: "operation not permitted (read-only?)",
-        errno.ENOTDIR: "a part of the path is not a folder",
-        errno.EEXIST: "it exists and is not a folder",
-        errno.EISDIR: "it is a folder",
+        errno.EACCES: "permission denied (a read-only folder?)",
+        errno.EPERM: "operation not permitted (a read-only folder?)",
         errno.ENAMETOOLONG: "the name is too long",
     }
     cause = causes.get(exc.errno, exc.strerror or str(exc))
-    return f"cannot write {path}: {cause}; what was saved before is kept (resume=true continues once this is fixed)"
+    kept = ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        kept = "; what was saved before is kept: free some space, then resume=true continues the run"
+    return f"cannot write {path}: {cause}{kept}"
+
+
+def _path_problem(path: Path) -> str | None:
+    """Why a run folder cannot be made at ``path``: it is a file, or a parent is not a folder."""
+    if path.exists() and not path.is_dir():
+        return f"run folder {path} is a file, not a folder; choose another run folder"
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return f"cannot create run folder {path}: {parent} is not a folder"
+    return None
 
 
 def _folder_error(out: Path, exc: OSError) -> NfviError:
-    if out.exists() and not out.is_dir():
-        return NfviError(f"run folder {out} is a file, not a folder; choose another run folder")
-    parent = next((p for p in out.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        return NfviError(f"cannot create run folder {out}: {parent} is not a folder")
-    return NfviError(environment_fault(exc, out) or f"cannot create run folder {out}: {exc}")
+    return NfviError(_path_problem(out) or environment_fault(exc, out) or f"cannot create run folder {out}: {exc}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from omegaconf import MISSING
-
 from nfvi.config import FlowConfig, OptimConfig, PathsConfig, store
 from nfvi.data import DatasetConfig
 from nfvi.vae.model import ModelConfig
@@ -60,7 +58,7 @@ class EvalConfig:
 class EvaluateConfig:
     """``nfvi evaluate run_dir=<run or folder of runs>``."""
 
-    run_dir: str = MISSING
+    run_dir: str = ""  # a run folder, or a sweep folder whose runs lie one level below it (required)
     device: str = "auto"
     resume: bool = False  # an evaluation with these settings exists (evaluations/<name>.json): return it as is
     overwrite: bool = False  # ... evaluate again and replace it

@@ -348,9 +348,7 @@ def _existing(cfg, path: Path) -> dict | None:
             old = json.loads(file.read_text())
         except ValueError:
             continue
-        if not same_settings(old, cfg.eval, path) or old.get("steps") != int(
-            load_checkpoint(path / CHECKPOINT)["step"]
-        ):
+        if not same_settings(old, cfg.eval, path) or old.get("steps") != step:
             continue
         if cfg.overwrite:
             return None
