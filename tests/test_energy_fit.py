@@ -154,7 +154,8 @@ def test_resume_skips_a_finished_run_and_refuses_another_runs_directory(tmp_path
     redone = run(_cfg("flow=radial", "flow.length=2", "overwrite=true"))  # afresh: the same numbers again
     assert redone["bound"] == first["bound"] and (tmp_path / "results.json").stat().st_mtime_ns != stamp
     other = run(_cfg("flow=radial", "flow.length=3", "overwrite=true"))
-    assert other["flow_length"] == 3 and json.loads((tmp_path / "run.json").read_text())["config"]["flow"]["length"] == 3
+    assert other["flow_length"] == 3
+    assert json.loads((tmp_path / "run.json").read_text())["config"]["flow"]["length"] == 3
 
 
 @pytest.mark.parametrize(

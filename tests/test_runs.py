@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -284,3 +285,147 @@ def contract_runs(tmp_path_factory):
 def test_results_json_keeps_every_key_of_the_contract(contract_runs, command):
     missing = set(CONTRACT_KEYS[command]) - set(contract_runs[command])
     assert not missing, f"nfvi {command}: results.json lost {sorted(missing)}"
+
+
+PROVENANCE = ("nfvi_version", "git_commit", "torch_version", "hydra_version", "omegaconf_version", "numpy_version")
+
+
+@pytest.mark.parametrize("command", sorted(CONTRACT_KEYS))
+def test_results_json_records_provenance_and_the_config(contract_runs, command):
+    res = contract_runs[command]
+    for key in (*PROVENANCE, "python_version", "config"):
+        assert key in res, key
+    assert isinstance(res["config"], dict) and res["config"]
+    import nfvi
+
+    assert res["nfvi_version"] == nfvi.__version__ and res["git_commit"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The Run: lock, stale lock, non-finite results, file-system faults
+
+
+def _cfg(**values):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"resume": False, "overwrite": False, **values})
+
+
+def test_a_held_lock_refuses_a_second_writer_naming_the_holder(tmp_path):
+    import subprocess
+    import sys
+
+    from nfvi.errors import NfviError
+    from nfvi.runs import Run
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"pid": sleeper.pid, "host": __import__("socket").gethostname(), "command": "train", "started_at": "x"}
+        (tmp_path / ".nfvi.lock").write_text(json.dumps(lock))
+        with pytest.raises(NfviError) as err, Run(tmp_path, "energy", _cfg()):
+            pass
+        assert f"pid {sleeper.pid}" in str(err.value) and "nfvi train" in str(err.value) and "\n" not in str(err.value)
+        assert json.loads((tmp_path / ".nfvi.lock").read_text())["pid"] == sleeper.pid  # the holder's lock stays
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_stale_lock_is_taken_over_and_the_lock_is_released_on_errors(tmp_path, caplog):
+    import subprocess
+    import sys
+
+    from nfvi.runs import Run
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = {"pid": dead.pid, "host": __import__("socket").gethostname(), "command": "cde", "started_at": "x"}
+    (tmp_path / ".nfvi.lock").write_text(json.dumps(lock))
+    with pytest.raises(RuntimeError, match="boom"), Run(tmp_path, "energy", _cfg()) as run:
+        assert json.loads(run.lock_path.read_text())["pid"] == os.getpid()
+        raise RuntimeError("boom")
+    assert "taking over the stale lock" in caplog.text
+    assert not (tmp_path / ".nfvi.lock").exists()
+
+
+def test_non_finite_results_fail_loudly_or_become_null_with_a_reason(tmp_path):
+    from nfvi.errors import NfviError
+    from nfvi.runs import Run, finite_results, write_json
+
+    with pytest.raises(NfviError, match="the reported test_nll is nan"):
+        finite_results({"test_nll": float("nan")}, required=("test_nll",))
+    assert finite_results({"kl_mc": float("inf"), "kl": 1.0}) == {
+        "kl_mc": None,
+        "kl_mc_reason": "not finite (inf)",
+        "kl": 1.0,
+    }
+    with pytest.raises(ValueError):
+        write_json(tmp_path / "x.json", {"a": float("nan")})  # never a bare NaN token
+    with Run(tmp_path, "energy", _cfg()) as run:
+        with pytest.raises(NfviError, match="bound"):
+            run.write_results({"bound": float("nan")}, required=("bound",))
+        saved = run.write_results({"bound": 1.0, "kl_mc": float("nan")}, required=("bound",))
+    text = (tmp_path / "results.json").read_text()
+    assert "NaN" not in text and saved["kl_mc"] is None and json.loads(text)["kl_mc_reason"] == "not finite (nan)"
+
+
+def test_no_space_left_mid_run_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from nfvi.errors import NfviError
+    from nfvi.runs import Run
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(NfviError) as err, Run(tmp_path, "energy", _cfg()) as run:
+        run.metrics = MetricsLog(tmp_path / "metrics.csv")
+        monkeypatch.setattr("csv.DictWriter.writerow", full)
+        run.metrics.log(step=1, loss=1.0)
+    message = str(err.value)
+    assert f"cannot write {tmp_path / 'metrics.csv'}: no space left on the device" in message and "\n" not in message
+    assert "resume=true" in message and not (tmp_path / ".nfvi.lock").exists()
+
+
+def test_read_only_folder_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from nfvi.errors import NfviError
+    from nfvi.runs import Run
+
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith(".nfvi.lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(NfviError) as err, Run(tmp_path, "energy", _cfg()):
+        pass
+    assert "permission denied (a read-only folder?)" in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_one_beta_schedule_and_one_cosine_for_both_commands():
+    import math
+
+    import torch
+
+    from nfvi.energy.task import beta_at
+    from nfvi.training import beta_schedule, cosine_factor, cosine_scheduler
+    from nfvi.vae.objectives import beta_schedule as vae_beta
+    from nfvi.vae.task import lr_factor
+
+    for step in (0, 5, 500, 20000):
+        expected = min(1.0, 0.01 + step / 10000)
+        assert beta_at(step) == vae_beta(step, "eq20") == beta_schedule(step) == expected
+    steps, final = 50, 0.01
+    for step in range(steps):  # the VAE: span steps - 1, the last update at the final lr
+        old = final + (1 - final) * 0.5 * (1 + math.cos(math.pi * step / (steps - 1)))
+        assert lr_factor(step, steps, "cosine", final) == old
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    scheduler = cosine_scheduler(opt, steps, eta_min=0.1 * final)  # energy: torch's, span = steps
+    for step in range(steps):
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * cosine_factor(step, steps, final), rel=1e-9)
+        opt.step()
+        scheduler.step()
