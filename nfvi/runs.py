@@ -43,6 +43,7 @@ __all__ = [
     "RUN_RECORD",
     "RUN_FILES",
     "Run",
+    "console_logging",
     "environment_fault",
     "finite_results",
     "provenance",
@@ -345,6 +346,38 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+class console_logging:
+    """Context manager: the ``nfvi`` loggers print at INFO to stderr when no console handler (Hydra's) does already.
+
+    :class:`Run` uses it; ``nfvi evaluate`` wraps its whole loop in it (the list of runs precedes every Run).
+    """
+
+    def __init__(self):
+        self.handler: logging.Handler | None = None
+        self.old_level: int | None = None
+
+    def __enter__(self) -> console_logging:
+        nfvi_log = logging.getLogger("nfvi")
+        if nfvi_log.getEffectiveLevel() > logging.INFO:
+            self.old_level = nfvi_log.level
+            nfvi_log.setLevel(logging.INFO)
+        if not any(type(h) is logging.StreamHandler for h in [*nfvi_log.handlers, *logging.getLogger().handlers]):
+            self.handler = logging.StreamHandler(sys.stderr)
+            self.handler.setFormatter(logging.Formatter(LOG_FORMAT))
+            nfvi_log.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        nfvi_log = logging.getLogger("nfvi")
+        if self.handler is not None:
+            nfvi_log.removeHandler(self.handler)
+            self.handler = None
+        if self.old_level is not None:
+            nfvi_log.setLevel(self.old_level)
+            self.old_level = None
+        return False
+
+
 class Run:
     """One command's run in one folder, as a context manager::
 
@@ -378,7 +411,7 @@ class Run:
         self.device: torch.device | None = None
         self.metrics: MetricsLog | None = None
         self._handlers: list[logging.Handler] = []
-        self._old_level: int | None = None
+        self._console = console_logging()
         self._old_sigterm = None
         self._locked = False
 
@@ -496,15 +529,9 @@ class Run:
     def _start_logging(self) -> None:
         """The ``nfvi`` loggers reach the console and ``<out>/<command>.log`` at INFO, through Hydra's handlers
         where its job logging has them, else through handlers of this run (removed on exit)."""
-        root, nfvi_log = logging.getLogger(), logging.getLogger("nfvi")
-        if nfvi_log.getEffectiveLevel() > logging.INFO:
-            self._old_level = nfvi_log.level
-            nfvi_log.setLevel(logging.INFO)
-        chain = [*nfvi_log.handlers, *root.handlers]
-        if not any(type(h) is logging.StreamHandler for h in chain):
-            console = logging.StreamHandler(sys.stderr)
-            console.setFormatter(logging.Formatter(LOG_FORMAT))
-            self._handlers.append(console)
+        self._console.__enter__()
+        nfvi_log = logging.getLogger("nfvi")
+        chain = [*nfvi_log.handlers, *logging.getLogger().handlers]
         log_file = (self.out / f"{self.command}.log").resolve()
         if not any(getattr(h, "baseFilename", None) == str(log_file) for h in chain):
             file = logging.FileHandler(log_file, encoding="utf-8")
@@ -520,9 +547,7 @@ class Run:
             nfvi_log.removeHandler(handler)
             handler.close()
         self._handlers = []
-        if self._old_level is not None:
-            nfvi_log.setLevel(self._old_level)
-            self._old_level = None
+        self._console.__exit__(None, None, None)
 
     # -- who owns the folder -------------------------------------------------------------------------------------------
     def owner(self) -> tuple[str | None, dict | None]:

@@ -160,7 +160,7 @@ def test_a_non_finite_test_metric_is_an_error_and_no_nan_reaches_json(tmp_path, 
 def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     for k in (0, 1):
-        train_mod.train(cfg_of("trainer.steps=4", f"flow.length={k}"), root / f"{k}_flow.length={k}")
+        train_mod.train(cfg_of("trainer.steps=4", f"flow.length={k}"), root / f"{k}_k{k}")
     train_mod.train(cfg_of("trainer.steps=4"), root / "deeper" / "run")  # two levels below: not evaluated
     return root
 
@@ -170,20 +170,20 @@ def evaluate(run_dir, *overrides):
 
 
 def test_evaluate_a_sweep_one_level_deep_skipping_a_run_in_training(sweep, caplog):
-    busy = sweep / "1_flow.length=1"
+    busy = sweep / "1_k1"
     lock = {"pid": os.getpid(), "host": socket.gethostname(), "command": "train", "started_at": "now"}
     (busy / ".nfvi.lock").write_text(json.dumps(lock))
     try:
         out = evaluate(sweep, "overwrite=true")
     finally:
         (busy / ".nfvi.lock").unlink()
-    assert sorted(out) == [str(sweep / "0_flow.length=0")]
+    assert sorted(out) == [str(sweep / "0_k0")]
     assert f"skipping {busy}: in use by pid {os.getpid()} (nfvi train)" in caplog.text
     assert "evaluating 2 run(s)" in caplog.text and "deeper" not in caplog.text
 
 
 def test_evaluate_writes_evaluations_and_results_only_when_asked(sweep):
-    run = sweep / "0_flow.length=0"
+    run = sweep / "0_k0"
     evaluate(run, "overwrite=true")  # the run has no results.json yet: this becomes its results
     headline = json.loads((run / "results.json").read_text())
     assert (run / "evaluations" / "S4_n20_best_E1.json").is_file()
@@ -198,8 +198,8 @@ def test_evaluate_refuses_best_and_checkpoint_of_different_runs(sweep, tmp_path)
     import shutil
 
     run = tmp_path / "mixed"
-    shutil.copytree(sweep / "0_flow.length=0", run)
-    shutil.copy(sweep / "1_flow.length=1" / "best.pt", run / "best.pt")
+    shutil.copytree(sweep / "0_k0", run)
+    shutil.copy(sweep / "1_k1" / "best.pt", run / "best.pt")
     with pytest.raises(NfviError, match=r"best.pt and .*checkpoint.pt disagree on flow.length \(1 vs 0\)"):
         evaluate(run, "overwrite=true")
 

@@ -421,7 +421,7 @@ def test_one_beta_schedule_and_one_cosine_for_both_commands():
         assert beta_at(step) == vae_beta(step, "eq20") == beta_schedule(step) == expected
     steps, final = 50, 0.01
     for step in range(steps):  # the VAE: span steps - 1, the last update at the final lr
-        old = final + (1 - final) * 0.5 * (1 + math.cos(math.pi * step / (steps - 1)))
+        old = final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / (steps - 1))))
         assert lr_factor(step, steps, "cosine", final) == old
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     scheduler = cosine_scheduler(opt, steps, eta_min=0.1 * final)  # energy: torch's, span = steps

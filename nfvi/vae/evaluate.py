@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nfvi.data import load_dataset
 from nfvi.errors import NfviError, check_choice, check_range
-from nfvi.runs import Run, run_metadata, select_device
+from nfvi.runs import Run, console_logging, run_metadata, select_device
 from nfvi.vae.checkpoint import BEST, CHECKPOINT, flatten, load_checkpoint, model_from_state
 from nfvi.vae.config import EvalConfig, EvaluateConfig
 
@@ -312,6 +312,11 @@ def run(cfg: DictConfig) -> dict:
     check_eval_config(cfg.eval)
     runs = find_runs(cfg.run_dir)
     device = select_device(cfg.device)
+    with console_logging():
+        return _evaluate_runs(cfg, runs, device)
+
+
+def _evaluate_runs(cfg: DictConfig, runs: list[Path], device: torch.device) -> dict:
     log.info("evaluating %d run(s): %s", len(runs), ", ".join(str(p) for p in runs))
     out = {}
     cache: dict[str, object] = {}
