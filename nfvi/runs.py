@@ -532,7 +532,7 @@ class Run:
         self._console.__enter__()
         nfvi_log = logging.getLogger("nfvi")
         chain = [*nfvi_log.handlers, *logging.getLogger().handlers]
-        log_file = (self.out / f"{self.command}.log").resolve()
+        log_file = Path(os.path.abspath(self.out / f"{self.command}.log"))  # as logging.FileHandler names it
         if not any(getattr(h, "baseFilename", None) == str(log_file) for h in chain):
             file = logging.FileHandler(log_file, encoding="utf-8")
             file.setFormatter(logging.Formatter(LOG_FORMAT))
