@@ -143,8 +143,9 @@ class _StopRequest:
 class Trainer:
     """One training run in ``out``: build or restore the state, loop, checkpoint. See the module docstring."""
 
-    def __init__(self, cfg: DictConfig, out: Path, device: torch.device, data=None):
+    def __init__(self, cfg: DictConfig, out: Path, device: torch.device, data=None, metrics: MetricsLog | None = None):
         self.cfg, self.out, self.device = cfg, Path(out), device
+        self.metrics = metrics if metrics is not None else MetricsLog(self.out / "metrics.csv")  # the Run's
         self.t = cfg.trainer
         self.data = data if data is not None else load_dataset(cfg.dataset, root=cfg.paths.data_dir)
         check_likelihood_fits(cfg.model.likelihood, getattr(self.data, "kind", "binary"), cfg.dataset.name)
@@ -276,7 +277,7 @@ class Trainer:
     # -- loop ----------------------------------------------------------------------------------------------------------
     def fit(self) -> None:
         t, steps = self.t, self.t.steps
-        metrics = MetricsLog(self.out / "metrics.csv")
+        metrics = self.metrics
         metrics.truncate_after(self.step)
         window = {"loss": 0.0, "neg_elbo": 0.0, "n": 0, "t0": time.time(), "grad_norm": 0.0}
         bar = tqdm(
@@ -420,7 +421,8 @@ def _train(cfg: DictConfig, run: Run, device: torch.device) -> dict:
             log.info("%s is complete (step %s); nothing to do", out, state["step"])
             return done
 
-    trainer = Trainer(cfg, out, device)
+    run.metrics = MetricsLog(out / "metrics.csv")
+    trainer = Trainer(cfg, out, device, metrics=run.metrics)
     if state is not None:
         trainer.restore(state)
         del state
