@@ -124,12 +124,15 @@ def _hydra_raises():
 
 
 def _own_files(folder: Path) -> list[str]:
-    """What a job folder holds besides Hydra's files (``.hydra/``, the job log) and :data:`ERROR_FILE`."""
+    """What a job folder holds besides Hydra's files (``.hydra/``, the job log), :data:`ERROR_FILE` and the run's
+    bookkeeping (:mod:`nfvi.runs`: its lock and its config record)."""
     from hydra.core.hydra_config import HydraConfig
+
+    from nfvi.runs import LOCK, RUN_RECORD
 
     hydra_cfg = HydraConfig.get()
     subdir = Path(str(hydra_cfg.output_subdir)).parts[0]  # ".hydra" (also for evaluate's .hydra/evaluate-<time>)
-    hydra_files = {subdir, f"{hydra_cfg.job.name}.log", ERROR_FILE}
+    hydra_files = {subdir, f"{hydra_cfg.job.name}.log", ERROR_FILE, LOCK, RUN_RECORD, "run_config.json"}
     return sorted(p.name for p in folder.iterdir() if p.name not in hydra_files) if folder.is_dir() else []
 
 
@@ -261,6 +264,14 @@ def main(argv: list[str] | None = None) -> None:
             if debug:
                 raise
             print(f"nfvi {command}: error: {one_line(exc)}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as exc:  # the file system: a run folder Hydra cannot make or write (a file, /dev/null/x)
+            from nfvi.runs import environment_fault
+
+            fault = environment_fault(exc)
+            if debug or fault is None:
+                raise
+            print(f"nfvi {command}: error: {fault}", file=sys.stderr)
             sys.exit(2)
         except Exception:  # a launcher or Hydra itself failed (e.g. a submitit job killed for time or memory)
             if debug:

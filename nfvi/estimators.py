@@ -94,19 +94,43 @@ def log_weights(model, x: Tensor, num_samples: int) -> Tensor:
     return model.log_joint(x, z) - log_q
 
 
+class _ProgressLines:
+    """Without a bar (stderr is not a terminal): a log line with the images done and the ETA every tenth."""
+
+    def __init__(self, total: int, what: str):
+        import logging
+        import time
+
+        self.log, self.clock = logging.getLogger("nfvi.evaluate"), time.time
+        self.total, self.what, self.t0, self.next = total, what, time.time(), max(1, total // 10)
+
+    def __call__(self, done: int) -> None:
+        if done < self.next:
+            return
+        self.next = done + max(1, self.total // 10)
+        elapsed = self.clock() - self.t0
+        eta = elapsed / done * (self.total - done)
+        self.log.info("%s: %d/%d images done, %.0f s elapsed, ETA %.0f s", self.what, done, self.total, elapsed, eta)
+
+
 def _run(model, x, num_samples, batch_size, progress, reduce) -> Tensor:
     check_range("num_samples", num_samples, low=1, kind="a whole number of samples")
     device = _device(model)
     batch_size = default_batch_size(device) if batch_size is None else batch_size
     check_range("batch_size", batch_size, low=1, kind="a whole number of samples per chunk")
     chunks = list(_chunks(x.shape[0], num_samples, batch_size))
+    lines = None
     if progress:
         from tqdm.auto import tqdm
 
-        chunks = tqdm(chunks, desc=f"{reduce} S={num_samples}", unit="chunk")
+        bar = tqdm(chunks, desc=f"{reduce} S={num_samples}", unit="chunk", disable=None)  # a terminal only
+        lines = _ProgressLines(x.shape[0], f"{reduce} S={num_samples}") if bar.disable else None
+        chunks = bar
     out = []
     with _evaluation(model):
         for start, stop, sizes in chunks:
+            if lines is not None:
+                lines(start)
             x_chunk = x[start:stop]
             if device is not None:
                 x_chunk = x_chunk.to(device, non_blocking=True)

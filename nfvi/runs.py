@@ -1,27 +1,52 @@
-"""Run directories: atomic writes, ``metrics.csv``, ``results.json`` and run metadata.
+"""Run folders: one lifecycle (:class:`Run`) for ``nfvi energy|train|evaluate|cde``, atomic writes, ``metrics.csv``,
+``results.json`` with provenance.
 
-Every command writes into Hydra's output directory (``hydra.job.chdir=false``): ``.hydra/`` (the
-resolved config), ``metrics.csv`` (one row per logged step), ``results.json`` (final numbers, each
-with its unit, plus the metadata of :func:`run_metadata`), and figures or checkpoints.
+Every command writes into Hydra's output directory (``hydra.job.chdir=false``; ``run_dir=`` for train):
+``.hydra/`` (Hydra's record of the latest launch into the folder), ``run.json`` (``run_config.json`` for
+train: the command and resolved config of the run's first launch, what later launches are compared
+with), ``<command>.log``, ``metrics.csv`` (one row per logged step), ``results.json`` (final numbers,
+each with its unit, plus :func:`run_metadata` and :func:`provenance`), and figures or checkpoints.
+
+A folder belongs to one run. While a command runs, ``.nfvi.lock`` (pid, host, command, start time) keeps
+other writers out; a lock whose process is gone (same host) is taken over. A folder holding another
+command's run, an unfinished run or a finished run is refused in one line unless ``resume=true`` (train:
+continue the checkpoint; the others: a finished run with the same settings is returned as it is, an
+unfinished one is run again) or ``overwrite=true`` (remove that run's files and start afresh).
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
+import logging
 import math
 import os
 import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import torch
 
-from nfvi.errors import NfviError, NonFiniteLossError
+from nfvi.errors import NfviError
 
 __all__ = [
+    "LOCK",
+    "RUN_RECORD",
+    "RUN_FILES",
+    "Run",
+    "console_logging",
+    "environment_fault",
+    "finite_results",
+    "provenance",
     "atomic_write_bytes",
     "new_file_mode",
     "atomic_write_text",
@@ -55,8 +80,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc  # name the file (ENOSPC names none)
         raise
 
 
@@ -72,7 +99,9 @@ def atomic_torch_save(obj, path: str | Path) -> None:
 
 
 def write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    """``obj`` as indented JSON, atomically. A NaN or inf raises ``ValueError`` (JSON has no such token; see
+    :func:`finite_results`)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
 
 
 class MetricsLog:
@@ -89,12 +118,17 @@ class MetricsLog:
         new = self.fields is None
         if new:
             self.fields = list(row)
-        with self.path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-            f.flush()
+        try:
+            with self.path.open("a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+                f.flush()
+        except OSError as exc:
+            if exc.errno is not None and exc.filename is None:
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
+            raise
 
     def truncate_after(self, step: int, key: str = "step") -> None:
         """Drop rows logged after ``step`` (used when resuming from an older checkpoint)."""
@@ -138,11 +172,10 @@ def run_metadata(device: torch.device | str | None = None, started: float | None
 
 
 def check_finite(loss: torch.Tensor | float, step: int, run_path: str | Path | None = None) -> None:
-    """Raise :class:`NonFiniteLossError` naming the step if ``loss`` is NaN or inf."""
-    value = float(loss)
-    if not math.isfinite(value):
-        where = f"; what the run wrote so far is kept in {run_path}" if run_path else ""
-        raise NonFiniteLossError(f"loss became {value} at step {step}; stopping{where}")
+    """Raise ``NonFiniteLossError`` naming the step if ``loss`` is NaN or inf (:func:`nfvi.training.check_finite`)."""
+    from nfvi.training import check_finite as guard
+
+    guard(loss, step, f"what the run wrote so far is kept in {run_path}" if run_path else None)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -165,3 +198,469 @@ def select_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise NfviError(f"device={name!r} was asked for but CUDA is not available here; use device=auto or cpu")
     return device
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Provenance and finite results
+
+
+def _git(*args: str) -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def provenance() -> dict:
+    """What produced a result: nfvi's version, its git commit (``"unknown"`` outside a checkout), library versions."""
+    import hydra
+    import numpy
+    import omegaconf
+
+    import nfvi
+
+    commit = _git("rev-parse", "HEAD") if (Path(nfvi.__file__).resolve().parent.parent / ".git").exists() else None
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "nfvi_version": nfvi.__version__,
+        "git_commit": commit or "unknown",
+        "git_dirty": None if status is None else bool(status),
+        "torch_version": torch.__version__,
+        "hydra_version": hydra.__version__,
+        "omegaconf_version": omegaconf.__version__,
+        "numpy_version": numpy.__version__,
+        "python_version": platform.python_version(),
+    }
+
+
+def finite_results(results: dict, required: tuple[str, ...] = ()) -> dict:
+    """``results`` ready for JSON: a non-finite value of a ``required`` key is an error naming it; any other
+    non-finite float (at the top level) becomes ``null`` with a ``<key>_reason`` note."""
+    from nfvi.errors import NonFiniteLossError
+
+    out = dict(results)
+    for key, value in results.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            if key in required:
+                raise NonFiniteLossError(f"the reported {key} is {value} (not finite); results.json is not written")
+            out[key] = None
+            out[f"{key}_reason"] = f"not finite ({value})"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Environment faults
+
+
+def environment_fault(exc: BaseException, folder: str | Path | None = None) -> str | None:
+    """One line for an :class:`OSError` of the file system (in ``exc`` or its causes), or None for other errors."""
+    while exc is not None and not (isinstance(exc, OSError) and exc.errno is not None):
+        exc = exc.__cause__ or exc.__context__
+    if exc is None:
+        return None
+    path = Path(exc.filename or folder or ".")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        problem = _path_problem(path)
+        if problem is not None:
+            return problem
+    causes = {
+        errno.ENOSPC: "no space left on the device",
+        errno.EDQUOT: "the disk quota is exceeded",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied (a read-only folder?)",
+        errno.EPERM: "operation not permitted (a read-only folder?)",
+        errno.ENAMETOOLONG: "the name is too long",
+    }
+    cause = causes.get(exc.errno, exc.strerror or str(exc))
+    kept = ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        kept = "; what was saved before is kept: free some space, then resume=true continues the run"
+    return f"cannot write {path}: {cause}{kept}"
+
+
+def _path_problem(path: Path) -> str | None:
+    """Why a run folder cannot be made at ``path``: it is a file, or a parent is not a folder."""
+    if path.exists() and not path.is_dir():
+        return f"run folder {path} is a file, not a folder; choose another run folder"
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return f"cannot create run folder {path}: {parent} is not a folder"
+    return None
+
+
+def _folder_error(out: Path, exc: OSError) -> NfviError:
+    return NfviError(_path_problem(out) or environment_fault(exc, out) or f"cannot create run folder {out}: {exc}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run lifecycle
+
+LOCK = ".nfvi.lock"
+RUN_RECORD = "run.json"
+#: the files a run may own; ``overwrite=true`` removes these (and nothing else) before starting afresh
+RUN_FILES = (
+    "run.json",
+    "run_config.json",
+    "results.json",
+    "metrics.csv",
+    "checkpoint.pt",
+    "best.pt",
+    "model.pt",
+    "density.npz",
+    "density.png",
+    "evaluations",
+)
+#: config keys that may differ between launches into one run folder (they do not change the numbers)
+FREE_KEYS = ("resume", "overwrite", "run_dir", "device", "threads", "paths.", "trainer.progress", "eval.progress")
+_TASK_COMMAND = {"vae": "train", "energy": "energy", "cde": "cde"}
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    out = {}
+    for key, value in (node or {}).items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def config_changes(saved: dict, current: dict, free=FREE_KEYS) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs, ``free`` keys (prefixes) aside."""
+    a, b = _flatten(saved), _flatten(current)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k) and not any(k == f or k.startswith(f) for f in free if f)]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class console_logging:
+    """Context manager: the ``nfvi`` loggers print at INFO to stderr when no console handler (Hydra's) does already.
+
+    :class:`Run` uses it; ``nfvi evaluate`` wraps its whole loop in it (the list of runs precedes every Run).
+    """
+
+    def __init__(self):
+        self.handler: logging.Handler | None = None
+        self.old_level: int | None = None
+
+    def __enter__(self) -> console_logging:
+        nfvi_log = logging.getLogger("nfvi")
+        if nfvi_log.getEffectiveLevel() > logging.INFO:
+            self.old_level = nfvi_log.level
+            nfvi_log.setLevel(logging.INFO)
+        if not any(type(h) is logging.StreamHandler for h in [*nfvi_log.handlers, *logging.getLogger().handlers]):
+            self.handler = logging.StreamHandler(sys.stderr)
+            self.handler.setFormatter(logging.Formatter(LOG_FORMAT))
+            nfvi_log.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        nfvi_log = logging.getLogger("nfvi")
+        if self.handler is not None:
+            nfvi_log.removeHandler(self.handler)
+            self.handler = None
+        if self.old_level is not None:
+            nfvi_log.setLevel(self.old_level)
+            self.old_level = None
+        return False
+
+
+class Run:
+    """One command's run in one folder, as a context manager::
+
+        with Run(out, command="energy", cfg=cfg) as run:
+            done = run.begin()          # resume/overwrite policy; a finished run's results or None
+            ...                          # the loop: run.log.info(...), run.metrics.log(...)
+            run.write_results(results)   # provenance + config, finite, atomic
+
+    Entering creates the folder (one-line errors when it cannot be: a file, a read-only folder, a parent that is
+    not a folder), takes ``.nfvi.lock``, routes the ``nfvi`` loggers to the console and ``<command>.log`` at INFO
+    (adding handlers only where Hydra's logging does not already), makes SIGTERM end the run through ``__exit__``,
+    and applies ``cfg.seed``, ``cfg.device`` and ``cfg.threads`` where the command has them (``run.device``).
+    Leaving releases the lock and turns file-system errors (ENOSPC, read-only, ...) into one-line errors.
+
+    ``record``: the file holding the command and first config (``run.json``; train keeps ``run_config.json``,
+    which holds the config alone). ``claim=False`` (``nfvi evaluate``): the folder is another command's run;
+    only lock, log and write results.
+    """
+
+    def __init__(self, out: str | Path, command: str, cfg=None, *, record: str = RUN_RECORD, claim: bool = True):
+        from omegaconf import OmegaConf
+
+        self.out = Path(out)
+        self.command = command
+        self.cfg = cfg
+        self.config = OmegaConf.to_container(cfg, resolve=True) if cfg is not None else {}
+        self.record = record
+        self.claim = claim
+        self.started = time.time()
+        self.log = logging.getLogger(f"nfvi.{command}")
+        self.device: torch.device | None = None
+        self.metrics: MetricsLog | None = None
+        self._handlers: list[logging.Handler] = []
+        self._console = console_logging()
+        self._old_sigterm = None
+        self._locked = False
+
+    # -- entering and leaving ------------------------------------------------------------------------------------------
+    def __enter__(self) -> Run:
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _folder_error(self.out, exc) from None
+        if not self.out.is_dir():
+            raise NfviError(f"run folder {self.out} is a file, not a folder; choose another run folder")
+        self._lock()
+        try:
+            self._start_logging()
+            self._catch_sigterm()
+            self._setup()
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._old_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
+        self._unlock()
+        self._stop_logging()
+        if isinstance(exc, OSError) and not isinstance(exc, NfviError):
+            message = environment_fault(exc, self.out)
+            if message is not None:
+                raise NfviError(message) from None
+        return False
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        if cfg is None:
+            return
+        if "threads" in cfg and cfg.threads and cfg.threads > 0:
+            torch.set_num_threads(int(cfg.threads))
+        if "device" in cfg:
+            self.device = select_device(cfg.device)
+        if "seed" in cfg:
+            seed_everything(int(cfg.seed))
+
+    def _catch_sigterm(self) -> None:
+        """SIGTERM raises ``SystemExit(143)`` so that the lock is released (train installs its own handler)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+
+            def stop(signum, frame):
+                raise SystemExit(128 + signum)
+
+            self._old_sigterm = signal.signal(signal.SIGTERM, stop)
+
+    # -- the lock ------------------------------------------------------------------------------------------------------
+    @property
+    def lock_path(self) -> Path:
+        return self.out / LOCK
+
+    @staticmethod
+    def holder(folder: str | Path) -> dict | None:
+        """The live lock holder of ``folder`` (``{"pid", "host", "command", "started_at"}``), or None."""
+        path = Path(folder) / LOCK
+        try:
+            info = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {"pid": "?", "host": "?", "command": "?", "started_at": "?"}  # being written: held
+        if info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1))):
+            return None
+        return info
+
+    def _lock(self) -> None:
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": self.command,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        for _ in range(3):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, new_file_mode())
+            except FileExistsError:
+                holder = self.holder(self.out)
+                if holder is not None:
+                    raise NfviError(
+                        f"{self.out} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
+                        f"nfvi {holder.get('command')}, since {holder.get('started_at')}); wait for it to end or "
+                        f"use another folder"
+                    ) from None
+                self.log.warning("taking over the stale lock %s (its process is gone)", self.lock_path)
+                self.lock_path.unlink(missing_ok=True)
+                continue
+            except OSError as exc:
+                raise NfviError(environment_fault(exc, self.out) or str(exc)) from None
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(json.dumps(info) + "\n")
+            except OSError as exc:
+                self.lock_path.unlink(missing_ok=True)
+                raise NfviError(environment_fault(exc, self.lock_path) or str(exc)) from None
+            self._locked = True
+            return
+        raise NfviError(f"cannot take the lock {self.lock_path}; remove it if no nfvi process uses {self.out}")
+
+    def _unlock(self) -> None:
+        if self._locked:
+            self._locked = False
+            with _suppress_os_error():
+                self.lock_path.unlink(missing_ok=True)
+
+    # -- logging -------------------------------------------------------------------------------------------------------
+    def _start_logging(self) -> None:
+        """The ``nfvi`` loggers reach the console and ``<out>/<command>.log`` at INFO, through Hydra's handlers
+        where its job logging has them, else through handlers of this run (removed on exit)."""
+        self._console.__enter__()
+        nfvi_log = logging.getLogger("nfvi")
+        chain = [*nfvi_log.handlers, *logging.getLogger().handlers]
+        log_file = Path(os.path.abspath(self.out / f"{self.command}.log"))  # as logging.FileHandler names it
+        if not any(getattr(h, "baseFilename", None) == str(log_file) for h in chain):
+            file = logging.FileHandler(log_file, encoding="utf-8")
+            file.setFormatter(logging.Formatter(LOG_FORMAT))
+            self._handlers.append(file)
+        for handler in self._handlers:
+            handler.setLevel(logging.INFO)
+            nfvi_log.addHandler(handler)
+
+    def _stop_logging(self) -> None:
+        nfvi_log = logging.getLogger("nfvi")
+        for handler in self._handlers:
+            nfvi_log.removeHandler(handler)
+            handler.close()
+        self._handlers = []
+        self._console.__exit__(None, None, None)
+
+    # -- who owns the folder -------------------------------------------------------------------------------------------
+    def owner(self) -> tuple[str | None, dict | None]:
+        """The command and first config of the run this folder holds: ``(None, None)`` for an empty folder."""
+        for name in (RUN_RECORD, "run_config.json"):
+            path = self.out / name
+            if path.is_file():
+                try:
+                    saved = json.loads(path.read_text())
+                except ValueError:
+                    return "unknown", None
+                if name == RUN_RECORD:
+                    return saved.get("command", "unknown"), saved.get("config")
+                return "train", saved
+        results = self.read_results()
+        if results is not None:  # a run from before run.json existed
+            return _TASK_COMMAND.get(results.get("task"), "unknown"), None
+        return None, None
+
+    def read_results(self) -> dict | None:
+        path = self.out / "results.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            return None
+
+    def clear(self) -> None:
+        """Remove the files of the run this folder holds (:data:`RUN_FILES`); ``.hydra/`` and logs stay."""
+        for name in RUN_FILES:
+            path = self.out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+    def save_record(self) -> None:
+        """Record the command and resolved config of this (first) launch."""
+        if self.record == RUN_RECORD:
+            started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            record = {"command": self.command, "config": self.config, "started_at": started}
+            write_json(self.out / self.record, record)
+        else:
+            write_json(self.out / self.record, self.config)
+
+    def refuse_other_command(self) -> None:
+        """Refuse (one line) a folder that holds another command's run, unless ``overwrite=true`` (then clear it)."""
+        command, _ = self.owner()
+        if command is None or command == self.command:
+            return
+        if self.cfg is not None and self.cfg.get("overwrite", False):
+            self.log.info("overwrite=true: removing the nfvi %s run in %s", command, self.out)
+            self.clear()
+            return
+        raise NfviError(
+            f"{self.out} holds a run of nfvi {command}; use another folder, or overwrite=true to replace that run"
+        )
+
+    def begin(self) -> dict | None:
+        """The resume/overwrite policy of energy and cde. Returns the finished run's results when there is nothing
+        to do (``resume=true``, same settings), else None after preparing the folder for a fresh run."""
+        self.refuse_other_command()
+        command, saved = self.owner()
+        overwrite, resume = bool(self.cfg.get("overwrite", False)), bool(self.cfg.get("resume", False))
+        if command is not None and overwrite:
+            self.log.info("overwrite=true: starting %s afresh", self.out)
+            self.clear()
+        elif command is not None:
+            results = self.read_results()
+            changes = ["(settings unknown: a run from an older nfvi)"] if saved is None else []
+            changes = changes or config_changes(saved, self.config)
+            what = "a finished run" if results is not None else "an unfinished run"
+            if changes:
+                shown = ", ".join(changes[:6]) + (f" and {len(changes) - 6} more" if len(changes) > 6 else "")
+                raise NfviError(
+                    f"{self.out} holds {what} with other settings ({shown}); use another folder, or overwrite=true "
+                    f"to replace it"
+                )
+            if not resume:
+                raise NfviError(
+                    f"{self.out} holds {what} with these settings; resume=true keeps it (a finished run) or runs it "
+                    f"again (an unfinished one), overwrite=true starts it afresh"
+                )
+            if results is not None:
+                self.log.info("%s is complete (resume=true); nothing to do", self.out)
+                return results
+            self.log.info("resume=true: %s holds an unfinished run; running it again", self.out)
+            self.clear()
+        self.save_record()
+        self.metrics = MetricsLog(self.out / "metrics.csv")
+        return None
+
+    # -- results -------------------------------------------------------------------------------------------------------
+    def results(self, results: dict, required: tuple[str, ...] = ()) -> dict:
+        """``results`` plus run metadata, provenance and the config; non-finite values handled by
+        :func:`finite_results` (a non-finite ``required`` metric is an error)."""
+        full = dict(results)
+        extra = {**run_metadata(self.device, self.started), **provenance(), "config": self.config}
+        for key, value in extra.items():  # the command's own fields win (e.g. the wall time it measured)
+            full.setdefault(key, value)
+        return finite_results(full, required)
+
+    def write_results(self, results: dict, required: tuple[str, ...] = (), path: str | Path | None = None) -> dict:
+        """Complete ``results`` (:meth:`results`) and write it atomically to ``path`` (default ``results.json``)."""
+        full = self.results(results, required)
+        write_json(Path(path) if path is not None else self.out / "results.json", full)
+        return full
+
+
+class _suppress_os_error:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        return exc_type is not None and issubclass(exc_type, OSError)

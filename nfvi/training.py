@@ -1,17 +1,29 @@
-"""What every training loop shares: the flow and optimizer factories of a config.
+"""What every training loop shares: the flow and optimizer factories of a config, the Eq. 20 inverse temperature,
+the cosine learning-rate factor and the non-finite guard.
 
 The loops themselves stay in their task modules (``nfvi.energy.task``, ``nfvi.vae.task``, ``nfvi.cde.fit``).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from omegaconf import DictConfig
 
 from nfvi.config import FlowConfig, OptimConfig
+from nfvi.errors import NonFiniteLossError
 from nfvi.flows import Flow, build_flow
 
-__all__ = ["OPTIMIZERS", "flow_from_config", "optimizer_from_config"]
+__all__ = [
+    "OPTIMIZERS",
+    "beta_schedule",
+    "check_finite",
+    "cosine_factor",
+    "cosine_scheduler",
+    "flow_from_config",
+    "optimizer_from_config",
+]
 
 OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam, "adamax": torch.optim.Adamax}
 
@@ -67,3 +79,46 @@ def optimizer_from_config(cfg: OptimConfig | DictConfig, params, flow_params=())
         except (RuntimeError, TypeError):
             pass
     return OPTIMIZERS[cfg.name](params, **kwargs)
+
+
+def beta_schedule(step: int, beta0: float = 0.01, anneal_steps: int = 10000, anneal: bool = True) -> float:
+    """Inverse temperature of update ``step`` (0-based), paper Eq. 20: ``beta_t = min(1, beta0 + t / anneal_steps)``.
+
+    ``anneal=False`` or ``anneal_steps <= 0`` give 1 (no annealing). ``nfvi.energy.task.beta_at`` and
+    ``nfvi.vae.objectives.beta_schedule`` are thin aliases with their commands' argument names.
+    """
+    if not anneal or anneal_steps <= 0:
+        return 1.0
+    return min(1.0, beta0 + step / anneal_steps)
+
+
+def cosine_factor(step: int, span: int, final: float) -> float:
+    """Learning-rate multiplier of a cosine decay from 1 (``step = 0``) to ``final`` (``step >= span``).
+
+    ``final + (1 - final) * (1 + cos(pi * min(1, step / span))) / 2``; ``span <= 0`` gives 1. The VAE
+    (``nfvi train``) uses ``span = steps - 1`` (its last update runs at ``final``); ``nfvi energy`` uses torch's
+    :func:`cosine_scheduler`, whose closed form is this with ``span = steps`` (its last update runs just above
+    ``final``). The two spans are kept so that every published number stays the same.
+    """
+    if span <= 0:
+        return 1.0
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / span)))
+
+
+def cosine_scheduler(optimizer: torch.optim.Optimizer, steps: int, eta_min: float):
+    """torch's ``CosineAnnealingLR``: each group's lr decays to ``eta_min`` over ``steps`` updates (``nfvi energy``)."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=eta_min)
+
+
+def check_finite(value, step: int, where=None, what: str = "loss") -> None:
+    """The non-finite guard of every loop: raise :class:`NonFiniteLossError` if ``value`` is NaN or inf.
+
+    The one-line message names ``what``, its value and the ``step`` (``"<what> became nan at step 7; stopping"``),
+    then ``where`` (what was kept, e.g. the last good checkpoint) when given: a string, or a function returning
+    one (called only on failure).
+    """
+    value = float(value)
+    if not math.isfinite(value):
+        where = where() if callable(where) else where
+        kept = f"; {where}" if where else ""
+        raise NonFiniteLossError(f"{what} became {value} at step {step}; stopping{kept}")

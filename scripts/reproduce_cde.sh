@@ -37,8 +37,8 @@ esac
 OUT="${2:-outputs/reproduce/$PROFILE/cde}"
 
 set -x
-nfvi cde -m "dataset=$DATASETS" "model=$BASELINES" "seeds=$SEEDS" "${EXTRA[@]}" \
+nfvi cde -m "dataset=$DATASETS" "model=$BASELINES" "seeds=$SEEDS" "${EXTRA[@]}" resume=true \
   "hydra.sweep.dir=$OUT/baselines" 'hydra.sweep.subdir=${dataset}_${model}'
-nfvi cde -m "dataset=$DATASETS" model=flow "flow=$FLOWS" "flow.length=$LENGTHS" "seeds=$SEEDS" "${EXTRA[@]}" \
+nfvi cde -m "dataset=$DATASETS" model=flow "flow=$FLOWS" "flow.length=$LENGTHS" "seeds=$SEEDS" "${EXTRA[@]}" resume=true \
   "hydra.sweep.dir=$OUT/flows" 'hydra.sweep.subdir=${dataset}_${flow.kind}_K${flow.length}'
 nfvi report "search=[$OUT]" "out_dir=$OUT/tables" "tasks=[cde]"

@@ -75,7 +75,7 @@ trap stop INT TERM
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
 trap - INT TERM
-grep -h "nfvi train" "$OUT"/logs/lane*.log || true
+grep -h "nfvi.train.*test -ELBO" "$OUT"/logs/lane*.log || true
 if [ "$status" -ne 0 ]; then
   echo "reproduce_mnist: some runs failed (see $OUT/logs/); tabulating the others" >&2
 fi

@@ -89,8 +89,12 @@ def test_a_failed_rerun_leaves_no_earlier_results_behind(tmp_path):
     """scripts/reproduce_cde.sh reruns into fixed folders: a failure must not leave old numbers to be reported."""
     cde_run.run_cde(composed("dataset=sine", *FAST), out_dir=tmp_path)
     assert (tmp_path / "results.json").is_file()
-    with pytest.raises(NfviError, match="is missing"):
+    with pytest.raises(NfviError, match="holds a finished run with other settings"):  # nothing is replaced silently
         cde_run.run_cde(composed("dataset=fish", "download=false", f"paths.data_dir={tmp_path / 'none'}"), tmp_path)
+    assert (tmp_path / "results.json").is_file()
+    with pytest.raises(NfviError, match="is missing"):
+        again = composed("dataset=fish", "download=false", f"paths.data_dir={tmp_path / 'none'}", "overwrite=true")
+        cde_run.run_cde(again, tmp_path)
     assert not (tmp_path / "results.json").exists() and not (tmp_path / "metrics.csv").exists()
 
 
@@ -98,7 +102,7 @@ def test_results_record_the_planar_floor_only_where_it_applies(tmp_path):
     cfg = composed("dataset=sine", "flow=planar", "flow.length=1", "flow.amortized=false", *FAST)
     assert cde_run.run_cde(cfg, out_dir=tmp_path)["w_floor"] is None
     cfg = composed("dataset=sine", "flow=planar", "flow.length=1", *FAST)
-    assert cde_run.run_cde(cfg, out_dir=tmp_path)["w_floor"] == 0.1
+    assert cde_run.run_cde(cfg, out_dir=tmp_path / "amortized")["w_floor"] == 0.1
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

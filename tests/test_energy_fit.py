@@ -141,15 +141,22 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_metrics(tmp_path, monkey
 
 
 def test_resume_skips_a_finished_run_and_refuses_another_runs_directory(tmp_path, monkeypatch):
+    from nfvi.errors import NfviError
+
     monkeypatch.chdir(tmp_path)
     first = run(_cfg("flow=radial", "flow.length=2"))
     stamp = (tmp_path / "results.json").stat().st_mtime_ns
     again = run(_cfg("flow=radial", "flow.length=2", "resume=true"))
     assert again["bound"] == first["bound"] and (tmp_path / "results.json").stat().st_mtime_ns == stamp
-    from nfvi.errors import NfviError
-
-    with pytest.raises(NfviError, match="holds another run"):
+    with pytest.raises(NfviError, match="holds a finished run with these settings; resume=true keeps it"):
+        run(_cfg("flow=radial", "flow.length=2"))  # nothing is overwritten silently
+    with pytest.raises(NfviError, match=r"holds a finished run with other settings \(flow.length"):
         run(_cfg("flow=radial", "flow.length=3", "resume=true"))
+    redone = run(_cfg("flow=radial", "flow.length=2", "overwrite=true"))  # afresh: the same numbers again
+    assert redone["bound"] == first["bound"] and (tmp_path / "results.json").stat().st_mtime_ns != stamp
+    other = run(_cfg("flow=radial", "flow.length=3", "overwrite=true"))
+    assert other["flow_length"] == 3
+    assert json.loads((tmp_path / "run.json").read_text())["config"]["flow"]["length"] == 3
 
 
 @pytest.mark.parametrize(

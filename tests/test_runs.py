@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -56,3 +57,375 @@ def test_check_finite_names_the_step(value):
     with pytest.raises(NonFiniteLossError, match="at step 7"):
         check_finite(value, 7)
     check_finite(1.0, 7)
+
+
+# results.json contract: the sorted keys of each command's results.json before the Run refactor (PR 9/11)
+CONTRACT_KEYS = {
+    "energy": [
+        "anneal",
+        "anneal_steps",
+        "bound",
+        "bound_se",
+        "box",
+        "box_half_width",
+        "cpu_threads",
+        "device",
+        "eval_samples",
+        "final_loss",
+        "finished_at",
+        "flow",
+        "flow_length",
+        "flow_lr_factor",
+        "grid",
+        "host",
+        "kl",
+        "kl_definition",
+        "kl_mc",
+        "log_z",
+        "lr",
+        "lr_decay",
+        "mass_outside_box",
+        "optim",
+        "python_version",
+        "samples",
+        "seed",
+        "steps",
+        "target",
+        "task",
+        "torch_version",
+        "units",
+        "wall",
+        "wall_time_s",
+    ],
+    "train": [
+        "anneal_steps",
+        "annealing",
+        "batch_size",
+        "best_step",
+        "binarize",
+        "checkpoint",
+        "checkpoint_step",
+        "cpu_threads",
+        "data_kind",
+        "data_source",
+        "dataset",
+        "device",
+        "eval_seed",
+        "eval_time_s",
+        "finished",
+        "finished_at",
+        "flow",
+        "flow_length",
+        "flow_lr_factor",
+        "grad_clip",
+        "host",
+        "latent_dim",
+        "likelihood",
+        "lr",
+        "lr_decay",
+        "model",
+        "num_dims",
+        "num_elbo_samples",
+        "num_importance_samples",
+        "num_test_images",
+        "optim",
+        "python_version",
+        "seed",
+        "steps",
+        "task",
+        "test_bpd",
+        "test_images",
+        "test_kl",
+        "test_kl_se",
+        "test_neg_elbo",
+        "test_neg_elbo_bpd",
+        "test_neg_elbo_se",
+        "test_nll",
+        "test_nll_se",
+        "torch_version",
+        "train_time_s",
+        "units",
+        "val_neg_elbo_best",
+        "wall_time_s",
+    ],
+    "evaluate": [
+        "anneal_steps",
+        "annealing",
+        "batch_size",
+        "best_step",
+        "binarize",
+        "checkpoint",
+        "checkpoint_step",
+        "cpu_threads",
+        "data_kind",
+        "data_source",
+        "dataset",
+        "device",
+        "eval_seed",
+        "eval_time_s",
+        "finished",
+        "finished_at",
+        "flow",
+        "flow_length",
+        "flow_lr_factor",
+        "grad_clip",
+        "host",
+        "latent_dim",
+        "likelihood",
+        "lr",
+        "lr_decay",
+        "model",
+        "num_dims",
+        "num_elbo_samples",
+        "num_importance_samples",
+        "num_test_images",
+        "optim",
+        "python_version",
+        "seed",
+        "steps",
+        "task",
+        "test_bpd",
+        "test_images",
+        "test_kl",
+        "test_kl_se",
+        "test_neg_elbo",
+        "test_neg_elbo_bpd",
+        "test_neg_elbo_se",
+        "test_nll",
+        "test_nll_se",
+        "torch_version",
+        "train_time_s",
+        "units",
+        "val_neg_elbo_best",
+        "wall_time_s",
+    ],
+    "cde": [
+        "activation",
+        "batch_size",
+        "benchmark_nf_nll",
+        "cpu_threads",
+        "data_file_sha256",
+        "data_source",
+        "data_table_sha256",
+        "dataset",
+        "device",
+        "finished_at",
+        "flow",
+        "flow_length",
+        "flow_lr_factor",
+        "grad_clip",
+        "hidden",
+        "host",
+        "log_std_y_mean",
+        "lr",
+        "lr_decay_patience",
+        "max_epochs",
+        "mdn_components",
+        "min_scale",
+        "model",
+        "model_name",
+        "n_rows",
+        "n_seeds",
+        "n_test_per_seed",
+        "optimizer",
+        "patience",
+        "per_seed",
+        "python_version",
+        "seeds",
+        "task",
+        "test_fraction",
+        "test_nll_mean",
+        "test_nll_standardized_mean",
+        "test_nll_standardized_std",
+        "test_nll_std",
+        "test_nll_true_density_mean",
+        "torch_version",
+        "true_nll",
+        "units",
+        "val_fraction",
+        "val_nll_standardized_mean",
+        "w_floor",
+        "wall_time_s",
+        "weight_decay",
+        "x_dim",
+        "y_dim",
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def contract_runs(tmp_path_factory):
+    """One tiny fake-data run of each command: ``{command: results dict}``."""
+    from nfvi.cde.task import run_cde
+    from nfvi.energy.task import run as energy_run
+    from nfvi.vae import evaluate as evaluate_mod
+    from nfvi.vae import task as train_mod
+    from tests.conftest import compose
+    from tests.test_train import TINY
+
+    root = tmp_path_factory.mktemp("contract")
+    energy = ["trainer.steps=20", "trainer.log_every=10", "eval.samples=500", "eval.grid=20", "device=cpu"]
+    out = {}
+    cwd = os.getcwd()
+    os.chdir(root)  # outside Hydra the run folder of energy is the working directory
+    try:
+        out["energy"] = energy_run(compose("energy", [*energy, "flow.length=2"]))
+    finally:
+        os.chdir(cwd)
+    train = compose("train", [*TINY, "trainer.steps=4", "eval.at_end=true", "eval.max_images=20"])
+    out["train"] = train_mod.train(train, root / "train")
+    evaluate = ["eval.num_samples=4", "eval.elbo_samples=1", "eval.max_images=20", "eval.progress=false", "device=cpu"]
+    (out["evaluate"],) = evaluate_mod.run(compose("evaluate", [f"run_dir={root / 'train'}", *evaluate])).values()
+    cde = ["dataset=sine", "seeds=[0,1]", "max_epochs=3", "synthetic_size=200", "hidden=[8]"]
+    out["cde"] = run_cde(compose("cde", cde), root / "cde")
+    return out
+
+
+@pytest.mark.parametrize("command", sorted(CONTRACT_KEYS))
+def test_results_json_keeps_every_key_of_the_contract(contract_runs, command):
+    missing = set(CONTRACT_KEYS[command]) - set(contract_runs[command])
+    assert not missing, f"nfvi {command}: results.json lost {sorted(missing)}"
+
+
+PROVENANCE = ("nfvi_version", "git_commit", "torch_version", "hydra_version", "omegaconf_version", "numpy_version")
+
+
+@pytest.mark.parametrize("command", sorted(CONTRACT_KEYS))
+def test_results_json_records_provenance_and_the_config(contract_runs, command):
+    res = contract_runs[command]
+    for key in (*PROVENANCE, "python_version", "config"):
+        assert key in res, key
+    assert isinstance(res["config"], dict) and res["config"]
+    import nfvi
+
+    assert res["nfvi_version"] == nfvi.__version__ and res["git_commit"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The Run: lock, stale lock, non-finite results, file-system faults
+
+
+def _cfg(**values):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"resume": False, "overwrite": False, **values})
+
+
+def test_a_held_lock_refuses_a_second_writer_naming_the_holder(tmp_path):
+    import subprocess
+    import sys
+
+    from nfvi.errors import NfviError
+    from nfvi.runs import Run
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"pid": sleeper.pid, "host": __import__("socket").gethostname(), "command": "train", "started_at": "x"}
+        (tmp_path / ".nfvi.lock").write_text(json.dumps(lock))
+        with pytest.raises(NfviError) as err, Run(tmp_path, "energy", _cfg()):
+            pass
+        assert f"pid {sleeper.pid}" in str(err.value) and "nfvi train" in str(err.value) and "\n" not in str(err.value)
+        assert json.loads((tmp_path / ".nfvi.lock").read_text())["pid"] == sleeper.pid  # the holder's lock stays
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_stale_lock_is_taken_over_and_the_lock_is_released_on_errors(tmp_path, caplog):
+    import subprocess
+    import sys
+
+    from nfvi.runs import Run
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = {"pid": dead.pid, "host": __import__("socket").gethostname(), "command": "cde", "started_at": "x"}
+    (tmp_path / ".nfvi.lock").write_text(json.dumps(lock))
+    with pytest.raises(RuntimeError, match="boom"), Run(tmp_path, "energy", _cfg()) as run:
+        assert json.loads(run.lock_path.read_text())["pid"] == os.getpid()
+        raise RuntimeError("boom")
+    assert "taking over the stale lock" in caplog.text
+    assert not (tmp_path / ".nfvi.lock").exists()
+
+
+def test_non_finite_results_fail_loudly_or_become_null_with_a_reason(tmp_path):
+    from nfvi.errors import NfviError
+    from nfvi.runs import Run, finite_results, write_json
+
+    with pytest.raises(NfviError, match="the reported test_nll is nan"):
+        finite_results({"test_nll": float("nan")}, required=("test_nll",))
+    assert finite_results({"kl_mc": float("inf"), "kl": 1.0}) == {
+        "kl_mc": None,
+        "kl_mc_reason": "not finite (inf)",
+        "kl": 1.0,
+    }
+    with pytest.raises(ValueError):
+        write_json(tmp_path / "x.json", {"a": float("nan")})  # never a bare NaN token
+    with Run(tmp_path, "energy", _cfg()) as run:
+        with pytest.raises(NfviError, match="bound"):
+            run.write_results({"bound": float("nan")}, required=("bound",))
+        saved = run.write_results({"bound": 1.0, "kl_mc": float("nan")}, required=("bound",))
+    text = (tmp_path / "results.json").read_text()
+    assert "NaN" not in text and saved["kl_mc"] is None and json.loads(text)["kl_mc_reason"] == "not finite (nan)"
+
+
+def test_no_space_left_mid_run_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from nfvi.errors import NfviError
+    from nfvi.runs import Run
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(NfviError) as err, Run(tmp_path, "energy", _cfg()) as run:
+        run.metrics = MetricsLog(tmp_path / "metrics.csv")
+        monkeypatch.setattr("csv.DictWriter.writerow", full)
+        run.metrics.log(step=1, loss=1.0)
+    message = str(err.value)
+    assert f"cannot write {tmp_path / 'metrics.csv'}: no space left on the device" in message and "\n" not in message
+    assert "resume=true" in message and not (tmp_path / ".nfvi.lock").exists()
+
+
+def test_read_only_folder_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from nfvi.errors import NfviError
+    from nfvi.runs import Run
+
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith(".nfvi.lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(NfviError) as err, Run(tmp_path, "energy", _cfg()):
+        pass
+    assert "permission denied (a read-only folder?)" in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_one_beta_schedule_and_one_cosine_for_both_commands():
+    import math
+
+    import torch
+
+    from nfvi.energy.task import beta_at
+    from nfvi.training import beta_schedule, cosine_factor, cosine_scheduler
+    from nfvi.vae.objectives import beta_schedule as vae_beta
+    from nfvi.vae.task import lr_factor
+
+    for step in (0, 5, 500, 20000):
+        expected = min(1.0, 0.01 + step / 10000)
+        assert beta_at(step) == vae_beta(step, "eq20") == beta_schedule(step) == expected
+    steps, final = 50, 0.01
+    for step in range(steps):  # the VAE: span steps - 1, the last update at the final lr
+        old = final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / (steps - 1))))
+        assert lr_factor(step, steps, "cosine", final) == old
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    scheduler = cosine_scheduler(opt, steps, eta_min=0.1 * final)  # energy: torch's, span = steps
+    for step in range(steps):
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * cosine_factor(step, steps, final), rel=1e-9)
+        opt.step()
+        scheduler.step()

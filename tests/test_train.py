@@ -173,7 +173,7 @@ def nfvi(*args, cwd, timeout=120):
     "override, expected",
     [
         ("trainer.annealing=warm", "trainer.annealing='warm' is not allowed; choose one of: eq20, kl_warmup, none"),
-        ("resume=true run_dir=nowhere", "resume=true: run_dir=nowhere holds no checkpoint.pt to continue"),
+        ("run_dir=/dev/null/x", "cannot create run folder /dev/null/x: /dev/null is not a folder"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, override, expected):
@@ -184,19 +184,24 @@ def test_cli_errors_are_one_line(tmp_path, override, expected):
     assert not (tmp_path / "nowhere").exists()
 
 
-def test_cli_train_then_resume_newest_run_with_same_config(tmp_path):
-    base = [*TINY, f"paths.output_dir={tmp_path}", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+def test_cli_train_then_resume_the_run_in_its_folder(tmp_path):
+    run = tmp_path / "run"
+    base = [*TINY, f"hydra.run.dir={run}", "hydra/job_logging=none", "hydra/hydra_logging=none"]
     first = nfvi("train", *base, "trainer.steps=4", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    (run,) = (tmp_path / "train").iterdir()
     assert {"checkpoint.pt", "best.pt", "metrics.csv", "run_config.json", ".hydra"} <= {p.name for p in run.iterdir()}
+    refused = nfvi("train", *base, "trainer.steps=6", cwd=tmp_path)
+    assert refused.returncode == 2 and "already holds a checkpoint; pass resume=true" in refused.stderr
     second = nfvi("train", *base, "trainer.steps=6", "resume=true", cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert f"resuming {run} at step 4 of 6" in second.stderr
-    assert [p.name for p in (tmp_path / "train").iterdir()] == [run.name]  # no new run directory
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no new run directory
     assert load_checkpoint(run / "checkpoint.pt")["step"] == 6
-    assert (run / ".hydra" / "config.yaml").read_text().count("steps: 4") == 1  # the original record is kept
-    assert len(list((run / ".hydra").glob("resume-*/config.yaml"))) == 1
+    assert json.loads((run / "run_config.json").read_text())["trainer"]["steps"] == 4  # the first launch's config
+    assert (run / ".hydra" / "config.yaml").read_text().count("steps: 6") == 1  # .hydra/: the latest launch
+    log = (run / "train.log").read_text()
+    assert "step 4/4: train loss" in log and "resuming" in log and "step 6/6" in log and "trained" in log
+    assert "\r" not in log and not (run / ".nfvi.lock").exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -224,6 +229,7 @@ def test_signal_saves_a_checkpoint_and_exits(tmp_path, sig):
     assert proc.returncode == 128 + sig, err
     state = load_checkpoint(run / "checkpoint.pt")
     assert f"{signal.Signals(sig).name} at step {state['step']}: checkpoint saved" in err
+    assert not (run / ".nfvi.lock").exists()  # released on the way out
     assert "resume=true" in err and "Traceback" not in err
     last_row = metrics.read_text().splitlines()[-1]
     assert int(last_row.split(",")[0]) == state["step"] > 0

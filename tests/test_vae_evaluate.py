@@ -51,10 +51,13 @@ def test_evaluate_writes_results_with_units(runs):
 def test_evaluate_is_deterministic_and_last_checkpoint_option(runs):
     args = ("eval.num_samples=8", "eval.elbo_samples=2", "eval.max_images=40")
     a = evaluate(runs / "k0", *args)[str(runs / "k0")]
-    b = evaluate(runs / "k0", *args)[str(runs / "k0")]
+    b = evaluate(runs / "k0", *args, "overwrite=true")[str(runs / "k0")]
     assert a["test_nll"] == b["test_nll"] and a["test_neg_elbo"] == b["test_neg_elbo"]
     c = evaluate(runs / "k0", *args, "eval.checkpoint=last")[str(runs / "k0")]
     assert c["checkpoint"] == "last" and c["checkpoint_step"] == 10
+    with pytest.raises(NfviError, match="already holds this evaluation; resume=true returns it"):
+        evaluate(runs / "k0", *args)
+    assert evaluate(runs / "k0", *args, "resume=true")[str(runs / "k0")]["test_nll"] == a["test_nll"]
 
 
 def test_evaluate_a_folder_of_runs(runs):
@@ -67,13 +70,15 @@ def test_evaluate_errors(tmp_path):
         evaluate(tmp_path / "nope")
     with pytest.raises(NfviError, match="holds no checkpoint.pt"):
         evaluate(tmp_path)
+    with pytest.raises(NfviError, match="run_dir is empty"):
+        evaluate("")
     with pytest.raises(NfviError, match="eval.num_samples=0 is not allowed"):
         validate(compose("evaluate", [f"run_dir={tmp_path}", "eval.num_samples=0"]))
 
 
 def test_cli_evaluate_writes_into_the_run(runs):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = ["eval.num_samples=4", "eval.elbo_samples=1", "eval.max_images=20", "eval.progress=false"]
+    args = ["eval.num_samples=4", "eval.elbo_samples=1", "eval.max_images=20", "eval.progress=false", "overwrite=true"]
     result = subprocess.run(
         [sys.executable, "-m", "nfvi", "evaluate", f"run_dir={runs / 'k2'}", *args],
         capture_output=True,
@@ -83,8 +88,9 @@ def test_cli_evaluate_writes_into_the_run(runs):
         cwd=runs,
     )
     assert result.returncode == 0, result.stderr
-    assert "test -ELBO" in result.stdout and "-ln p(x)" in result.stdout
-    assert list((runs / "k2" / ".hydra").glob("evaluate-*/config.yaml"))
+    assert "test -ELBO" in result.stderr and "-ln p(x)" in result.stderr
+    assert "test -ELBO" in (runs / "k2" / "evaluate.log").read_text()
+    assert not (runs / "k2" / ".hydra").exists() and not (runs / ".hydra").exists()  # Hydra writes nothing
     assert not (runs / "outputs").exists()
     missing = subprocess.run(
         [sys.executable, "-m", "nfvi", "evaluate"], capture_output=True, text=True, timeout=120, env=env, cwd=runs

@@ -59,6 +59,10 @@ class CDEConfig:
     #: torch CPU threads (small MLPs gain nothing from more; 0: torch's default)
     threads: int = 1
     device: str = "cpu"
+    #: the run folder holds this run: a finished one with the same settings is returned as is, an unfinished one re-run
+    resume: bool = False
+    #: the run folder holds another run: remove its files and start afresh
+    overwrite: bool = False
 
     def __post_init__(self):
         check_choice("dataset", self.dataset, DATASETS)

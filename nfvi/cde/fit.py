@@ -9,6 +9,7 @@ reports the test NLL of the best parameters, in standardised units and in the or
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import dataclass
 
@@ -19,10 +20,11 @@ from tqdm import tqdm
 
 from nfvi.cde.data import Split
 from nfvi.errors import check_range
-from nfvi.runs import MetricsLog, check_finite
-from nfvi.training import optimizer_from_config
+from nfvi.runs import MetricsLog
+from nfvi.training import check_finite, optimizer_from_config
 
 __all__ = ["FitResult", "fit", "mean_nll", "per_point_nll"]
+logger = logging.getLogger("nfvi.cde")
 
 
 @dataclass
@@ -79,7 +81,8 @@ def fit(
     if lr_decay_patience > 0:  # halve the learning rate when the validation NLL stalls
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=lr_decay_patience)
     best_val, best_state, best_epoch, step = float("inf"), copy.deepcopy(model.state_dict()), 0, 0
-    bar = tqdm(range(1, max_epochs + 1), desc=desc or "cde", leave=False, disable=None)
+    bar = tqdm(range(1, max_epochs + 1), desc=desc or "cde", leave=False, disable=None)  # a terminal only
+    every = max(1, max_epochs // 10)  # without the bar: a progress line every tenth of the epochs
     epoch = 0
     for epoch in bar:
         model.train()
@@ -106,6 +109,9 @@ def fit(
             lr = optimizer.param_groups[0]["lr"]
             log.log(seed=seed, epoch=epoch, step=step, lr=lr, train_nll=round(total / n, 6), val_nll=round(val, 6))
         bar.set_postfix(train=f"{total / n:.3f}", val=f"{val:.3f}", best=f"{best_val:.3f}@{best_epoch}")
+        if bar.disable and epoch % every == 0:
+            logger.info("%s epoch %d/%d: train NLL %.4f, val %.4f (best %.4f at %d)", *(desc, epoch, max_epochs),
+                     *(total / n, val, best_val, best_epoch))  # fmt: skip
         if epoch - best_epoch >= patience:
             break
     bar.close()

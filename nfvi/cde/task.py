@@ -14,12 +14,11 @@ The schema is :class:`nfvi.cde.config.CDEConfig`.
 
 from __future__ import annotations
 
-import time
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 
 from nfvi.cde.config import GROUP_CHOICES, CDEConfig  # noqa: F401  (GROUP_CHOICES: read by nfvi.cli)
@@ -27,9 +26,10 @@ from nfvi.cde.data import BENCHMARK_NF_NLL, Table, load_dataset, split_and_stand
 from nfvi.cde.fit import FitResult, fit
 from nfvi.cde.model import build_model, model_label
 from nfvi.errors import NfviError
-from nfvi.runs import MetricsLog, run_dir, run_metadata, seed_everything, select_device, write_json
+from nfvi.runs import Run, run_dir, seed_everything, select_device
 
 __all__ = ["CDEConfig", "run", "run_cde"]
+log = logging.getLogger("nfvi.cde")
 
 
 def _describe(cfg, table: Table) -> dict:
@@ -52,17 +52,15 @@ def _describe(cfg, table: Table) -> dict:
 
 def run_cde(cfg, out_dir=None) -> dict:
     """Fit ``cfg.model`` on ``cfg.dataset`` once per seed; write and return the results dict."""
-    started = time.time()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    device = select_device(cfg.device)
-    if device.type != "cpu":
+    if select_device(cfg.device).type != "cpu":
         raise NfviError(f"device={cfg.device!r}: nfvi cde runs on the CPU only (its models are tiny); use device=cpu")
-    out = run_dir() if out_dir is None else Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.csv", "results.json"):  # a rerun into the same folder starts afresh; if it fails,
-        (out / stale).unlink(missing_ok=True)  # no earlier results.json is left to pass for its numbers
-    log = MetricsLog(out / "metrics.csv")
+    with Run(run_dir() if out_dir is None else Path(out_dir), command="cde", cfg=cfg) as run:
+        done = run.begin()  # a re-run starts afresh: no earlier results.json is left to pass for its numbers
+        return done if done is not None else _fit_seeds(cfg, run)
+
+
+def _fit_seeds(cfg, run: Run) -> dict:
+    out = run.out
     table = load_dataset(
         cfg.dataset, cfg.paths.data_dir, cfg.data_file, cfg.download, cfg.verify, cfg.data_url, cfg.synthetic_size
     )
@@ -91,7 +89,7 @@ def run_cde(cfg, out_dir=None) -> dict:
             grad_clip=cfg.grad_clip,
             lr_decay_patience=cfg.lr_decay_patience,
             seed=seed,
-            log=log,
+            log=run.metrics,
             desc=f"{cfg.dataset} {info['model_name']} seed {seed}",
         )
         row = {"seed": int(seed), **{k: _round(v) for k, v in asdict(result).items()}}
@@ -99,15 +97,16 @@ def run_cde(cfg, out_dir=None) -> dict:
             i = split.test_index
             row["test_nll_true_density"] = _round(-float(table.true_log_prob(table.x[i], table.y[i]).mean()))
         per_seed.append(row)
-        print(
-            f"nfvi cde: {cfg.dataset} {info['model_name']} seed {seed}: test NLL {result.test_nll:.4f} nats "
-            f"(standardised {result.test_nll_standardized:.4f}), best epoch {result.best_epoch}/{result.epochs}"
+        log.info(
+            "%s %s seed %s: test NLL %.4f nats (standardised %.4f), best epoch %d/%d",
+            *(cfg.dataset, info["model_name"], seed, result.test_nll, result.test_nll_standardized),
+            *(result.best_epoch, result.epochs),
         )
-    results = _aggregate(cfg, table, info, per_seed, started, device)
-    write_json(out / "results.json", results)
-    print(
-        f"nfvi cde: {cfg.dataset} {info['model_name']}: test NLL {results['test_nll_mean']:.3f} "
-        f"± {results['test_nll_std']:.3f} nats over {len(per_seed)} seeds; wrote {out / 'results.json'}"
+    results = run.write_results(_aggregate(cfg, table, info, per_seed), required=("test_nll_mean",))
+    log.info(
+        "%s %s: test NLL %.3f ± %.3f nats over %d seeds; wrote %s",
+        *(cfg.dataset, info["model_name"], results["test_nll_mean"], results["test_nll_std"], len(per_seed)),
+        out / "results.json",
     )
     return results
 
@@ -121,7 +120,7 @@ def _mean_std(values) -> tuple[float, float]:
     return round(float(a.mean()), 6), round(float(a.std(ddof=1)) if len(a) > 1 else 0.0, 6)
 
 
-def _aggregate(cfg, table: Table, info: dict, per_seed: list[dict], started: float, device) -> dict:
+def _aggregate(cfg, table: Table, info: dict, per_seed: list[dict]) -> dict:
     test_mean, test_std = _mean_std([r["test_nll"] for r in per_seed])
     std_mean, std_std = _mean_std([r["test_nll_standardized"] for r in per_seed])
     val_mean, _ = _mean_std([r["val_nll_standardized"] for r in per_seed])
@@ -171,7 +170,6 @@ def _aggregate(cfg, table: Table, info: dict, per_seed: list[dict], started: flo
         "data_file_sha256": table.file_sha256,
         "data_table_sha256": table.table_sha256,
         "per_seed": per_seed,
-        **run_metadata(device, started),
     }
 
 

@@ -62,8 +62,10 @@ class EnergyConfig:
     wall: float = 0.1
     seed: int = 0
     device: str = "auto"
-    #: if this run directory already holds results.json from the same settings, return it instead of re-running
+    #: the run folder holds this run: a finished one with the same settings is returned as is, an unfinished one re-run
     resume: bool = False
+    #: the run folder holds another run: remove its files and start afresh
+    overwrite: bool = False
     trainer: EnergyTrainerConfig = field(default_factory=EnergyTrainerConfig)
     eval: EnergyEvalConfig = field(default_factory=EnergyEvalConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)

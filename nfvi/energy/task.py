@@ -39,6 +39,7 @@ report's Figure 3), ``density.png`` (exp(-U) beside q_K) and ``model.pt`` (the f
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from pathlib import Path
@@ -51,18 +52,8 @@ from nfvi import energies
 from nfvi.energy.config import EnergyConfig
 from nfvi.energy.model import EnergyModel, log_density
 from nfvi.energy.plots import plot_density, save_density
-from nfvi.errors import NfviError
-from nfvi.runs import (
-    MetricsLog,
-    atomic_torch_save,
-    check_finite,
-    run_dir,
-    run_metadata,
-    seed_everything,
-    select_device,
-    write_json,
-)
-from nfvi.training import flow_from_config, optimizer_from_config
+from nfvi.runs import MetricsLog, Run, atomic_torch_save, run_dir
+from nfvi.training import beta_schedule, check_finite, cosine_scheduler, flow_from_config, optimizer_from_config
 
 __all__ = ["EnergyConfig", "KL_DEFINITION", "UNITS", "beta_at", "fit", "evaluate", "run"]
 
@@ -76,13 +67,12 @@ UNITS = {
     "mass_outside_box": "probability",
     "final_loss": "nats",
 }
+log = logging.getLogger("nfvi.energy")
 
 
 def beta_at(step: int, anneal: bool = True, beta0: float = 0.01, anneal_steps: int = 10000) -> float:
-    """Inverse temperature of update ``step`` (0-based), paper Eq. 20: ``min(1, beta0 + step / anneal_steps)``."""
-    if not anneal:
-        return 1.0
-    return min(1.0, beta0 + step / anneal_steps)
+    """Inverse temperature of update ``step`` (0-based), paper Eq. 20: :func:`nfvi.training.beta_schedule`."""
+    return beta_schedule(step, beta0, anneal_steps, anneal)
 
 
 def fit(model: EnergyModel, energy, cfg, metrics: MetricsLog | None = None, where: Path | None = None) -> float:
@@ -94,10 +84,8 @@ def fit(model: EnergyModel, energy, cfg, metrics: MetricsLog | None = None, wher
     t = cfg.trainer
     optimizer = optimizer_from_config(cfg.optim, model.parameters(), flow_params=model.flow.parameters())
     scheduler = None
-    if t.lr_decay == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=t.steps, eta_min=cfg.optim.lr * t.lr_final_factor
-        )
+    if t.lr_decay == "cosine":  # lr_t = final + (1 - final)(1 + cos(pi t / steps)) / 2 times optim.lr
+        scheduler = cosine_scheduler(optimizer, t.steps, eta_min=cfg.optim.lr * t.lr_final_factor)
     started = time.time()
     loss_sum = bound_sum = 0.0
     n = 0
@@ -108,7 +96,7 @@ def fit(model: EnergyModel, energy, cfg, metrics: MetricsLog | None = None, wher
         z_k, log_q = model(t.samples)
         u = energy(z_k)
         loss = (log_q + beta * u).mean()
-        check_finite(loss.detach(), step, where)
+        check_finite(loss.detach(), step, f"what the run wrote so far is kept in {where}" if where else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if t.clip_grad > 0:
@@ -132,6 +120,8 @@ def fit(model: EnergyModel, energy, cfg, metrics: MetricsLog | None = None, wher
             if metrics is not None:
                 metrics.log(**row)
             bar.set_postfix(loss=f"{last:.3f}", beta=f"{beta:.2f}")
+            if bar.disable:  # no bar (stderr is not a terminal): a progress line per metrics row instead
+                log.info("step %d/%d: loss %.4f, beta %.3f, lr %.3g", step + 1, t.steps, last, beta, row["lr"])
             loss_sum = bound_sum = 0.0
             n = 0
     return last
@@ -184,39 +174,22 @@ def evaluate(
     }
 
 
-def _resumed(cfg, out: Path) -> dict | None:
-    import json
-
-    path = out / "results.json"
-    if not (cfg.resume and path.exists()):
-        return None
-    old = json.loads(path.read_text())
-    length = 0 if cfg.flow.kind == "none" else cfg.flow.length
-    mine = {"target": cfg.target, "flow": cfg.flow.kind, "flow_length": length, "steps": cfg.trainer.steps}
-    mine.update(seed=cfg.seed, wall=cfg.wall)
-    if any(old.get(k) != v for k, v in mine.items()):
-        raise NfviError(f"resume=true but {path} holds another run ({ {k: old.get(k) for k in mine} }); use a new dir")
-    print(f"nfvi energy: {path} exists; skipping (resume=true)")
-    return old
-
-
 def run(cfg) -> dict:
     """The ``nfvi energy`` task: fit, evaluate, write the run directory; returns the results dict."""
-    out = run_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    previous = _resumed(cfg, out)
-    if previous is not None:
-        return previous
-    started = time.time()
-    device = select_device(cfg.device)
-    seed_everything(cfg.seed)
+    with Run(run_dir(), command="energy", cfg=cfg) as run:
+        done = run.begin()
+        return done if done is not None else _fit_and_evaluate(cfg, run)
+
+
+def _fit_and_evaluate(cfg, run: Run) -> dict:
+    out, device = run.out, run.device
     energy = energies.ENERGIES[cfg.target]
     trained = energies.confine(energy, cfg.eval.box, cfg.wall)
     model = EnergyModel(flow_from_config(cfg.flow, dim=2)).to(device)
-    (out / "metrics.csv").unlink(missing_ok=True)
-    (out / "results.json").unlink(missing_ok=True)
-    metrics = MetricsLog(out / "metrics.csv")
-    final_loss = fit(model, trained, cfg, metrics, where=out)
+    log.info(
+        "fitting %s with %s K=%d: %d updates -> %s", cfg.target, cfg.flow.kind, cfg.flow.length, cfg.trainer.steps, out
+    )
+    final_loss = fit(model, trained, cfg, run.metrics, where=out)
     checkpoint = {"state_dict": model.state_dict(), "flow": cfg.flow.kind, "flow_length": model.flow.length}
     atomic_torch_save(checkpoint, out / "model.pt")
     e = cfg.eval
@@ -249,8 +222,7 @@ def run(cfg) -> dict:
         "eval_samples": e.samples,
         "kl_definition": KL_DEFINITION,
         "units": UNITS,
-        **run_metadata(device, started),
     }
-    write_json(out / "results.json", results)
-    print(f"nfvi energy: {label}: bound {numbers['bound']:.4f} nats, KL on the box {numbers['kl']:.4f} nats -> {out}")
+    results = run.write_results(results, required=("bound", "kl", "log_z"))
+    log.info("%s: bound %.4f nats, KL on the box %.4f nats -> %s", label, numbers["bound"], numbers["kl"], out)
     return results

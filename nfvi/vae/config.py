@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from omegaconf import MISSING
-
 from nfvi.config import FlowConfig, OptimConfig, PathsConfig, store
 from nfvi.data import COLOR_DATASETS, DatasetConfig
 from nfvi.errors import check_choice, check_int_range, check_range, check_seed
@@ -65,7 +63,7 @@ class TrainerConfig:
 class EvalConfig:
     """Test-set evaluation (end of ``nfvi train`` and ``nfvi evaluate``)."""
 
-    num_samples: int = 5000  # importance samples per image for -ln p(x) (paper Table 2: 200)
+    num_samples: int = 200  # importance samples per image for -ln p(x) (paper Table 2: S=200; eval.num_samples=5000)
     elbo_samples: int = 100  # Monte Carlo draws per image for the -ELBO
     batch_size: Optional[int] = (
         None  # z-samples pushed through the model at once (bounds memory); null: 2000 CPU, 10000 GPU
@@ -74,7 +72,8 @@ class EvalConfig:
     checkpoint: str = "best"  # best: best validation bound (best.pt) | last: checkpoint.pt
     seed: int = 0  # random stream of the estimates and of the subset
     at_end: bool = True  # nfvi train: evaluate when training finishes
-    progress: bool = True  # tqdm bar over chunks
+    progress: bool = True  # tqdm bar over chunks (on a terminal; else a progress line with the ETA)
+    update_results: bool = False  # nfvi evaluate: also replace results.json when the settings differ from its own
 
     def __post_init__(self):
         check_int_range("eval.num_samples", self.num_samples, 1, MAX_EVAL_SAMPLES, kind="a whole number of samples")
@@ -91,8 +90,10 @@ class EvalConfig:
 class EvaluateConfig:
     """``nfvi evaluate run_dir=<run or folder of runs>``."""
 
-    run_dir: str = MISSING
+    run_dir: str = ""  # a run folder, or a sweep folder whose runs lie one level below it (required)
     device: str = "auto"
+    resume: bool = False  # an evaluation with these settings exists (evaluations/<name>.json): return it as is
+    overwrite: bool = False  # ... evaluate again and replace it
     eval: EvalConfig = field(default_factory=EvalConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
@@ -107,7 +108,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads; 0 = torch's default (OMP_NUM_THREADS, else all cores)
-    resume: bool = False  # continue the checkpoint of run_dir (or of the newest run with this config)
+    resume: bool = False  # continue the checkpoint of the run folder (run_dir, hydra.run.dir or the sweep job's)
+    overwrite: bool = False  # the run folder holds a run: remove its files and start afresh
     run_dir: str = ""  # the run directory (default: a new one from Hydra)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -3,14 +3,14 @@
 ::
 
     nfvi evaluate run_dir=outputs/train/2025-01-01_12-00-00-000000                    # one run
-    nfvi evaluate run_dir=outputs/multirun/train/2025-01-01_12-00-00 eval.num_samples=200   # every run below
+    nfvi evaluate run_dir=outputs/multirun/train/2025-01-01_12-00-00 eval.num_samples=5000  # the runs one level below
 
 The estimates (per test image, in nats; :mod:`nfvi.evaluate` holds the estimators):
 
 - ``test_neg_elbo``: ``-ELBO = E_q[log q_K(z_K|x) - log p(x, z_K)]``, the paper's bound F(x), by Monte
   Carlo with ``eval.elbo_samples`` draws per image;
 - ``test_nll``: ``-ln p(x)`` by importance sampling with ``q_K`` as the proposal and
-  ``eval.num_samples`` draws per image (default 5000; the paper's Table 2 used 200), a stochastic
+  ``eval.num_samples`` draws per image (default 200, the paper's Table 2 S; ``eval.num_samples=5000``), a stochastic
   upper bound on the true ``-ln p(x)`` that tightens as S grows;
 - ``test_kl = test_neg_elbo - test_nll``: the estimate of ``KL(q_K(z|x) || p(z|x))`` (Fig. 4b).
 
@@ -19,13 +19,17 @@ many, seeded by ``eval.seed``; the ``test_images`` field says which), with stand
 images. The weights are those of ``best.pt`` (the best validation bound) when ``eval.checkpoint=best``
 and the run has one, else the last checkpoint; ``checkpoint`` and ``checkpoint_step`` say which.
 
-Each evaluation rewrites ``<run>/results.json`` (what ``nfvi report`` reads) and keeps a copy under
-``<run>/evaluations/``. Evaluation draws from its own seeded random stream (``eval.seed``), so the
-same checkpoint and settings give the same numbers on the CPU.
+Each evaluation is written to ``<run>/evaluations/<name>.json`` (the name from its settings, e.g.
+``S200_n1000_best.json``). It also becomes ``<run>/results.json`` (what ``nfvi report`` reads) when the run has
+none yet, when it has the same settings as the run's results.json, or with ``eval.update_results=true``;
+otherwise results.json is left as it was. A run being trained (locked) is skipped with a line. Evaluation draws
+from its own seeded random stream (``eval.seed``), so the same checkpoint and settings give the same numbers on
+the CPU.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -35,11 +39,26 @@ from omegaconf import DictConfig, OmegaConf
 
 from nfvi.data import load_dataset
 from nfvi.errors import NfviError
-from nfvi.runs import run_metadata, select_device, write_json
-from nfvi.vae.checkpoint import BEST, CHECKPOINT, load_checkpoint, model_from_state
+from nfvi.runs import Run, console_logging, run_metadata, select_device
+from nfvi.vae.checkpoint import BEST, CHECKPOINT, flatten, load_checkpoint, model_from_state
 from nfvi.vae.config import EvalConfig, EvaluateConfig
 
-__all__ = ["EvalConfig", "EvaluateConfig", "UNITS", "evaluate_run", "find_runs", "summary_line", "test_subset", "run"]
+__all__ = [
+    "EvalConfig",
+    "EvaluateConfig",
+    "UNITS",
+    "evaluate_run",
+    "evaluation_name",
+    "find_runs",
+    "same_settings",
+    "summary_line",
+    "test_subset",
+    "run",
+]
+log = logging.getLogger("nfvi.evaluate")
+#: the config keys that must agree between best.pt and checkpoint.pt (the weights and the labels of the results)
+MODEL_KEYS = ("flow.", "model.", "dataset.")
+REQUIRED = ("test_neg_elbo", "test_nll", "test_kl")
 
 
 UNITS = {
@@ -79,6 +98,59 @@ def _mean_se(values: torch.Tensor) -> tuple[float, float]:
     return float(values.mean()), se
 
 
+def same_settings(results: dict, eval_cfg, out: Path) -> bool:
+    """Whether ``results`` (a run's results.json) was evaluated with the settings of ``eval_cfg``.
+
+    A ``best`` request is met by ``last`` weights only when the run has no ``best.pt`` (evaluation falls back
+    to them); ``eval.max_images=0`` is met only by an evaluation on the whole test split.
+    """
+    checkpoint = results.get("checkpoint")
+    same_weights = checkpoint == eval_cfg.checkpoint or (
+        eval_cfg.checkpoint == "best" and checkpoint == "last" and not (Path(out) / BEST).is_file()
+    )
+    if eval_cfg.max_images == 0:
+        same_images = results.get("test_images") == "all"
+    else:  # a subset of that size, or the whole split when it has no more images than that
+        n = results.get("num_test_images")
+        same_images = n == eval_cfg.max_images or (results.get("test_images") == "all" and n <= eval_cfg.max_images)
+    return (
+        results.get("num_importance_samples") == eval_cfg.num_samples
+        and results.get("num_elbo_samples") == eval_cfg.elbo_samples
+        and results.get("eval_seed") == eval_cfg.seed
+        and same_weights
+        and same_images
+    )
+
+
+def evaluation_name(eval_cfg, num_images: int | str, checkpoint: str) -> str:
+    """``S<num_samples>_n<images>_<checkpoint>`` (+ ``_E<elbo_samples>``, ``_seed<seed>`` when not the defaults)."""
+    name = f"S{eval_cfg.num_samples}_n{num_images}_{checkpoint}"
+    if eval_cfg.elbo_samples != EvalConfig.elbo_samples:
+        name += f"_E{eval_cfg.elbo_samples}"
+    if eval_cfg.seed != EvalConfig.seed:
+        name += f"_seed{eval_cfg.seed}"
+    return name
+
+
+def _weights(run_path: Path, eval_cfg) -> tuple[dict, dict, bool]:
+    """``(checkpoint.pt, the weights to evaluate, use_best)``; refuses weights whose config disagrees with the
+    checkpoint's on the flow, model or dataset (the labels of the results come from checkpoint.pt)."""
+    last = load_checkpoint(run_path / CHECKPOINT)
+    use_best = eval_cfg.checkpoint == "best" and (run_path / BEST).is_file()
+    if not use_best:
+        return last, last, False
+    best = load_checkpoint(run_path / BEST)
+    a, b = flatten(last["config"]), flatten(best.get("config") or {})
+    differ = [k for k in sorted(set(a) | set(b)) if k.startswith(MODEL_KEYS) and a.get(k) != b.get(k)]
+    if differ:
+        shown = ", ".join(f"{k} ({b.get(k)} vs {a.get(k)})" for k in differ[:6])
+        raise NfviError(
+            f"{run_path / BEST} and {run_path / CHECKPOINT} disagree on {shown}: they are not of one run; "
+            f"evaluate with eval.checkpoint=last or remove the stray file"
+        )
+    return last, best, True
+
+
 def evaluate_run(
     run_path: str | Path,
     eval_cfg,
@@ -86,19 +158,25 @@ def evaluate_run(
     device: torch.device | str = "cpu",
     data=None,
     started: float | None = None,
+    run: Run | None = None,
+    headline: bool = False,
 ) -> dict:
-    """Evaluate the run in ``run_path`` on its test split; write and return its ``results.json`` dict.
+    """Evaluate the run in ``run_path`` on its test split; write and return the results dict.
 
     ``data``: the run's :class:`~nfvi.data.ImageData` if already loaded (else loaded from ``data_dir``).
+    ``run``: the :class:`~nfvi.runs.Run` that holds the folder (default: one of ``nfvi evaluate`` for this call).
+    The results go to ``evaluations/<name>.json`` and, when ``headline`` (the end of ``nfvi train``), the run has
+    no results.json yet, it has the same settings or ``eval.update_results=true``, to ``results.json``.
     """
+    if run is None:
+        with Run(run_path, command="evaluate", claim=False) as own:
+            return evaluate_run(run_path, eval_cfg, data_dir, device, data, started, own, headline)
     from nfvi.estimators import elbo, log_marginal_likelihood, nats_to_bits_per_dim
     from nfvi.vae.likelihoods import SPECS
 
     started = time.time() if started is None else started
     run_path = Path(run_path)
-    last = load_checkpoint(run_path / CHECKPOINT)
-    use_best = eval_cfg.checkpoint == "best" and (run_path / BEST).is_file()
-    weights = load_checkpoint(run_path / BEST) if use_best else last
+    last, weights, use_best = _weights(run_path, eval_cfg)
     cfg = OmegaConf.create(last["config"])
     device = torch.device(device)
     model = model_from_state(weights, device)
@@ -111,6 +189,8 @@ def evaluate_run(
     if len(x) == 0:
         raise NfviError(f"dataset={cfg.dataset.name} has no test images to evaluate")
 
+    log.info("evaluating %s (%s weights, step %d): %d test images, S=%d", run_path, "best" if use_best else "last",
+             int(weights["step"]), len(x), eval_cfg.num_samples)  # fmt: skip
     t0 = time.time()
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -123,8 +203,11 @@ def evaluate_run(
         )
     eval_time = time.time() - t0
     neg_elbo, nll = -log_px_z, -log_px
-    if not (torch.isfinite(neg_elbo).all() and torch.isfinite(nll).all()):
-        raise NfviError(f"the test estimates of {run_path} are not finite (NaN/inf): the weights may have diverged")
+    for name, values in (("test_neg_elbo", neg_elbo), ("test_nll", nll)):
+        if not torch.isfinite(values).all():
+            raise NfviError(
+                f"the {name} of {run_path} is not finite (NaN/inf): the weights may have diverged; nothing was written"
+            )
     (neg_elbo_m, neg_elbo_se), (nll_m, nll_se), (kl_m, kl_se) = map(_mean_se, (neg_elbo, nll, neg_elbo - nll))
     likelihood = cfg.model.likelihood
     discrete = SPECS[likelihood].discrete if likelihood in SPECS else True
@@ -179,9 +262,15 @@ def evaluate_run(
     if data.note:
         results["data_note"] = data.note
     results |= run_metadata(device, started)
-    write_json(run_path / "results.json", results)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    write_json(run_path / "evaluations" / f"{stamp}_S{eval_cfg.num_samples}_n{len(x)}.json", results)
+    results["config"] = {**OmegaConf.to_container(cfg, resolve=True), "eval": OmegaConf.to_container(
+        OmegaConf.structured(eval_cfg) if not OmegaConf.is_config(eval_cfg) else eval_cfg, resolve=True)}  # fmt: skip
+    name = evaluation_name(eval_cfg, len(x) if idx is not None else "all", results["checkpoint"])
+    results = run.write_results(results, required=REQUIRED, path=run_path / "evaluations" / f"{name}.json")
+    old = run.read_results()
+    if headline or old is None or same_settings(old, eval_cfg, run_path) or eval_cfg.get("update_results", False):
+        run.write_results(results, required=REQUIRED)
+    else:
+        log.info("%s keeps its results (other settings); this evaluation is in evaluations/%s.json", run_path, name)
     return results
 
 
@@ -194,32 +283,73 @@ def summary_line(res: dict) -> str:
 
 
 def find_runs(root: str | Path) -> list[Path]:
-    """``root`` itself if it holds a checkpoint, else every folder below it that does (sorted)."""
+    """``root`` itself if it holds a checkpoint, else the folders ONE level below it that do (a sweep; sorted)."""
+    if not str(root).strip():
+        raise NfviError("run_dir is empty; name a run folder (or a sweep folder whose runs lie one level below it)")
     root = Path(root)
-    if not root.exists():
-        raise NfviError(f"run_dir={str(root)!r} does not exist")
+    if not root.is_dir():
+        raise NfviError(f"run_dir={str(root)!r} does not exist" if not root.exists() else f"run_dir={root} is a file")
     if (root / CHECKPOINT).is_file():
         return [root]
-    runs = sorted(p.parent for p in root.rglob(CHECKPOINT))
+    runs = sorted(p for p in root.iterdir() if (p / CHECKPOINT).is_file())
     if not runs:
-        raise NfviError(f"run_dir={str(root)!r} holds no {CHECKPOINT} (nor does any folder below it)")
+        raise NfviError(f"run_dir={str(root)!r} holds no {CHECKPOINT} (nor does any folder one level below it)")
     return runs
 
 
 def run(cfg: DictConfig) -> dict:
-    """``nfvi evaluate``: evaluate every run found under ``cfg.run_dir``; returns ``{run_dir: results}``."""
-    started = time.time()
-    device = select_device(cfg.device)
-    out = {}
+    """``nfvi evaluate``: evaluate every run found by :func:`find_runs`; returns ``{run_dir: results}``."""
     runs = find_runs(cfg.run_dir)
+    device = select_device(cfg.device)
+    with console_logging():
+        return _evaluate_runs(cfg, runs, device)
+
+
+def _evaluate_runs(cfg: DictConfig, runs: list[Path], device: torch.device) -> dict:
+    log.info("evaluating %d run(s): %s", len(runs), ", ".join(str(p) for p in runs))
+    out = {}
     cache: dict[str, object] = {}
     for path in runs:
-        state_cfg = OmegaConf.create(load_checkpoint(path / CHECKPOINT)["config"])
-        key = OmegaConf.to_yaml(state_cfg.dataset)
-        if key not in cache:
-            cache = {key: load_dataset(state_cfg.dataset, root=cfg.paths.data_dir)}  # keep one dataset in memory
-        res = evaluate_run(path, cfg.eval, cfg.paths.data_dir, device, data=cache[key], started=started)
-        print(f"nfvi evaluate: {path}: {summary_line(res)}")
-        out[str(path)] = res
-        started = time.time()
+        holder = Run.holder(path)
+        if holder is not None:
+            log.warning("skipping %s: in use by pid %s (nfvi %s)", path, holder.get("pid"), holder.get("command"))
+            continue
+        with Run(path, command="evaluate", claim=False) as evaluation:
+            done = _existing(cfg, path)
+            if done is not None:
+                out[str(path)] = done
+                continue
+            state_cfg = OmegaConf.create(load_checkpoint(path / CHECKPOINT)["config"])
+            key = OmegaConf.to_yaml(state_cfg.dataset)
+            if key not in cache:
+                cache = {key: load_dataset(state_cfg.dataset, root=cfg.paths.data_dir)}  # keep one dataset in memory
+            res = evaluate_run(path, cfg.eval, cfg.paths.data_dir, device, data=cache[key], run=evaluation)
+            log.info("%s: %s", path, summary_line(res))
+            out[str(path)] = res
     return out
+
+
+def _existing(cfg, path: Path) -> dict | None:
+    """An evaluation of ``path`` with these settings (``evaluations/<name>.json``): returned with ``resume=true``,
+    replaced with ``overwrite=true``, else refused in one line (nothing is overwritten silently)."""
+    import json
+
+    checkpoint = "best" if cfg.eval.checkpoint == "best" and (path / BEST).is_file() else "last"
+    matches = sorted((path / "evaluations").glob(f"S{cfg.eval.num_samples}_n*_{checkpoint}*.json"))
+    step = int(load_checkpoint(path / CHECKPOINT)["step"]) if matches else None
+    for file in matches:
+        try:
+            old = json.loads(file.read_text())
+        except ValueError:
+            continue
+        if not same_settings(old, cfg.eval, path) or old.get("steps") != step:
+            continue
+        if cfg.overwrite:
+            return None
+        if cfg.resume:
+            log.info("%s: evaluations/%s exists (resume=true); nothing to do", path, file.name)
+            return old
+        raise NfviError(
+            f"{file} already holds this evaluation; resume=true returns it as is, overwrite=true evaluates again"
+        )
+    return None

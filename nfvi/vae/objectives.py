@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from nfvi.training import beta_schedule as eq20
+
 __all__ = ["ANNEALING", "TERMS", "beta_schedule", "free_energy_terms", "annealed_loss"]
 
 ANNEALING = ("eq20", "kl_warmup", "none")
@@ -29,10 +31,11 @@ TERMS = ("log_px_z", "log_pz", "log_q0", "log_det", "log_qk", "elbo")
 
 
 def beta_schedule(step: int, mode: str, start: float = 0.01, steps: int = 10000) -> float:
-    """Inverse temperature at update ``step`` (0-based): ``min(1, start + step/steps)``; ``none`` gives 1."""
-    if mode == "none" or steps <= 0:
-        return 1.0
-    return min(1.0, start + step / steps)
+    """Inverse temperature at update ``step`` (0-based): ``min(1, start + step/steps)``; ``none`` gives 1.
+
+    A thin alias of :func:`nfvi.training.beta_schedule` (Eq. 20) taking the annealing ``mode``.
+    """
+    return eq20(step, start, steps, anneal=mode != "none")
 
 
 def free_energy_terms(model, x: Tensor, num_samples: int = 1) -> dict[str, Tensor]:

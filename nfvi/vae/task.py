@@ -4,7 +4,7 @@
 
     nfvi train flow=planar flow.length=80                            # paper settings except the length
     nfvi train -m flow=planar,nice flow.length=0,10,20,40,80         # a sweep (Hydra's basic launcher)
-    nfvi train resume=true run_dir=outputs/train/<time>              # continue an interrupted run
+    nfvi train resume=true run_dir=outputs/train/<time>              # continue the run in that folder
     nfvi train experiment=mnist_quick flow.length=10                 # a profile of conf/experiment/
 
 Objective (``trainer.annealing``; :mod:`nfvi.vae.objectives`): ``eq20`` is the paper's annealed
@@ -12,8 +12,9 @@ free energy, ``beta_t = min(1, trainer.beta0 + t / trainer.anneal_steps)`` multi
 joint ``log p(x|z_K) + log p(z_K)``; ``kl_warmup`` puts beta on the KL term only; ``none`` is the
 plain negative ELBO. ``t`` counts parameter updates.
 
-Run directory (Hydra's output dir, or ``run_dir=``): ``.hydra/``, ``train.log``, ``run_config.json``
-(the resolved config), ``metrics.csv`` (training loss, beta, lr, gradient norm, updates/s and the
+Run directory (Hydra's output dir, or ``run_dir=``; :class:`nfvi.runs.Run`): ``.hydra/`` (the latest launch),
+``train.log``, ``run_config.json`` (the resolved config of the first launch, what ``resume=true`` is checked
+against), ``metrics.csv`` (training loss, beta, lr, gradient norm, updates/s and the
 validation bound every ``trainer.val_every`` updates), ``checkpoint.pt`` / ``best.pt``
 (:mod:`nfvi.vae.checkpoint`) and, after the test evaluation, ``results.json``
 (:mod:`nfvi.vae.evaluate`).
@@ -33,10 +34,8 @@ state (a state with non-finite parameters is never saved).
 from __future__ import annotations
 
 import contextlib
-import json
-import math
+import logging
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -47,62 +46,28 @@ from tqdm.auto import tqdm
 
 from nfvi.data import binarize, load_dataset, split_generator
 from nfvi.errors import NfviError, NonFiniteLossError
-from nfvi.runs import MetricsLog, run_dir, seed_everything, select_device, write_json
-from nfvi.training import optimizer_from_config
+from nfvi.runs import MetricsLog, Run, run_dir, seed_everything
+from nfvi.training import check_finite, cosine_factor, optimizer_from_config
 from nfvi.vae.checkpoint import BEST, CHECKPOINT, config_diff, load_checkpoint, save_checkpoint
 from nfvi.vae.config import TrainConfig, TrainerConfig
-from nfvi.vae.evaluate import evaluate_run, summary_line
+from nfvi.vae.evaluate import evaluate_run, same_settings, summary_line
 from nfvi.vae.model import build_model, check_likelihood_fits, model_input_shape
 from nfvi.vae.objectives import annealed_loss, beta_schedule, free_energy_terms
 
-__all__ = ["TrainerConfig", "TrainConfig", "Trainer", "lr_factor", "newest_matching_run", "train", "run"]
+__all__ = ["TrainerConfig", "TrainConfig", "Trainer", "lr_factor", "train", "run"]
 
 RUN_CONFIG = "run_config.json"
 LR_DECAYS = ("none", "cosine")
+log = logging.getLogger("nfvi.train")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Run directory selection (resolvers used by conf/train.yaml's hydra.run.dir and hydra.output_subdir)
+# Config resolvers of conf/train.yaml (pure functions of their arguments: no file-system look-ups)
 
 
-def _job_config(root) -> dict:
-    keys = [k for k in root if k != "hydra"]
-    return OmegaConf.to_container(OmegaConf.masked_copy(root, keys), resolve=True)
-
-
-def newest_matching_run(search_root: str | Path, current: dict) -> Path | None:
-    """The run under ``search_root`` (newest checkpoint first) whose config equals ``current`` up to resumable keys."""
-    candidates = [p.parent for p in Path(search_root).glob(f"*/{CHECKPOINT}") if (p.parent / RUN_CONFIG).is_file()]
-    candidates.sort(key=lambda p: (p / CHECKPOINT).stat().st_mtime, reverse=True)
-    for path in candidates:
-        try:
-            saved = json.loads((path / RUN_CONFIG).read_text())
-        except (OSError, ValueError):
-            continue
-        if not config_diff(saved, current):
-            return path
-    return None
-
-
-def _resolve_train_dir(run_dir_value: str, resume, default: str, *, _root_) -> str:
-    """``hydra.run.dir``: ``run_dir`` if given; with ``resume=true`` the newest run of this config; else ``default``."""
-    resume = str(resume).lower() == "true"
-    if run_dir_value:
-        if resume and not (Path(str(run_dir_value)) / CHECKPOINT).is_file():
-            raise NfviError(f"resume=true: run_dir={run_dir_value} holds no {CHECKPOINT} to continue")
-        return str(run_dir_value)
-    if resume:
-        found = newest_matching_run(Path(default).parent, _job_config(_root_))
-        if found is not None:
-            return str(found)
-    return default
-
-
-def _resolve_output_subdir(resume, output_dir: str = "") -> str:
-    """``hydra.output_subdir``: ``.hydra`` for a new run; a dated subfolder when resuming (the original is kept)."""
-    if str(resume).lower() == "true" and (Path(str(output_dir)) / CHECKPOINT).is_file():
-        return ".hydra/resume-" + time.strftime("%Y-%m-%d_%H-%M-%S")
-    return ".hydra"
+def _first_given(*values) -> str:
+    """``hydra.run.dir``: the first non-empty value (``run_dir`` when given, else Hydra's dated folder)."""
+    return next((str(v) for v in values if str(v)), "")
 
 
 def _short_dirname(text: str, limit: int = 96) -> str:
@@ -116,19 +81,19 @@ def _short_dirname(text: str, limit: int = 96) -> str:
 
 
 OmegaConf.register_new_resolver("nfvi.dirname", _short_dirname, replace=True, use_cache=True)
-OmegaConf.register_new_resolver("nfvi.train_dir", _resolve_train_dir, replace=True)
-OmegaConf.register_new_resolver("nfvi.hydra_subdir", _resolve_output_subdir, replace=True, use_cache=True)
+OmegaConf.register_new_resolver("nfvi.either", _first_given, replace=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def lr_factor(step: int, steps: int, decay: str, final: float) -> float:
-    """Learning-rate multiplier at update ``step`` (0-based) of ``steps``: 1, or a cosine from 1 to ``final``."""
-    if decay == "none" or steps <= 1:
+    """Learning-rate multiplier at update ``step`` (0-based) of ``steps``: 1, or a cosine from 1 (first update) to
+    ``final`` (last update): :func:`nfvi.training.cosine_factor` over ``steps - 1``. A pure function of the step,
+    so a resumed run continues the schedule exactly."""
+    if decay == "none":
         return 1.0
-    progress = min(1.0, step / (steps - 1))
-    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cosine_factor(step, steps - 1, final)
 
 
 def _x_dim_value(x_dim) -> int | list[int]:
@@ -163,8 +128,9 @@ class _StopRequest:
 class Trainer:
     """One training run in ``out``: build or restore the state, loop, checkpoint. See the module docstring."""
 
-    def __init__(self, cfg: DictConfig, out: Path, device: torch.device, data=None):
+    def __init__(self, cfg: DictConfig, out: Path, device: torch.device, data=None, metrics: MetricsLog | None = None):
         self.cfg, self.out, self.device = cfg, Path(out), device
+        self.metrics = metrics if metrics is not None else MetricsLog(self.out / "metrics.csv")  # the Run's
         self.t = cfg.trainer
         self.data = data if data is not None else load_dataset(cfg.dataset, root=cfg.paths.data_dir)
         check_likelihood_fits(cfg.model.likelihood, getattr(self.data, "kind", "binary"), cfg.dataset.name)
@@ -239,6 +205,10 @@ class Trainer:
 
     def _nonfinite(self, what: str, step: int | None = None) -> str:
         step = self.step + 1 if step is None else step
+        return f"{what} at step {step}; stopping; {self._kept()}"
+
+    def _kept(self) -> str:
+        """What a stopped run keeps: the last good checkpoint (for the non-finite guard's message)."""
         path = self.out / CHECKPOINT
         if path.is_file():
             try:
@@ -248,7 +218,7 @@ class Trainer:
             where = f"the last good checkpoint ({kept}) is kept in {path}"
         else:
             where = f"no checkpoint was saved yet in {self.out}"
-        return f"{what} at step {step}; stopping; {where}"
+        return where
 
     # -- data ----------------------------------------------------------------------------------------------------------
     def next_batch(self) -> torch.Tensor:
@@ -275,8 +245,7 @@ class Trainer:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(int(self.cfg.seed) + 1)
             value = -float(elbo(self.model, self.valid, num_samples=1, batch_size=self.cfg.eval.batch_size).mean())
-        if not math.isfinite(value):
-            raise NonFiniteLossError(self._nonfinite(f"the validation bound became {value}", step=self.step))
+        check_finite(value, self.step, self._kept, what="the validation bound")
         if not self.best or value < self.best["val_neg_elbo"]:
             self.best = {"val_neg_elbo": value, "step": self.step}
             state = {
@@ -293,7 +262,7 @@ class Trainer:
     # -- loop ----------------------------------------------------------------------------------------------------------
     def fit(self) -> None:
         t, steps = self.t, self.t.steps
-        metrics = MetricsLog(self.out / "metrics.csv")
+        metrics = self.metrics
         metrics.truncate_after(self.step)
         window = {"loss": 0.0, "neg_elbo": 0.0, "n": 0, "t0": time.time(), "grad_norm": 0.0}
         bar = tqdm(
@@ -301,7 +270,7 @@ class Trainer:
             initial=self.step,
             unit="upd",
             desc="train",
-            disable=not t.progress,
+            disable=None if t.progress else True,  # a bar on a terminal only, never into a redirected log
             dynamic_ncols=True,
             mininterval=1.0,
             smoothing=0.05,
@@ -319,13 +288,11 @@ class Trainer:
                 terms = free_energy_terms(self.model, x, num_samples=t.samples)
                 loss = annealed_loss(terms, beta, t.annealing).mean()
                 loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    raise NonFiniteLossError(self._nonfinite(f"the loss became {loss_value}"))
+                check_finite(loss_value, self.step + 1, self._kept, what="the loss")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-                if not math.isfinite(grad_norm):
-                    raise NonFiniteLossError(self._nonfinite(f"the gradient norm became {grad_norm}"))
+                check_finite(grad_norm, self.step + 1, self._kept, what="the gradient norm")
                 self.optimizer.step()
                 self.step += 1
                 self.train_time += time.time() - tick
@@ -335,7 +302,7 @@ class Trainer:
                 window["grad_norm"] = max(window["grad_norm"], grad_norm)
                 window["n"] += 1
                 bar.update(1)
-                if self.step % 10 == 0 and t.progress:
+                if self.step % 10 == 0 and not bar.disable:
                     bar.set_postfix(loss=f"{window['loss'] / window['n']:.2f}", beta=f"{beta:.3f}", refresh=False)
 
                 last = self.step == steps
@@ -355,47 +322,28 @@ class Trainer:
                         "train_time_s": round(self.train_time, 3),
                     }
                     metrics.log(**row)
-                    if do_val and t.progress:
-                        bar.write(
-                            f"step {self.step}: train loss {row['loss']:.2f}, val -ELBO {row['val_neg_elbo']:.2f}"
-                        )
+                    if do_val or bar.disable:  # a step line per validation; per metrics row when there is no bar
+                        val = f", val -ELBO {row['val_neg_elbo']:.2f}" if do_val else ""
+                        line = f"step {self.step}/{steps}: train loss {row['loss']:.2f}{val}, beta {beta:.3f}"
+                        line += f", {row['updates_per_s']:.1f} updates/s"
+                        log.info(line)
                     window = {"loss": 0.0, "neg_elbo": 0.0, "n": 0, "t0": time.time(), "grad_norm": 0.0}
                 if self.step % t.ckpt_every == 0 or last or stop.signum is not None:
                     self.save()
                 if stop.signum is not None and not last:
                     name = signal.Signals(stop.signum).name
                     bar.close()
-                    print(
-                        f"nfvi train: {name} at step {self.step}: checkpoint saved in {self.out / CHECKPOINT}; "
-                        f"continue with: nfvi train resume=true run_dir={self.out}",
-                        file=sys.stderr,
+                    log.warning(
+                        "%s at step %d: checkpoint saved in %s; continue with: nfvi train resume=true run_dir=%s",
+                        *(name, self.step, self.out / CHECKPOINT, self.out),
                     )
                     raise SystemExit(128 + stop.signum)
 
 
 def _same_evaluation(results: dict, eval_cfg, step: int, out: Path) -> bool:
-    """Whether ``results`` (a finished run's results.json) is what evaluating with ``eval_cfg`` would give.
-
-    A ``best`` request is met by ``last`` weights only when the run has no ``best.pt`` (evaluation falls back
-    to them); ``eval.max_images=0`` is met only by an evaluation on the whole test split.
-    """
-    checkpoint = results.get("checkpoint")
-    same_weights = checkpoint == eval_cfg.checkpoint or (
-        eval_cfg.checkpoint == "best" and checkpoint == "last" and not (out / BEST).is_file()
-    )
-    if eval_cfg.max_images == 0:
-        same_images = results.get("test_images") == "all"
-    else:  # a subset of that size, or the whole split when it has no more images than that
-        n = results.get("num_test_images")
-        same_images = n == eval_cfg.max_images or (results.get("test_images") == "all" and n <= eval_cfg.max_images)
-    return (
-        results.get("steps") == step
-        and results.get("num_importance_samples") == eval_cfg.num_samples
-        and results.get("num_elbo_samples") == eval_cfg.elbo_samples
-        and results.get("eval_seed") == eval_cfg.seed
-        and same_weights
-        and same_images
-    )
+    """Whether ``results`` (a finished run's results.json) is what evaluating with ``eval_cfg`` would give:
+    the same step and :func:`nfvi.vae.evaluate.same_settings`."""
+    return results.get("steps") == step and same_settings(results, eval_cfg, out)
 
 
 def train(cfg: DictConfig, out: str | Path, device: torch.device | None = None) -> dict:
@@ -403,61 +351,68 @@ def train(cfg: DictConfig, out: str | Path, device: torch.device | None = None) 
 
     Without evaluation the dict holds the training summary only (``results.json`` is not written).
     """
-    started = time.time()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = device or select_device(cfg.device)
-    if cfg.threads > 0:
-        torch.set_num_threads(int(cfg.threads))
-    ckpt_path = out / CHECKPOINT
-    current = OmegaConf.to_container(cfg, resolve=True)
+    with Run(out, command="train", cfg=cfg, record=RUN_CONFIG) as run:
+        return _train(cfg, run, device or run.device)
 
+
+def _checked_state(cfg: DictConfig, out: Path) -> dict:
+    """The checkpoint of ``out`` if ``cfg`` may continue it (one-line refusals naming the keys otherwise)."""
+    state = load_checkpoint(out / CHECKPOINT)
+    current = OmegaConf.to_container(cfg, resolve=True)
+    diff = config_diff(state["config"], current)
+    if diff:
+        saved = OmegaConf.create(state["config"])
+        shown = ", ".join(f"{k} ({OmegaConf.select(saved, k)} -> {OmegaConf.select(cfg, k)})" for k in diff[:8])
+        more = f" and {len(diff) - 8} more" if len(diff) > 8 else ""
+        raise NfviError(
+            f"cannot resume {out}: the config differs from the checkpoint's in {shown}{more}; "
+            f"restore those values, use another folder, or overwrite=true to start afresh"
+        )
+    saved_t = state["config"]["trainer"]
+    if saved_t["lr_decay"] != "none" and saved_t["steps"] != cfg.trainer.steps:
+        raise NfviError(
+            f"cannot resume {out} with trainer.steps={cfg.trainer.steps}: its learning rate decays over "
+            f"trainer.steps={saved_t['steps']} (trainer.lr_decay={saved_t['lr_decay']})"
+        )
+    if int(state["step"]) > cfg.trainer.steps:
+        raise NfviError(
+            f"cannot resume {out} with trainer.steps={cfg.trainer.steps}: the checkpoint is at step {state['step']}"
+        )
+    return state
+
+
+def _train(cfg: DictConfig, run: Run, device: torch.device) -> dict:
+    out = run.out
+    run.refuse_other_command()  # another command's run: refused, or removed with overwrite=true
+    if cfg.overwrite and run.owner()[0] is not None:
+        log.info("overwrite=true: starting %s afresh", out)
+        run.clear()
     state = None
-    if ckpt_path.is_file():
+    if (out / CHECKPOINT).is_file():
         if not cfg.resume:
             raise NfviError(
-                f"{out} already holds a checkpoint; pass resume=true to continue it, or use a new run directory"
+                f"{out} already holds a checkpoint; pass resume=true to continue it, overwrite=true to start afresh, "
+                f"or use a new run directory"
             )
-        state = load_checkpoint(ckpt_path)
-        diff = config_diff(state["config"], current)
-        if diff:
-            saved = OmegaConf.create(state["config"])
-            shown = ", ".join(f"{k} ({OmegaConf.select(saved, k)} -> {OmegaConf.select(cfg, k)})" for k in diff[:8])
-            more = f" and {len(diff) - 8} more" if len(diff) > 8 else ""
-            raise NfviError(
-                f"cannot resume {out}: the config differs from the checkpoint's in {shown}{more}; "
-                f"restore those values or start a new run"
-            )
-        saved_t = state["config"]["trainer"]
-        if saved_t["lr_decay"] != "none" and saved_t["steps"] != cfg.trainer.steps:
-            raise NfviError(
-                f"cannot resume {out} with trainer.steps={cfg.trainer.steps}: its learning rate decays over "
-                f"trainer.steps={saved_t['steps']} (trainer.lr_decay={saved_t['lr_decay']})"
-            )
-        if int(state["step"]) > cfg.trainer.steps:
-            raise NfviError(
-                f"cannot resume {out} with trainer.steps={cfg.trainer.steps}: the checkpoint is at step {state['step']}"
-            )
-    elif cfg.resume and cfg.run_dir:
-        raise NfviError(f"resume=true: run_dir={cfg.run_dir} holds no {CHECKPOINT} to continue")
+        state = _checked_state(cfg, out)
     elif cfg.resume:
-        print(f"nfvi train: resume=true but {out} holds no checkpoint yet; starting a new run there", file=sys.stderr)
-
-    write_json(out / RUN_CONFIG, current)
-    if state is not None and int(state["step"]) == cfg.trainer.steps and (out / "results.json").is_file():
-        try:
-            done = json.loads((out / "results.json").read_text())
-        except ValueError:
-            done = {}
+        log.info("resume=true: %s holds no checkpoint yet; starting a new run there", out)
+    if state is None:
+        run.save_record()  # the first launch's config; a resumed run keeps it (.hydra/ records the latest launch)
+    elif int(state["step"]) == cfg.trainer.steps and (out / "results.json").is_file():
+        done = run.read_results() or {}
         if not cfg.eval.at_end or _same_evaluation(done, cfg.eval, int(state["step"]), out):
-            print(f"nfvi train: {out} is complete (step {state['step']}); nothing to do", file=sys.stderr)
+            log.info("%s is complete (step %s); nothing to do", out, state["step"])
             return done
 
-    trainer = Trainer(cfg, out, device)
+    run.metrics = MetricsLog(out / "metrics.csv")
+    trainer = Trainer(cfg, out, device, metrics=run.metrics)
     if state is not None:
         trainer.restore(state)
         del state
-        print(f"nfvi train: resuming {out} at step {trainer.step} of {cfg.trainer.steps}", file=sys.stderr)
+        log.info("resuming %s at step %d of %d", out, trainer.step, cfg.trainer.steps)
+    else:
+        log.info("training %s: %d updates -> %s", _label(cfg), cfg.trainer.steps, out)
     if trainer.step < cfg.trainer.steps:
         trainer.fit()
     summary = {
@@ -468,21 +423,27 @@ def train(cfg: DictConfig, out: str | Path, device: torch.device | None = None) 
         "val_neg_elbo_best": trainer.best.get("val_neg_elbo"),
         "best_step": trainer.best.get("step"),
     }
+    log.info("trained %s: %d updates in %.1f s, best val -ELBO %s", out, trainer.step, trainer.train_time,
+             summary["val_neg_elbo_best"])  # fmt: skip
     if not cfg.eval.at_end:
         return summary
     data = trainer.data
     del trainer
     try:
-        results = evaluate_run(out, cfg.eval, cfg.paths.data_dir, device, data=data, started=started)
+        results = evaluate_run(out, cfg.eval, cfg.paths.data_dir, device, data=data, run=run, headline=True)
     except KeyboardInterrupt:
-        print(
-            f"nfvi train: interrupted during the test evaluation; training is complete and saved; "
-            f"evaluate with: nfvi evaluate run_dir={out}",
-            file=sys.stderr,
+        log.warning(
+            "interrupted during the test evaluation; training is complete and saved; evaluate with: "
+            "nfvi evaluate run_dir=%s",
+            out,
         )
         raise SystemExit(130) from None
-    print(f"nfvi train: {out}: {summary_line(results)}")
+    log.info("%s: %s", out, summary_line(results))
     return results
+
+
+def _label(cfg) -> str:
+    return f"{cfg.dataset.name} {cfg.model.name} {cfg.flow.kind} K={cfg.flow.length} seed {cfg.seed}"
 
 
 def run(cfg: DictConfig) -> dict:
