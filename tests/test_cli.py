@@ -92,7 +92,7 @@ def test_composition_error_is_one_line_exit_2_and_no_run_folder(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "nfvi train: error: In 'train': Could not find 'flow/nope'; "
-        "Available options in 'flow': nice, none, planar, radial"
+        "Available options in 'flow': householder, iaf, nice, none, planar, radial, sylvester"
     ]
     assert list(tmp_path.iterdir()) == []
 
