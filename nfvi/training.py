@@ -21,34 +21,53 @@ __all__ = [
     "check_finite",
     "cosine_factor",
     "cosine_scheduler",
+    "early_stop_due",
     "flow_from_config",
+    "flow_options",
     "optimizer_from_config",
 ]
 
 OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam, "adamax": torch.optim.Adamax}
 
 
+def flow_options(cfg: FlowConfig | DictConfig, context_dim: int = 1) -> dict:
+    """The ``build_flow`` options of ``cfg`` that apply to its kind (docs/flows.md), e.g. ``{"variant": ...}``."""
+    if cfg.kind == "nice":
+        return {"hidden": cfg.hidden, "mix": cfg.mix}
+    if cfg.kind == "planar" and context_dim > 0:
+        return {"w_floor": cfg.w_floor}
+    if cfg.kind == "iaf":
+        return {"hidden": cfg.hidden, "num_hidden": cfg.num_hidden}
+    if cfg.kind == "sylvester":
+        extra = {
+            "orthogonal": {"num_vectors": cfg.num_vectors},
+            "householder": {"num_householder": cfg.num_householder},
+        }
+        return {"variant": cfg.variant, **extra.get(cfg.variant, {})}
+    return {}
+
+
 def flow_from_config(cfg: FlowConfig | DictConfig, dim: int, context_dim: int = 0) -> Flow:
-    """``build_flow`` with the options of ``cfg`` that apply to its kind.
+    """``build_flow`` with the options of ``cfg`` that apply to its kind (:func:`flow_options`).
 
     ``context_dim`` is the width of the features the flow may read (0: none); with ``flow.amortized=false``
-    the flow ignores them and keeps global parameters. Options per kind: docs/flows.md.
+    the flow ignores them and keeps global parameters.
     """
     context_dim = context_dim if getattr(cfg, "amortized", True) else 0
-    options = {}
-    if cfg.kind == "nice":
-        options = {"hidden": cfg.hidden, "mix": cfg.mix}
-    elif cfg.kind == "planar" and context_dim > 0:
-        options = {"w_floor": cfg.w_floor}
-    elif cfg.kind == "iaf":
-        options = {"hidden": cfg.hidden, "num_hidden": cfg.num_hidden}
-    elif cfg.kind == "sylvester":
-        options = {"variant": cfg.variant}
-        if cfg.variant == "orthogonal":
-            options["num_vectors"] = cfg.num_vectors
-        elif cfg.variant == "householder":
-            options["num_householder"] = cfg.num_householder
-    return build_flow(cfg.kind, dim, cfg.length, context_dim=context_dim, **options)
+    return build_flow(cfg.kind, dim, cfg.length, context_dim=context_dim, **flow_options(cfg, context_dim))
+
+
+def early_stop_due(step: int, best_step: int | None, t) -> bool:
+    """Whether training stops at update ``step`` (early stopping, ``trainer.patience``; the Sylvester protocol).
+
+    True when ``patience`` validations (``patience * val_every`` updates) have passed without a better validation
+    -ELBO than the one at ``best_step``, counting from the end of the warm-up (``anneal_steps``; 0 without
+    annealing). A pure function of the step and the best step, so a resumed run stops where an uninterrupted one does.
+    """
+    if t.patience <= 0 or best_step is None:
+        return False
+    warm = t.anneal_steps if t.annealing != "none" else 0
+    return step >= warm and step - max(int(best_step), warm) >= t.patience * t.val_every
 
 
 def optimizer_from_config(cfg: OptimConfig | DictConfig, params, flow_params=()) -> torch.optim.Optimizer:

@@ -163,7 +163,11 @@ def test_resume_skips_a_finished_run_and_refuses_another_runs_directory(tmp_path
     "override, expected",
     [
         ("target=U9", "target='U9' is not allowed; choose one of: U1, U2, U3, U4"),
-        ("flow=foo", "Could not find 'flow/foo'; Available options in 'flow': householder, iaf, nice, none, planar, radial, sylvester"),
+        (
+            "flow=foo",
+            "Could not find 'flow/foo'; Available options in 'flow': householder, iaf, nice, none, planar, radial, "
+            "sylvester",
+        ),
         ("flow.length=-1", "flow.length=-1 is not allowed; use a whole number of layers in [0, 1000]"),
         ("trainer.stpes=5", "Key 'stpes' not in 'EnergyTrainerConfig'"),
     ],

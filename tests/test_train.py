@@ -270,3 +270,32 @@ def test_a_finished_run_is_reevaluated_unless_the_results_match_the_request(tmp_
     assert same(last, max_images=0)  # no best.pt: a best request falls back to the last weights
     (tmp_path / "best.pt").write_bytes(b"")
     assert not same(last, max_images=0) and same(last, max_images=0, checkpoint="last")
+
+
+def test_early_stopping_counts_validations_after_the_warm_up():
+    """trainer.patience (the Sylvester protocol): stop after `patience` validations without a better bound,
+    counted from the end of the warm-up; a pure function of the step, so resumes stop at the same update."""
+    from types import SimpleNamespace
+
+    from nfvi.training import early_stop_due
+
+    t = SimpleNamespace(patience=3, val_every=10, anneal_steps=100, annealing="kl_warmup")
+    assert not early_stop_due(120, 50, t)  # warm-up ended at 100: only 2 validations since
+    assert early_stop_due(130, 50, t)  # 3 validations after the warm-up without a better bound
+    assert not early_stop_due(170, 150, t) and early_stop_due(180, 150, t)
+    assert not early_stop_due(10_000, 50, SimpleNamespace(**{**vars(t), "patience": 0}))  # off
+    assert early_stop_due(30, 0, SimpleNamespace(**{**vars(t), "annealing": "none"}))  # no warm-up to wait for
+
+
+def test_training_stops_early_and_reports_it(tmp_path):
+    from nfvi.config import validate
+
+    cfg = compose("train", [*TINY, "trainer.steps=200", "trainer.val_every=5", "trainer.patience=1", "optim.lr=0.3",
+                            "trainer.annealing=none", "optim.lr=0.3"])  # fmt: skip
+    validate(cfg)
+    results = train_mod.train(cfg, tmp_path)
+    assert results["stopped_early"] is True and results["steps"] < 200
+    again = train_mod.train(compose("train", [*TINY, "trainer.steps=200", "trainer.val_every=5",
+                                              "trainer.patience=1", "trainer.annealing=none", "optim.lr=0.3",
+                                              "resume=true"]), tmp_path)  # fmt: skip
+    assert again["steps"] == results["steps"]  # a finished (early-stopped) run is not trained further

@@ -79,16 +79,19 @@ def unfinished_notes(frame: pd.DataFrame) -> pd.Series:
     """Per run, ``""`` or why it is unfinished: ``"661/500,000 updates"`` (``steps`` below its target).
 
     The target is the resolved config's ``config/trainer/steps`` when results.json records it (provenance),
-    else ``trainer/steps``; with no target, a run whose results.json says ``finished: false`` gives
-    ``"661 updates, finished=false"``; otherwise the run is not flagged.
+    else ``trainer/steps`` (a run that ``stopped_early`` is finished); with no target, a run whose results.json
+    says ``finished: false`` gives ``"661 updates, finished=false"``; otherwise the run is not flagged.
     """
     done = pd.to_numeric(col(frame, "steps"), errors="coerce")
     target = pd.to_numeric(col(frame, "config/trainer/steps"), errors="coerce")
     target = target.fillna(pd.to_numeric(col(frame, "trainer/steps"), errors="coerce"))
     finished = col(frame, "finished")
+    early = col(frame, "stopped_early", False).fillna(False)
     notes = []
-    for d, t, f in zip(done, target, finished, strict=True):
-        if pd.notna(d) and pd.notna(t) and d < t:
+    for d, t, f, stopped in zip(done, target, finished, early, strict=True):
+        if stopped is True or stopped is np.True_:  # early stopping ended it (trainer.patience): finished
+            notes.append("")
+        elif pd.notna(d) and pd.notna(t) and d < t:
             notes.append(f"{_fmt_int(d)}/{_fmt_int(t)} updates")
         elif pd.isna(t) and isinstance(f, bool | np.bool_) and not f:
             notes.append(f"{_fmt_int(d)} updates, finished=false" if pd.notna(d) else "finished=false")

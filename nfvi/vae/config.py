@@ -42,6 +42,9 @@ class TrainerConfig:
     val_images: int = 0  # 0: the whole validation split; N: a fixed random subset
     ckpt_every: int = 1000  # checkpoint.pt every N updates (and at the end / on a signal)
     progress: bool = True  # tqdm bar (updates/s, running loss)
+    #: early stopping: stop after this many validations (trainer.val_every updates each) without a better validation
+    #: -ELBO, counted once beta has reached 1 (after trainer.anneal_steps); 0 = off (the 2015 fixed schedule)
+    patience: int = 0
 
     def __post_init__(self):
         for key in ("steps", "log_every", "val_every", "ckpt_every"):
@@ -57,6 +60,7 @@ class TrainerConfig:
         check_range("trainer.grad_clip", self.grad_clip, 0.0, kind="a gradient norm (0 = off)")
         check_range("trainer.lr_final_factor", self.lr_final_factor, 0.0, 1.0, kind="a fraction of optim.lr")
         check_int_range("trainer.val_images", self.val_images, 0, kind="a whole number (0 = all)")
+        check_int_range("trainer.patience", self.patience, 0, kind="a whole number of validations (0 = off)")
 
 
 @dataclass

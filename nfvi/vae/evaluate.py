@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from nfvi.data import load_dataset
 from nfvi.errors import NfviError
 from nfvi.runs import Run, console_logging, run_metadata, select_device
+from nfvi.training import early_stop_due, flow_options
 from nfvi.vae.checkpoint import BEST, CHECKPOINT, flatten, load_checkpoint, model_from_state
 from nfvi.vae.config import EvalConfig, EvaluateConfig
 
@@ -225,7 +226,9 @@ def evaluate_run(
         "num_dims": num_dims,
         "flow": cfg.flow.kind,
         "flow_length": cfg.flow.length,
+        **{f"flow_{key}": value for key, value in flow_options(cfg.flow).items()},
         "steps": int(last["step"]),
+        "stopped_early": _stopped_early(cfg.trainer, last),
         "seed": cfg.seed,
         "annealing": cfg.trainer.annealing,
         "anneal_steps": cfg.trainer.anneal_steps,
@@ -272,6 +275,13 @@ def evaluate_run(
     else:
         log.info("%s keeps its results (other settings); this evaluation is in evaluations/%s.json", run_path, name)
     return results
+
+
+def _stopped_early(trainer_cfg, state: dict) -> bool:
+    """Whether the checkpoint ``state`` ended its training by early stopping (``trainer.patience``)."""
+    if not trainer_cfg.get("patience", 0) or int(state["step"]) >= trainer_cfg.steps:
+        return False
+    return early_stop_due(int(state["step"]), (state.get("best") or {}).get("step"), trainer_cfg)
 
 
 def summary_line(res: dict) -> str:

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from nfvi.data import binarize, load_dataset, split_generator
 from nfvi.errors import NfviError, NonFiniteLossError
 from nfvi.runs import MetricsLog, Run, run_dir, seed_everything
-from nfvi.training import check_finite, cosine_factor, optimizer_from_config
+from nfvi.training import check_finite, cosine_factor, early_stop_due, optimizer_from_config
 from nfvi.vae.checkpoint import BEST, CHECKPOINT, config_diff, load_checkpoint, save_checkpoint
 from nfvi.vae.config import TrainConfig, TrainerConfig
 from nfvi.vae.evaluate import evaluate_run, same_settings, summary_line
@@ -278,7 +278,7 @@ class Trainer:
         self.model.train()
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
         with _StopRequest() as stop, bar:
-            while self.step < steps:
+            while self.step < steps and not early_stop_due(self.step, self.best.get("step"), t):
                 tick = time.time()
                 beta = beta_schedule(self.step, t.annealing, start=t.beta0, steps=t.anneal_steps)
                 factor = lr_factor(self.step, steps, t.lr_decay, t.lr_final_factor)
@@ -328,7 +328,13 @@ class Trainer:
                         line += f", {row['updates_per_s']:.1f} updates/s"
                         log.info(line)
                     window = {"loss": 0.0, "neg_elbo": 0.0, "n": 0, "t0": time.time(), "grad_norm": 0.0}
-                if self.step % t.ckpt_every == 0 or last or stop.signum is not None:
+                stopping = do_val and not last and early_stop_due(self.step, self.best.get("step"), t)
+                if stopping:
+                    log.info(
+                        "early stopping at step %d: no better validation -ELBO in %d validations since step %d",
+                        *(self.step, t.patience, self.best["step"]),
+                    )
+                if self.step % t.ckpt_every == 0 or last or stopping or stop.signum is not None:
                     self.save()
                 if stop.signum is not None and not last:
                     name = signal.Signals(stop.signum).name
@@ -338,6 +344,12 @@ class Trainer:
                         *(name, self.step, self.out / CHECKPOINT, self.out),
                     )
                     raise SystemExit(128 + stop.signum)
+
+
+def _trained(t, state: dict) -> bool:
+    """Whether a checkpoint's training is over: all ``trainer.steps`` updates done, or stopped early."""
+    step = int(state["step"])
+    return step >= t.steps or early_stop_due(step, (state.get("best") or {}).get("step"), t)
 
 
 def _same_evaluation(results: dict, eval_cfg, step: int, out: Path) -> bool:
@@ -399,7 +411,7 @@ def _train(cfg: DictConfig, run: Run, device: torch.device) -> dict:
         log.info("resume=true: %s holds no checkpoint yet; starting a new run there", out)
     if state is None:
         run.save_record()  # the first launch's config; a resumed run keeps it (.hydra/ records the latest launch)
-    elif int(state["step"]) == cfg.trainer.steps and (out / "results.json").is_file():
+    elif _trained(cfg.trainer, state) and (out / "results.json").is_file():
         done = run.read_results() or {}
         if not cfg.eval.at_end or _same_evaluation(done, cfg.eval, int(state["step"]), out):
             log.info("%s is complete (step %s); nothing to do", out, state["step"])
@@ -413,12 +425,13 @@ def _train(cfg: DictConfig, run: Run, device: torch.device) -> dict:
         log.info("resuming %s at step %d of %d", out, trainer.step, cfg.trainer.steps)
     else:
         log.info("training %s: %d updates -> %s", _label(cfg), cfg.trainer.steps, out)
-    if trainer.step < cfg.trainer.steps:
+    if not _trained(cfg.trainer, {"step": trainer.step, "best": trainer.best}):
         trainer.fit()
     summary = {
         "task": "vae",
         "run_dir": str(out),
         "steps": trainer.step,
+        "stopped_early": trainer.step < cfg.trainer.steps,
         "train_time_s": round(trainer.train_time, 3),
         "val_neg_elbo_best": trainer.best.get("val_neg_elbo"),
         "best_step": trainer.best.get("step"),
