@@ -30,8 +30,8 @@ test-fast: $(BIN)/nfvi ## set up, then run the tests not marked slow
 	$(BIN)/pytest -q -m "not slow"
 
 lint: $(BIN)/nfvi ## ruff check and format check
-	$(BIN)/ruff check nfvi tests benchmarks
-	$(BIN)/ruff format --check nfvi tests benchmarks
+	$(BIN)/ruff check nfvi hydra_plugins tests benchmarks
+	$(BIN)/ruff format --check nfvi hydra_plugins tests benchmarks
 
 reproduce: $(BIN)/nfvi ## set up, then run the paper's experiments at PROFILE (smoke|quick|paper), tables and figures
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/reproduce.sh $(PROFILE)

@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hydra.errors import ConfigCompositionException
-from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from nfvi.cli import COMMANDS
-from tests.conftest import CONF_DIR, compose
+from tests.conftest import CONF_ROOT, compose
 
-GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment"))
+SKIP = ("hydra", "experiment", "__pycache__")
 
 
-def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+def group_dirs(command: str) -> dict[str, Path]:
+    """The config groups ``command`` can see: its own root's folders, then nfvi/conf/shared/'s."""
+    roots = [CONF_ROOT / command, CONF_ROOT / "shared"]
+    return {p.name: p for root in roots for p in sorted(root.iterdir()) if p.is_dir() and p.name not in SKIP}
+
+
+def group_options(command: str, group: str) -> list[str]:
+    return sorted(p.stem for p in group_dirs(command)[group].glob("*.yaml"))
 
 
 def command_groups(command: str) -> list[str]:
     cfg = compose(command)
-    return [g for g in GROUPS if isinstance(cfg.get(g), DictConfig)]
+    return [g for g in group_dirs(command) if g in cfg]
 
 
-CASES = [(c, g, o) for c in COMMANDS for g in command_groups(c) for o in group_options(g)]
+CASES = [(c, g, o) for c in COMMANDS for g in command_groups(c) for o in group_options(c, g)]
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
@@ -35,6 +42,15 @@ def test_primary_config_composes(command):
 def test_every_group_option_composes(command, group, option):
     cfg = compose(command, [f"{group}={option}"])
     assert group in cfg
+
+
+def test_cde_and_train_have_their_own_dataset_and_model_options():
+    assert group_options("cde", "dataset") == sorted(
+        ["fish", "concrete", "energy", "skillcraft", "parkinsons", "temperature", "air", "sine", "bimodal"]
+    )
+    assert group_options("cde", "model") == ["flow", "gaussian", "mdn"]
+    assert "mnist" in group_options("train", "dataset") and "maxout" in group_options("train", "model")
+    assert compose("cde", ["dataset=fish", "model=mdn"]).dataset == "fish"
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if "flow" in command_groups(c)])

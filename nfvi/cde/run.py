@@ -10,9 +10,8 @@ then the test NLL's mean and std over seeds::
 Writes ``metrics.csv`` (per seed and epoch) and a flat ``results.json`` into the run directory.
 
 ``dataset`` and ``model`` are plain strings in the config, but they are offered as Hydra config
-groups whose options (registered below in the ConfigStore, package ``_global_``) just set the
-string. A plain key would clash with ``conf/dataset/`` (the image datasets of ``nfvi train``): when a
-folder of that name is on the search path, Hydra treats ``dataset=...`` as a group override.
+groups whose options (``nfvi/conf/cde/{dataset,model}/*.yaml``, package ``_global_``) just set the
+string; ``nfvi cde`` has its own config root, so ``nfvi train``'s image datasets are not among them.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from nfvi.cde.data import BENCHMARK_NF_NLL, DATASETS, Table, load_dataset, split_and_standardize
@@ -79,11 +77,6 @@ class CDEConfig:
 
 
 store("base_cde", CDEConfig)
-#: the options of the groups ``nfvi cde`` shares by name with ``nfvi train`` (checked by :mod:`nfvi.cli`)
-GROUP_CHOICES = {"dataset": DATASETS, "model": MODELS}
-for _group, _names in GROUP_CHOICES.items():
-    for _name in _names:  # options that only set the string at the top level (see the module docstring)
-        ConfigStore.instance().store(name=_name, node={_group: _name}, group=_group, package="_global_")
 
 
 def validate(cfg) -> None:
