@@ -1,6 +1,6 @@
 """Typed config schemas shared by every command, registered in Hydra's ConfigStore.
 
-Each YAML option under ``conf/<group>/`` lists its schema (``base_<group>``) first in its defaults,
+Each YAML option under ``nfvi/conf/*/<group>/`` lists its schema (``base_<group>``) first in its defaults,
 so a misspelled key or a value of the wrong type fails at composition with Hydra's message. Each
 command module (``nfvi.energy_fit``, ``nfvi.vae.train``, ...) defines its own primary schema next to
 its code and registers it as ``base_<command>`` with :func:`store`.
@@ -37,7 +37,7 @@ class FlowConfig:
     length: int = 10
     hidden: int = 64  # nice: width of each coupling MLP
     mix: str = "alternate"  # nice: alternate | permute
-    w_floor: Optional[float] = 0.1  # planar, amortized only: ||w|| >= w_floor (paper.md section 13); null = off
+    w_floor: Optional[float] = 0.1  # planar, amortized only: ||w|| >= w_floor (docs/paper.md section 13); null = off
     amortized: bool = True  # train/cde: parameters computed per data point from the encoder (Sec. 4.3); false = global
 
 

@@ -36,7 +36,7 @@ __all__ = ["CDEConfig", "run", "run_cde"]
 
 @dataclass
 class CDEConfig:
-    """Schema of ``conf/cde.yaml`` (``base_cde``)."""
+    """Schema of ``nfvi/conf/cde/cde.yaml`` (``base_cde``)."""
 
     flow: FlowConfig = field(default_factory=FlowConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

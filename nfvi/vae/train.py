@@ -5,7 +5,7 @@
     nfvi train flow=planar flow.length=80                            # paper settings except the length
     nfvi train -m flow=planar,nice flow.length=0,10,20,40,80         # a sweep (Hydra's basic launcher)
     nfvi train resume=true run_dir=outputs/train/<time>              # continue an interrupted run
-    nfvi train experiment=mnist_quick flow.length=10                 # a profile of conf/experiment/
+    nfvi train experiment=mnist_quick flow.length=10                 # a profile of nfvi/conf/train/experiment/
 
 Objective (``trainer.annealing``; :mod:`nfvi.vae.objectives`): ``eq20`` is the paper's annealed
 free energy, ``beta_t = min(1, trainer.beta0 + t / trainer.anneal_steps)`` multiplying the whole log
@@ -84,7 +84,7 @@ class TrainerConfig:
 
 @dataclass
 class TrainConfig:
-    """``nfvi train``: see the module docstring; ``conf/train.yaml`` composes it."""
+    """``nfvi train``: see the module docstring; ``nfvi/conf/train/train.yaml`` composes it."""
 
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -104,7 +104,7 @@ store("base_train", TrainConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Run directory selection (resolvers used by conf/train.yaml's hydra.run.dir and hydra.output_subdir)
+# Run directory selection (resolvers used by nfvi/conf/train/train.yaml's hydra.run.dir and hydra.output_subdir)
 
 
 def _job_config(root) -> dict:
