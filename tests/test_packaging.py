@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -33,7 +34,13 @@ def run(args: list, cwd: Path, timeout: int = 300) -> subprocess.CompletedProces
 def installed(tmp_path_factory):
     """(wheel, venv's bin/, a work folder outside the checkout) with the wheel installed in the venv (--no-deps)."""
     tmp = tmp_path_factory.mktemp("packaging")
-    build = run([sys.executable, "-m", "pip", "wheel", REPO, "--no-deps", "--no-build-isolation", "-w", tmp / "dist"],
+    # Build from a copy of the sources: setuptools' build/ folder would otherwise keep files deleted from the checkout.
+    src = tmp / "src"
+    for name in ("nfvi", "hydra_plugins"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    build = run([sys.executable, "-m", "pip", "wheel", src, "--no-deps", "--no-build-isolation", "-w", tmp / "dist"],
                 cwd=tmp)  # fmt: skip
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = (tmp / "dist").glob("nfvi-*.whl")
