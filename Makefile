@@ -12,7 +12,7 @@ export NFVI_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),./
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
-	@echo "  variables: PROFILE=smoke|quick|paper (reproduce), NFVI_DATA=<data folder>, TORCH=<pip spec>"
+	@echo "  variables: PROFILE=smoke|quick|long|paper (reproduce), NFVI_DATA=<data folder>, TORCH=<pip spec>"
 
 $(BIN)/nfvi: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,10 +30,10 @@ test-fast: $(BIN)/nfvi ## set up, then run the tests not marked slow
 	$(BIN)/pytest -q -m "not slow"
 
 lint: $(BIN)/nfvi ## ruff check and format check
-	$(BIN)/ruff check nfvi tests benchmarks
-	$(BIN)/ruff format --check nfvi tests benchmarks
+	$(BIN)/ruff check nfvi hydra_plugins tests benchmarks
+	$(BIN)/ruff format --check nfvi hydra_plugins tests benchmarks
 
-reproduce: $(BIN)/nfvi ## set up, then run the paper's experiments at PROFILE (smoke|quick|paper), tables and figures
+reproduce: $(BIN)/nfvi ## set up, then run the paper's experiments at PROFILE (smoke|quick|long|paper), tables and figures
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/reproduce.sh $(PROFILE)
 
 report: $(BIN)/nfvi ## rebuild every table and figure from outputs/

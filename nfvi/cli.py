@@ -1,7 +1,9 @@
 """``nfvi <command> [key=value ...]``: dispatch a subcommand to its Hydra task.
 
 After the subcommand, Hydra owns the arguments (overrides, ``-m`` for multirun, ``--help``,
-``--cfg job``, ``--info searchpath``). Each command has a primary config ``conf/<command>.yaml``.
+``--cfg job``, ``--info searchpath``). Each command has its own config root ``nfvi/conf/<command>/`` (package
+data, so a wheel carries it) holding ``<command>.yaml`` and the command's own groups; the groups every command
+uses are in ``nfvi/conf/shared/``, on each root's search path.
 User errors (bad config values, missing data, ...) end in one line on stderr and exit status 2; any other failure
 in one line naming the exception and ``<run folder>/error.txt`` (the line, then the traceback), exit status 1.
 Each job runs exactly once; a sweep goes on past a failed job and exits 1 at the end
@@ -26,7 +28,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("nfvi.reports.task", "run", "collect results.json under outputs/ into tables and figures"),
 }
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+def conf_dir(command: str) -> Path:
+    """The config root of ``command``: ``nfvi/conf/<command>/`` with ``<command>.yaml`` and its own groups."""
+    return CONF_DIR / command
 
 
 def usage() -> str:
@@ -247,7 +254,6 @@ def main(argv: list[str] | None = None) -> None:
     module_name, function_name, _ = COMMANDS[command]
     module = importlib.import_module(module_name)
     task = getattr(module, function_name)
-    _check_choices(command, getattr(module, "GROUP_CHOICES", {}), rest)
 
     import hydra
 
@@ -259,7 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [f"nfvi-{command}", *rest]
     with _hydra_raises():
         try:
-            hydra.main(config_path=str(CONF_DIR), config_name=command, version_base="1.3")(_job(command, task, debug))()
+            main_fn = hydra.main(config_path=str(conf_dir(command)), config_name=command, version_base="1.3")
+            main_fn(_job(command, task, debug))()
         except _user_error_types() as exc:  # Hydra's own: a bad override, an unknown option, a type error
             if debug:
                 raise
@@ -285,29 +292,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_run_status)
     if SweepFailures.failed:
         sys.exit(1)
-
-
-def _check_choices(command: str, choices: dict[str, tuple[str, ...]], args: list[str]) -> None:
-    """One-line error for ``group=value`` overrides outside a command's own options.
-
-    A command module may restrict a config group that it shares by name with another command: ``nfvi cde``
-    declares ``GROUP_CHOICES = {"dataset": (...UCI sets...), ...}``, because Hydra would otherwise also offer
-    ``nfvi train``'s image datasets from ``conf/dataset/`` and fail on them with a message about schemas.
-    Sweep values (``dataset=fish,concrete``) are checked one by one.
-    """
-    from nfvi.errors import NfviError, check_choice
-
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("+~")
-        if not sep or key not in choices:
-            continue
-        for item in value.split(","):
-            try:
-                check_choice(key, item, choices[key])
-            except NfviError as exc:
-                print(f"nfvi {command}: error: {exc}", file=sys.stderr)
-                sys.exit(2)
 
 
 def _is_multirun() -> bool:

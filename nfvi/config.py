@@ -1,6 +1,6 @@
 """Typed config schemas shared by every command, registered in Hydra's ConfigStore.
 
-Each YAML option under ``conf/<group>/`` lists its schema (``base_<group>``) first in its defaults,
+Each YAML option under ``nfvi/conf/*/<group>/`` lists its schema (``base_<group>``) first in its defaults,
 so a misspelled key or a value of the wrong type fails at composition with Hydra's message. Each
 task package (``nfvi.energy``, ``nfvi.vae``, ``nfvi.cde``) defines its own schemas in its ``config.py``
 and registers its primary schema as ``base_<command>`` with :func:`store`. No torch here: the data
@@ -55,7 +55,7 @@ class FlowConfig:
     length: int = 10
     hidden: int = 64  # nice: width of each coupling MLP; iaf: width of each MADE hidden layer
     mix: str = "alternate"  # nice: alternate | permute
-    w_floor: Optional[float] = 0.1  # planar, amortized only: ||w|| >= w_floor (paper.md section 13); null = off
+    w_floor: Optional[float] = 0.1  # planar, amortized only: ||w|| >= w_floor (docs/paper.md section 13); null = off
     amortized: bool = True  # train/cde: parameters computed per data point from the encoder (Sec. 4.3); false = global
     num_hidden: int = 1  # iaf: MADE hidden layers
     variant: str = "orthogonal"  # sylvester: orthogonal | householder | triangular (O-, H-, T-SNF)

@@ -154,7 +154,7 @@ class _ElementwiseParamFlow(Flow):
 class PlanarFlow(_ElementwiseParamFlow):
     """Planar layers (Eq. 10), raw parameters ``[u (D), w (D), b (1)]`` per layer.
 
-    ``w_floor``: guard against the amortized blow-up (paper.md section 13). When an encoder emits
+    ``w_floor``: guard against the amortized blow-up (docs/paper.md section 13). When an encoder emits
     ``w``, ``w`` crosses zero somewhere in input space and ``u_hat`` grows like ``1/||w||``. With a
     floor, ``w_1 = w_floor + softplus(w_1')`` so ``||w|| >= w_floor``; this loses no expressivity
     up to the floor, because ``(u, w, b)`` and ``(-u, -w, -b)`` give the same layer (tanh is odd).

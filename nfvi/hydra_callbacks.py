@@ -1,4 +1,4 @@
-"""Hydra callbacks of the ``nfvi`` commands (registered under ``hydra.callbacks`` in ``conf/hydra_defaults.yaml``).
+"""Hydra callbacks of the ``nfvi`` commands (``hydra.callbacks`` in ``nfvi/conf/shared/hydra_defaults.yaml``).
 
 :class:`SweepFailures` surfaces the jobs of a sweep that failed, on every launcher: jobs under joblib or submitit
 run in other processes, so each failed job leaves ``error.txt`` (its one-line error, then the traceback) in its

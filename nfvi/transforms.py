@@ -69,7 +69,7 @@ def planar_u_hat(u: Tensor, w: Tensor) -> Tensor:
 
     Uses the identity ``m(x) - x = softplus(-x) - 1`` so that large ``|w.u|`` loses no precision.
     Guarantees ``w . u_hat = m(w.u) > -1``, hence an invertible layer. Shapes ``(*, D)``.
-    Note the **squared** norm (dividing by ``||w||`` is a known bug, paper.md section 7).
+    Note the **squared** norm (dividing by ``||w||`` is a known bug, docs/paper.md section 7).
     """
     wu = (w * u).sum(-1, keepdim=True)
     return u + (F.softplus(-wu) - 1.0) * w / (w * w).sum(-1, keepdim=True)

@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
-# make reproduce PROFILE=smoke|quick|paper: every experiment of the paper at one profile, then tables and figures.
-#   smoke: CI-sized (a few minutes); quick: about an hour on 2 CPU cores; paper: the paper's schedules (wants a GPU).
+# make reproduce PROFILE=smoke|quick|long|paper: every experiment of the paper at one profile, then tables and figures.
+#   smoke: CI-sized (a few minutes); quick: about an hour on 2 CPU cores; paper: the paper's schedules (wants a GPU);
+#   long: MNIST only (experiment=mnist_long, 80,000 updates per run; hours on 2 CPU cores, resumable).
+# Each experiment script runs the grid of experiment=<task>_$PROFILE (nfvi/conf/<command>/experiment/).
 # Runs land in outputs/reproduce/<profile>/<experiment>/; tables and figures in outputs/reproduce/<profile>/tables/.
 # Safe to re-run: each experiment script skips runs that are already finished. An experiment that fails does not
 # stop the others; the script then exits 1 after writing the tables of what did finish.
 set -euo pipefail
 PROFILE="${1:-quick}"
 case "$PROFILE" in
-  smoke|quick|paper) ;;
-  *) echo "reproduce: PROFILE=$PROFILE is not allowed; choose one of: smoke, quick, paper" >&2; exit 2 ;;
+  smoke|quick|paper) TASKS=(energy mnist cifar10 cde) ;;
+  long) TASKS=(mnist) ;;
+  *) echo "reproduce: PROFILE=$PROFILE is not allowed; choose one of: smoke, quick, long, paper" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."
 ROOT="outputs/reproduce/$PROFILE"
 mkdir -p "$ROOT"
 echo "== nfvi reproduce: profile $PROFILE (data: ${NFVI_DATA:-./data}) -> $ROOT"
 failed=()
-for experiment in energy mnist cifar10 cde; do
+for experiment in "${TASKS[@]}"; do
   echo "== $experiment"
   start=$(date +%s)
   if bash "scripts/reproduce_${experiment}.sh" "$PROFILE" "$ROOT/$experiment"; then

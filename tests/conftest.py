@@ -1,4 +1,4 @@
-"""Shared fixtures: the repo's conf/ folder, a composed-config helper, a seeded float64 mode and a local HTTP
+"""Shared fixtures: the config roots in nfvi/conf/, a composed-config helper, a seeded float64 mode and a local HTTP
 server for download tests."""
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
+CONF_ROOT = REPO / "nfvi" / "conf"
+#: nfvi train's config root (its dataset/, model/, experiment/ groups; the shared groups are on its search path)
+CONF_DIR = CONF_ROOT / "train"
 SHARED_DATA = Path(os.environ.get("NFVI_DATA", REPO.parent / "shared" / "data"))
 
 
@@ -28,17 +30,21 @@ def float64():
 
 
 def compose(config_name: str, overrides: list[str] | None = None):
-    """Compose ``conf/<config_name>.yaml`` with ``overrides`` exactly as the CLI would (registers schemas)."""
+    """Compose ``nfvi/conf/<command>/<command>.yaml`` with ``overrides`` exactly as the CLI would (registers schemas).
+
+    ``config_name`` is a command (its own root) or, for other names, a config under nfvi train's root."""
     import importlib
 
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from nfvi.cli import COMMANDS
+    from nfvi.cli import COMMANDS, conf_dir
 
+    root = CONF_DIR
     if config_name in COMMANDS:
         importlib.import_module(COMMANDS[config_name][0])
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        root = conf_dir(config_name)
+    with initialize_config_dir(config_dir=str(root), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides or [])
 
 

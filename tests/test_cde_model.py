@@ -1,4 +1,4 @@
-"""nfvi.cde.model: exact normalized densities, log-dets, the planar w-floor guard (paper.md section 13)."""
+"""nfvi.cde.model: exact normalized densities, log-dets, the planar w-floor guard (docs/paper.md section 13)."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def _amortized_planar_w(net: FlowCDE, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("y_dim", [1, 2])
 def test_planar_w_floor_guard_holds_where_the_raw_w_crosses_zero(y_dim):
-    """paper.md section 13: a w emitted by a network crosses zero somewhere in x; the guard keeps ||w|| >= floor."""
+    """docs/paper.md section 13: a network's w crosses zero somewhere in x; the guard keeps ||w|| >= floor."""
     net = make("flow", y_dim, "planar", 3, x_dim=1, perturb=0.0)
     assert isinstance(net.flow, PlanarFlow) and net.flow.w_floor == pytest.approx(0.1)
     with torch.no_grad():  # make the head's raw w swing widely with x, through zero

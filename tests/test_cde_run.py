@@ -15,7 +15,7 @@ import nfvi.cde.task as cde_run
 from nfvi.config import validate
 from nfvi.errors import NfviError
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "nfvi" / "conf" / "cde"  # nfvi cde's own config root
 NFVI = [sys.executable, "-m", "nfvi"]
 FAST = ["seeds=[0,1]", "max_epochs=3", "synthetic_size=200", "hidden=[8]"]
 
@@ -46,7 +46,7 @@ def test_overrides(overrides, expected):
 
 
 def test_dataset_key_survives_a_dataset_config_group_on_the_search_path(tmp_path):
-    """`nfvi train` has conf/dataset/ (image sets); a plain `dataset` key would then be a group override."""
+    """Another dataset/ folder on the search path (as nfvi train's) adds options but keeps the UCI names working."""
     (tmp_path / "dataset").mkdir()
     (tmp_path / "dataset" / "mnist.yaml").write_text("name: mnist\n")
     assert composed("dataset=parkinsons", extra_dir=tmp_path).dataset == "parkinsons"
@@ -118,18 +118,26 @@ def test_cli_missing_data_is_one_line_exit_2(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("nfvi cde: error: dataset=fish:") and "is missing" in lines[0]
 
 
+UCI = "air, bimodal, concrete, energy, fish, parkinsons, sine, skillcraft, temperature"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "override, shown",
-    [("dataset=mnist", "dataset='mnist'"), ("dataset=fish,nope", "dataset='nope'"), ("model=maxout", "model='maxout'")],
+    "command, override, shown",
+    [
+        ("cde", "dataset=mnist", f"Could not find 'dataset/mnist'; Available options in 'dataset': {UCI}"),
+        ("cde", "dataset=fish,nope", f"Could not find 'dataset/nope'; Available options in 'dataset': {UCI}"),
+        ("cde", "model=maxout", "Could not find 'model/maxout'; Available options in 'model': flow, gaussian, mdn"),
+        ("train", "dataset=fish", "Could not find 'dataset/fish'; Available options in 'dataset': cifar10, "),
+    ],
 )
-def test_cli_options_of_train_are_refused_in_one_line(tmp_path, override, shown):
-    """conf/dataset and conf/model hold nfvi train's options; nfvi cde names its own instead."""
-    proc = _cli(*(["-m"] if "," in override else []), override, cwd=tmp_path)
+def test_cli_options_of_the_other_command_are_refused_in_one_line(tmp_path, command, override, shown):
+    """nfvi cde and nfvi train each have their own config root: one's dataset/model options are not the other's."""
+    args = [*(["-m"] if "," in override else []), override]
+    proc = subprocess.run([*NFVI, command, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines == [lines[0]] and lines[0].startswith(f"nfvi cde: error: {shown} is not allowed; choose one of:")
-    assert ("fish, concrete" in lines[0]) or ("flow, gaussian, mdn" in lines[0])
+    assert lines == [lines[0]] and lines[0].startswith(f"nfvi {command}: error: In '{command}': {shown}"), lines
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from nfvi.cli import COMMANDS, one_line
-from tests.conftest import CONF_DIR
+from tests.conftest import CONF_ROOT
 
 
 def nfvi(*args, cwd=None, check=False):
@@ -33,7 +33,30 @@ def test_unknown_command_is_one_line_error():
 def test_conf_is_found_from_any_working_directory(tmp_path):
     result = nfvi("report", "--info", "searchpath", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert f"file://{CONF_DIR}" in result.stdout
+    assert f"file://{CONF_ROOT / 'report'}" in result.stdout and f"file://{CONF_ROOT / 'shared'}" in result.stdout
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_has_its_own_config_root_with_the_shared_groups(command):
+    """nfvi/conf/<command>/<command>.yaml; flow/, optim/, paths/, launchers come from nfvi/conf/shared/, which
+    hydra_plugins/nfvi_searchpath adds to the search path of nfvi's roots (and of no other folder)."""
+    from hydra_plugins.nfvi_searchpath.nfvi_searchpath import shared_dir
+
+    assert (CONF_ROOT / command / f"{command}.yaml").is_file()
+    assert shared_dir(f"file://{CONF_ROOT / command}") == CONF_ROOT / "shared" == shared_dir(str(CONF_ROOT / command))
+    assert shared_dir(str(CONF_ROOT / "shared")) is None and shared_dir("pkg://hydra.conf") is None
+    assert shared_dir(str(CONF_ROOT.parent)) is None
+
+
+def test_help_and_cfg_job_and_launcher_choice_work(tmp_path):
+    helped = nfvi("cde", "--help", cwd=tmp_path)
+    assert helped.returncode == 0 and "dataset: air, bimodal, concrete" in helped.stdout, helped.stderr
+    assert (
+        "optim: adam, adam_fast, adamax, base_optim, rmsprop" in helped.stdout
+        and "flow: base_flow, nice" in helped.stdout
+    )
+    job = nfvi("train", "experiment=mnist_smoke", "hydra/launcher=joblib", "--cfg", "hydra", cwd=tmp_path)
+    assert job.returncode == 0 and "JoblibLauncher" in job.stdout, job.stderr
 
 
 @pytest.mark.parametrize(

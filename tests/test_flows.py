@@ -88,7 +88,7 @@ def test_amortized_parameters_differ_per_datapoint():
 
 
 def test_amortized_planar_w_floor_guards_against_w_through_zero():
-    """paper.md section 13: with an encoder emitting w = 0, u_hat ~ 1/||w|| explodes unless w is floored."""
+    """docs/paper.md section 13: with an encoder emitting w = 0, u_hat ~ 1/||w|| explodes unless w is floored."""
     context = torch.zeros(1, 3)
     for w_floor, bounded in [(0.1, True), (None, False)]:
         torch.manual_seed(0)

@@ -166,7 +166,7 @@ def test_planar_adversarial_u_keeps_determinant_positive(float64, c):
 
 
 def test_planar_u_hat_divides_by_squared_norm(float64):
-    """w^T u_hat = -1 + softplus(w^T u) exactly, which only holds with ||w||^2 (paper.md section 7, bug 1)."""
+    """w^T u_hat = -1 + softplus(w^T u) exactly, which only holds with ||w||^2 (docs/paper.md section 7, bug 1)."""
     u, w = torch.randn(4), 7.0 * torch.randn(4)
     wu = (w * u).sum()
     torch.testing.assert_close((w * planar_u_hat(u, w)).sum(), -1 + torch.nn.functional.softplus(wu))

@@ -182,7 +182,7 @@ def test_init_output_bias_sets_logit_of_mean():
     assert torch.allclose(torch.sigmoid(model.decoder.output_bias), mean, atol=1e-6)
 
 
-# ---- the amortized-planar guard (paper.md section 13) ----------------------------------------------------------
+# ---- the amortized-planar guard (docs/paper.md section 13) ----------------------------------------------------------
 
 
 def drive_w_to_zero(model: VAE, scale: float, first: float | None = None) -> VAE:

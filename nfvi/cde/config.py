@@ -1,15 +1,13 @@
 """Schema of ``nfvi cde`` (``base_cde``).
 
 ``dataset`` and ``model`` are plain strings in the config, but they are offered as Hydra config
-groups whose options (registered below in the ConfigStore, package ``_global_``) just set the
-string.
+groups whose options (``nfvi/conf/cde/{dataset,model}/*.yaml``, package ``_global_``) just set the
+string; ``nfvi cde`` has its own config root, so ``nfvi train``'s image datasets are not among them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from hydra.core.config_store import ConfigStore
 
 from nfvi.cde.data import DATASETS
 from nfvi.cde.model import ACTIVATIONS, MODELS
@@ -21,7 +19,7 @@ __all__ = ["CDEConfig"]
 
 @dataclass
 class CDEConfig:
-    """Schema of ``conf/cde.yaml`` (``base_cde``)."""
+    """Schema of ``nfvi/conf/cde/cde.yaml`` (``base_cde``)."""
 
     flow: FlowConfig = field(default_factory=FlowConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -92,8 +90,3 @@ class CDEConfig:
 
 
 store("base_cde", CDEConfig)
-#: the options of the groups ``nfvi cde`` shares by name with ``nfvi train`` (checked by :mod:`nfvi.cli`)
-GROUP_CHOICES = {"dataset": DATASETS, "model": MODELS}
-for _group, _names in GROUP_CHOICES.items():
-    for _name in _names:  # options that only set the string at the top level (see the module docstring)
-        ConfigStore.instance().store(name=_name, node={_group: _name}, group=_group, package="_global_")

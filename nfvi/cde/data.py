@@ -1,9 +1,9 @@
 """Data for ``nfvi cde``: the DDN benchmark suite's UCI tables and two synthetic sets; splits.
 
-The seven UCI sets of Chen et al. (DDN, AAAI 2022; paper.md section 8) are read from the files UCI
+The seven UCI sets of Chen et al. (DDN, AAAI 2022; docs/paper.md section 8) are read from the files UCI
 ships, in their original formats (``;``-separated csv for Fish, ``.xls`` for Concrete, ``.xlsx``
 for Energy and Air, csv with ``?`` for SkillCraft, ...), so a user can point ``data_file`` at their
-own download. Each loader applies the suite's cleaning (see ``/work/shared/data/uci/README.md``)
+own download. Each loader applies the suite's cleaning (see ``../shared/data/uci/README.md``)
 and returns a :class:`Table` with ``x`` of shape ``(N, D_x)`` and ``y`` of shape ``(N, D_y)``.
 
 Missing files are fetched from UCI (``https://archive.ics.uci.edu/static/public/<id>/<name>.zip``)
@@ -62,7 +62,7 @@ class UCISpec:
     name: str
     filename: str  #: the file UCI ships (the zip member), looked for under <data_dir>/uci/
     url: str  #: UCI's zip archive holding ``filename``
-    sha256: str  #: of the reference copy (/work/shared/data/uci/SHA256SUMS)
+    sha256: str  #: of the reference copy (../shared/data/uci/SHA256SUMS)
     table_sha256: str  #: of the cleaned table, see :func:`table_checksum`
     shape: tuple[int, int, int]  #: (rows, D_x, D_y) after cleaning
     x_columns: tuple[str, ...]
@@ -196,7 +196,7 @@ UCI_DATASETS: dict[str, UCISpec] = {
 SYNTHETIC_DATASETS = ("sine", "bimodal")
 DATASETS = (*UCI_DATASETS, *SYNTHETIC_DATASETS)
 
-#: The "NF" row of the benchmark tables (test NLL, nats; paper.md section 8). Units of y unconfirmed.
+#: The "NF" row of the benchmark tables (test NLL, nats; docs/paper.md section 8). Units of y unconfirmed.
 BENCHMARK_NF_NLL = {"fish": 1.24, "concrete": 1.24, "energy": 1.89, "skillcraft": 4.49}
 
 

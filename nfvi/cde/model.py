@@ -9,7 +9,7 @@ z in the **normalizing direction**, so its density is exact and needs no inverse
     log p(y | x) = log N(z_K; 0, I) - sum log s + ladj
 
 (``ladj = sum_k log|det dz_k/dz_{k-1}|``, :func:`nfvi.flows.build_flow`.) Planar layers whose w
-comes from h carry the w-floor guard of :class:`nfvi.flows.PlanarFlow` (paper.md section 13).
+comes from h carry the w-floor guard of :class:`nfvi.flows.PlanarFlow` (docs/paper.md section 13).
 
 :class:`MixtureDensityNetwork` (``model=mdn``) is the classic baseline: C diagonal Gaussians with
 weights, means and scales from h.

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from nfvi.cde.config import GROUP_CHOICES, CDEConfig  # noqa: F401  (GROUP_CHOICES: read by nfvi.cli)
+from nfvi.cde.config import CDEConfig
 from nfvi.cde.data import BENCHMARK_NF_NLL, Table, load_dataset, split_and_standardize
 from nfvi.cde.fit import FitResult, fit
 from nfvi.cde.model import build_model, model_label

@@ -8,7 +8,7 @@ stand-in ``fake_cifar10``; :func:`is_table3_row` says which) and writes into ``o
   diagonal-Gaussian DLGM), columns = test ``-ln p(x)`` (nats, mean over seeds, ± sd over seeds or,
   for one run, ± its standard error over test images), bits/dim (discrete likelihoods only),
   ``-ELBO``, ``KL = -ELBO - (-ln p(x))``, and the paper's Table 3 value. Every paper value is **[U]**
-  (unconfirmed, paper.md section 4); each section says how comparable it is.
+  (unconfirmed, docs/paper.md section 4); each section says how comparable it is.
 - ``vae_table3.csv``: the same numbers, one row per (dataset, settings, flow, K), with run folders.
 
 Rows holding a run stopped before its configured updates carry ``†`` (``unfinished`` column), KL cells
@@ -44,7 +44,7 @@ from nfvi.runs import atomic_write_text
 
 __all__ = ["PAPER_TABLE3", "READINGS", "is_table3_row", "summarize_table3", "table3_markdown", "write_table3"]
 
-#: Table 3 of the paper as recalled (paper.md section 4): test -ln p(x) in nats by flow length K; all [U]
+#: Table 3 of the paper as recalled (docs/paper.md section 4): test -ln p(x) in nats by flow length K; all [U]
 PAPER_TABLE3: dict[int, float] = {0: -293.7, 2: -308.6, 5: -317.9, 10: -320.7}
 #: dataset -> what its numbers mean next to the paper's
 READINGS: dict[str, str] = {
@@ -53,7 +53,7 @@ READINGS: dict[str, str] = {
         "-ln p(x), also in bits/dim). NOT comparable to the paper's values (a continuous density, negative)."
     ),
     "cifar10_patches": (
-        "the reproductions' reading (paper.md section 11, unconfirmed): random 3x8x8 patches, pixels scaled "
+        "the reproductions' reading (docs/paper.md section 11, unconfirmed): random 3x8x8 patches, pixels scaled "
         "into [1e-4, 1-1e-4], logit-normal density with unit variance (nats, can be negative). The paper's "
         "values are comparable in kind, if this reading is right."
     ),
@@ -122,7 +122,7 @@ def table3_markdown(table: pd.DataFrame) -> str:
     lines = [
         "# Table 3: CIFAR-10, test -ln p(x)",
         "",
-        "Paper values are **[U]**: recalled, not confirmed from the paper (paper.md section 4). "
+        "Paper values are **[U]**: recalled, not confirmed from the paper (docs/paper.md section 4). "
         "K = 0 is the diagonal-Gaussian DLGM. -ln p(x) by importance sampling with q_K as the proposal "
         "(S samples per image; ± sd over seeds, or ± standard error over test images for one run); "
         "KL = -ELBO - (-ln p(x)).",

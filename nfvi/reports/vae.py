@@ -7,7 +7,7 @@ Outputs in ``out_dir``:
   the diagonal-Gaussian DLGM, whatever flow kind was named); columns = our test -ELBO, -ln p(x) and
   KL = -ELBO - (-ln p(x)) in nats, the paper's -ln p(x) (Table 2) with ``ours - paper`` beside it,
   and the number of seeds. Paper values carry ``[C]`` (confirmed by secondary sources) or ``[U]``
-  (unconfirmed, from memory; paper.md section 3.2). The paper's column is filled for MNIST only.
+  (unconfirmed, from memory; docs/paper.md section 3.2). The paper's column is filled for MNIST only.
 - ``vae_fig4.png``: Figure 4, three panels against K: (a) the bound -ELBO, (b) KL(q || p(z|x)),
   (c) -ln p(x); one line per flow kind (planar NF, NICE, radial when present), all starting from
   the shared K = 0 point; the paper's Table 2 values are drawn as open markers in (c) for MNIST.
@@ -49,7 +49,7 @@ from nfvi.runs import atomic_write_bytes, atomic_write_text
 
 __all__ = ["PAPER_TABLE2", "summarize", "to_markdown", "to_latex", "write"]
 
-#: Table 2 of the paper, test -ln p(x) in nats: (flow, K) -> (value, status); see paper.md section 3.2 / 11
+#: Table 2 of the paper, test -ln p(x) in nats: (flow, K) -> (value, status); see docs/paper.md section 3.2 / 11
 PAPER_TABLE2: dict[tuple[str, int], tuple[float, str]] = {
     ("none", 0): (89.9, "U"),
     ("planar", 10): (87.5, "U"),
@@ -212,7 +212,7 @@ def to_markdown(table: pd.DataFrame) -> str:
         "seeds, or for one seed the standard error over test images. KL = -ELBO - (-ln p(x)) estimates "
         "KL(q_K(z|x) || p(z|x)). -ln p(x) is an importance-sampling estimate (an upper bound in expectation).",
         "Paper: Rezende & Mohamed (2015), Table 2 (S=200 importance samples). [C] confirmed by secondary sources; "
-        "[U] unconfirmed (from memory, paper.md section 3.2): treat as approximate targets.",
+        "[U] unconfirmed (from memory, docs/paper.md section 3.2): treat as approximate targets.",
         *_legends(table),
         "",
     ]

@@ -107,7 +107,7 @@ store("base_evaluate", EvaluateConfig)
 
 @dataclass
 class TrainConfig:
-    """``nfvi train``: see the module docstring; ``conf/train.yaml`` composes it."""
+    """``nfvi train``: see the module docstring; ``nfvi/conf/train/train.yaml`` composes it."""
 
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N

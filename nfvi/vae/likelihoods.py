@@ -17,7 +17,7 @@ training image. The decoder emits ``P = num_params`` blocks concatenated along t
   ``sigma(a) - sigma(b) = sigma(a) sigma(-b) (1 - exp(b - a))``. The log-scale has a soft floor,
   ``min_log_scale + softplus(raw - min_log_scale)`` with ``min_log_scale = -10`` (about 1/87 of a bin).
 - ``logit_normal`` (``P = 1``: the mean of the logit; the reproductions' reading of the paper's CIFAR-10
-  setup, paper.md section 11): pixels are scaled into ``[lambda, 1 - lambda]``, ``y = lambda + (1 - 2 lambda) x``
+  setup, docs/paper.md section 11): pixels are scaled into ``[lambda, 1 - lambda]``, ``y = lambda + (1 - 2 lambda) x``
   with ``lambda = 1e-4``, and ``logit(y) ~ N(mean, 1)``. This is a *density* on the scaled pixels (it can be
   negative, as the paper's Table 3 values are), not a discrete likelihood: no bits per dimension.
 """

@@ -5,7 +5,7 @@ Per data point, with ``z_0 ~ q_0(z | x)`` and ``z_K = f_K o ... o f_1(z_0)``::
     F(x) = E[log q_0(z_0)] - E[sum_k log|det J_k|] - E[log p(x | z_K)] - E[log p(z_K)]      (Eq. 15)
          = E[log q_K(z_K)] - E[log p(x, z_K)] = -elbo
 
-The prior is evaluated at **z_K**, never z_0 (paper.md section 1.1). Everything here returns
+The prior is evaluated at **z_K**, never z_0 (docs/paper.md section 1.1). Everything here returns
 per-data-point tensors ``(B,)``; only the training loop reduces them.
 
 Annealing (``mode``):

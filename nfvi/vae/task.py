@@ -5,7 +5,7 @@
     nfvi train flow=planar flow.length=80                            # paper settings except the length
     nfvi train -m flow=planar,nice flow.length=0,10,20,40,80         # a sweep (Hydra's basic launcher)
     nfvi train resume=true run_dir=outputs/train/<time>              # continue the run in that folder
-    nfvi train experiment=mnist_quick flow.length=10                 # a profile of conf/experiment/
+    nfvi train experiment=mnist_quick flow.length=10                 # a profile of nfvi/conf/train/experiment/
 
 Objective (``trainer.annealing``; :mod:`nfvi.vae.objectives`): ``eq20`` is the paper's annealed
 free energy, ``beta_t = min(1, trainer.beta0 + t / trainer.anneal_steps)`` multiplying the whole log
@@ -62,7 +62,7 @@ log = logging.getLogger("nfvi.train")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Config resolvers of conf/train.yaml (pure functions of their arguments: no file-system look-ups)
+# Config resolvers of nfvi/conf/train/train.yaml (pure functions of their arguments: no file-system look-ups)
 
 
 def _first_given(*values) -> str:
