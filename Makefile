@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 # torch/torchvision versions installed into the venv; override e.g. TORCH="torch torchvision" for the newest.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 PROFILE ?= quick
+# pytest workers (pytest-xdist); each runs torch on one thread, so the suite uses the cores without oversubscribing them
+TEST_JOBS ?= 2
 export NFVI_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),./data)
 
 .DEFAULT_GOAL := help
@@ -24,10 +26,10 @@ $(BIN)/nfvi: pyproject.toml
 install: $(BIN)/nfvi ## create .venv and install nfvi (editable) with dev extras
 
 test: $(BIN)/nfvi ## set up, then run the whole test suite (under 10 minutes on 2 CPU cores)
-	$(BIN)/pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n $(TEST_JOBS)
 
 test-fast: $(BIN)/nfvi ## set up, then run the tests not marked slow
-	$(BIN)/pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n $(TEST_JOBS) -m "not slow"
 
 lint: $(BIN)/nfvi ## ruff check and format check
 	$(BIN)/ruff check nfvi hydra_plugins tests benchmarks
