@@ -105,9 +105,6 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return (NfviError, HydraException, OmegaConfBaseException)
 
 
-#: Written into a failed job's folder: the one-line message, then the full traceback.
-ERROR_FILE = "error.txt"
-
 #: Exit status of the last single run (0 ok, 1 unexpected error, 2 user error); sweeps use SweepFailures.
 _run_status = 0
 
@@ -135,7 +132,7 @@ def _own_files(folder: Path) -> list[str]:
     bookkeeping (:mod:`nfvi.runs`: its lock and its config record)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from nfvi.runs import LOCK, RUN_RECORD
+    from nfvi.runs import ERROR_FILE, LOCK, RUN_RECORD
 
     hydra_cfg = HydraConfig.get()
     subdir = Path(str(hydra_cfg.output_subdir)).parts[0]  # ".hydra" (also for evaluate's .hydra/evaluate-<time>)
@@ -167,7 +164,7 @@ def _job_failed(command: str, exc: Exception, folder: Path, *, user: bool, remov
     """
     import traceback
 
-    from nfvi.runs import atomic_write_text
+    from nfvi.runs import ERROR_FILE, atomic_write_text
 
     error_file = folder / ERROR_FILE
     if user:
@@ -207,7 +204,7 @@ def _job(command: str, task, debug: bool):
         from omegaconf import OmegaConf
 
         from nfvi.config import validate
-        from nfvi.runs import run_dir
+        from nfvi.runs import ERROR_FILE, run_dir
 
         folder = run_dir()
         fresh = not _own_files(folder)  # nothing but Hydra's files: this job made the folder

@@ -14,7 +14,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from nfvi.cli import ERROR_FILE
+from nfvi.runs import ERROR_FILE
 
 __all__ = ["SweepFailures", "error_files"]
 

@@ -298,6 +298,8 @@ def _folder_error(out: Path, exc: OSError) -> NfviError:
 # The run lifecycle
 
 LOCK = ".nfvi.lock"
+#: a failed job's one-line error, then its traceback (written by :mod:`nfvi.cli`, read by :mod:`nfvi.hydra_callbacks`)
+ERROR_FILE = "error.txt"
 RUN_RECORD = "run.json"
 #: the files a run may own; ``overwrite=true`` removes these (and nothing else) before starting afresh
 RUN_FILES = (
