@@ -262,7 +262,7 @@ def environment_fault(exc: BaseException, folder: str | Path | None = None) -> s
         return None
     path = Path(exc.filename or folder or ".")
     if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
-        problem = _path_problem(path)
+        problem = _path_problem(path, "run folder" if folder is None or path == Path(folder) else "folder")
         if problem is not None:
             return problem
     causes = {
@@ -280,13 +280,14 @@ def environment_fault(exc: BaseException, folder: str | Path | None = None) -> s
     return f"cannot write {path}: {cause}{kept}"
 
 
-def _path_problem(path: Path) -> str | None:
-    """Why a run folder cannot be made at ``path``: it is a file, or a parent is not a folder."""
+def _path_problem(path: Path, what: str = "run folder") -> str | None:
+    """Why ``what`` (a run folder, or another folder such as the data root) cannot be made at ``path``: it is a
+    file, or a parent is not a folder."""
     if path.exists() and not path.is_dir():
-        return f"run folder {path} is a file, not a folder; choose another run folder"
+        return f"{what} {path} is a file, not a folder; choose another {what}"
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
-        return f"cannot create run folder {path}: {parent} is not a folder"
+        return f"cannot create {what} {path}: {parent} is not a folder"
     return None
 
 

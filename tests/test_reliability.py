@@ -212,3 +212,120 @@ def test_evaluate_an_empty_folder_writes_nothing_into_it(tmp_path):
     assert list((tmp_path / "empty").iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
     empty = nfvi("evaluate", "run_dir=", cwd=tmp_path)
     assert empty.returncode == 2 and "run_dir is empty" in empty.stderr
+
+
+# -- audit of the reliability issue's sub-cases (docs/reliability.md) --------------------------------------------------
+def cli(tmp_path, monkeypatch, *args) -> int:
+    """``nfvi *args`` in-process from ``tmp_path``; the exit status."""
+    import nfvi.cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() sets sys.argv for Hydra
+    with pytest.raises(SystemExit) as info:
+        nfvi.cli.main([*args, "hydra/job_logging=none", "hydra/hydra_logging=none"])
+        raise SystemExit(0)
+    return info.value.code
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("[")]  # not the log lines
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_nfvi_data_that_is_a_file_is_one_line_naming_it_and_no_run_folder(tmp_path, monkeypatch, capsys):
+    """Case 8: NFVI_DATA naming a file gave a traceback (once, and then a message calling it the run folder)."""
+    (tmp_path / "f").write_text("not a folder")
+    monkeypatch.setenv("NFVI_DATA", str(tmp_path / "f"))
+    out = tmp_path / "out"
+    assert cli(tmp_path, monkeypatch, "train", "trainer.steps=2", "device=cpu", f"paths.output_dir={out}") == 2
+    line = one_error_line(capsys)
+    assert line == f"nfvi train: error: folder {tmp_path / 'f'} is a file, not a folder; choose another folder"
+    assert not (out / "train").exists() and (tmp_path / "f").read_text() == "not a folder"
+
+
+def test_missing_data_file_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    """Case 11: a data error (the file is missing, no download) ends in one line and creates no run folder."""
+    out = tmp_path / "out"
+    args = ["cde", "dataset=fish", "download=false", f"paths.data_dir={tmp_path / 'data'}", f"paths.output_dir={out}"]
+    assert cli(tmp_path, monkeypatch, *args) == 2
+    assert "qsar_fish_toxicity.csv" in one_error_line(capsys)
+    assert not (out / "cde").exists()
+
+
+def test_report_out_dir_that_is_a_file_is_one_line(tmp_path, monkeypatch, capsys):
+    """Case 8: ``nfvi report out_dir=<a file>`` is one line, exit 2, and the file is kept."""
+    from tests.test_reports_vae import result as vae_row
+
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "results.json").write_text(json.dumps(vae_row("planar", 2)))
+    (tmp_path / "f").write_text("not a folder")
+    code = cli(tmp_path, monkeypatch, "report", f"paths.output_dir={tmp_path / 'runs'}", f"out_dir={tmp_path / 'f'}")
+    assert code == 2
+    line = one_error_line(capsys)
+    assert (
+        line == f"nfvi report: error: cannot write the report into out_dir={tmp_path / 'f'}: it is a file, not a "
+        "folder; choose another out_dir"
+    )
+    assert (tmp_path / "f").read_text() == "not a folder"
+
+
+def test_train_sweep_with_a_bad_seed_runs_each_job_once_and_exits_non_zero(tmp_path, monkeypatch, capsys):
+    """Case 2 (and 6): ``nfvi train -m ... seed=0,-1`` once launched the whole sweep twice."""
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", "dataset=fake", "trainer.steps=2", "seed=0,-1", "device=cpu", "eval.num_samples=2",
+            "eval.max_images=10", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"]  # fmt: skip
+    assert cli(tmp_path, monkeypatch, *args) == 1
+    err = capsys.readouterr().err
+    assert err.count("nfvi train: error: job 1: seed=-1 is not allowed") == 1 and "Traceback" not in err
+    assert "1 job(s) of the sweep failed" in err
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]  # one sweep, not two
+    assert json.loads((sweep / "0" / "results.json").read_text())["seed"] == 0
+    assert (sweep / "1" / "error.txt").read_text().count("Traceback") == 1
+
+
+def test_full_disk_mid_training_names_enospc_not_an_existing_checkpoint(tmp_path, monkeypatch, capsys):
+    """Case 2/8: a full disk mid-run was hidden behind "already holds a checkpoint; pass resume=true"."""
+    import errno
+
+    from nfvi.runs import MetricsLog
+
+    real = MetricsLog.log
+
+    def full(self, **row):
+        if row.get("step", 0) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, **row)
+
+    monkeypatch.setattr(MetricsLog, "log", full)
+    run = tmp_path / "run"
+    args = ["train", "dataset=fake", "trainer.steps=4", "trainer.log_every=1", "device=cpu", f"hydra.run.dir={run}"]
+    assert cli(tmp_path, monkeypatch, *args) == 2
+    line = one_error_line(capsys)
+    assert "no space left on the device" in line and "already holds" not in line, line
+    assert line.startswith("nfvi train: error: cannot write ") and "resume=true continues the run" in line
+
+
+def test_cde_with_a_nan_test_nll_exits_non_zero_and_writes_no_results(tmp_path, monkeypatch, capsys):
+    """Case 5: ``nfvi cde`` printed "test NLL nan", exited 0 and wrote a bare NaN into results.json."""
+    from dataclasses import replace
+
+    real = cde_task.fit
+    monkeypatch.setattr(cde_task, "fit", lambda *a, **kw: replace(real(*a, **kw), test_nll=float("nan")))
+    run = tmp_path / "run"
+    assert cli(tmp_path, monkeypatch, "cde", *CDE, f"hydra.run.dir={run}") != 0
+    assert "test_nll_mean is nan" in one_error_line(capsys)
+    assert not (run / "results.json").exists() and no_nan_token(run)
+
+
+def test_a_second_seed_into_a_finished_train_folder_is_refused(tmp_path):
+    """Case 3: seeds 0 and 1 into one folder both exited 0, mixing results.json and metrics.csv."""
+    train_mod.train(cfg_of("trainer.steps=2"), tmp_path)
+    metrics = (tmp_path / "metrics.csv").read_text()
+    with pytest.raises(NfviError, match="already holds a checkpoint; pass resume=true"):
+        train_mod.train(cfg_of("trainer.steps=2", "seed=1"), tmp_path)
+    with pytest.raises(NfviError, match=r"the config differs from the checkpoint's in seed \(0 -> 1\)"):
+        train_mod.train(cfg_of("trainer.steps=2", "seed=1", "resume=true"), tmp_path)
+    assert (tmp_path / "metrics.csv").read_text() == metrics and metrics.count("step") == 1
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2  # the first run's checkpoint, untouched

@@ -180,6 +180,11 @@ def run(cfg) -> dict:
         seen = any(next(Path(r).rglob("results.json"), None) for r in roots)
         what = "no usable results.json (see the warnings above)" if seen else "no results.json"
         raise NfviError(f"{what} found under {', '.join(map(str, roots))}; run an experiment first")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, a parent that is a file, a read-only folder
+        why = "it is a file, not a folder" if out_dir.is_file() else (exc.strerror or str(exc))
+        raise NfviError(f"cannot write the report into out_dir={out_dir}: {why}; choose another out_dir") from None
     written = {}
     for task in tasks:
         # one frame per task, so that a key only some tasks have does not turn another task's whole numbers into floats
