@@ -71,3 +71,15 @@ def test_the_smoke_profile_trains_on_fake_data_and_records_the_flow_variant(tmp_
     assert (saved["flow_variant"], saved["flow_num_vectors"], saved["flow_length"]) == ("orthogonal", 8, 4)
     assert saved["steps"] == 2 and saved["num_importance_samples"] == 10 and saved["num_test_images"] == 4
     assert saved["annealing"] == "kl_warmup" and saved["finished"]
+
+
+@pytest.mark.parametrize("profile", ["long", "huge"])
+def test_the_script_refuses_a_profile_it_has_not_in_one_line(profile):
+    import subprocess
+
+    from tests.conftest import REPO
+
+    bad = subprocess.run(["bash", str(REPO / "scripts" / "reproduce_sylvester.sh"), profile], capture_output=True,
+                         text=True, timeout=30)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+    assert f"PROFILE={profile} is not allowed; choose one of: smoke, quick, paper" in bad.stderr
