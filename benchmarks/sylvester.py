@@ -97,7 +97,7 @@ class RefOrthogonalSylvesterVAE(nn.Module):
         self.z_size, self.num_flows, self.num_ortho_vecs = z_size, num_flows, num_ortho_vecs
         self.q_z_nn = GatedConvEncoder(SHAPE)
         self.q_z_mean = nn.Linear(H, z_size)
-        self.q_z_var = nn.Sequential(nn.Linear(H, z_size), nn.Softplus(), nn.Hardtanh(min_val=6e-3, max_val=7.0))
+        self.q_z_var = nn.Sequential(nn.Linear(H, z_size), nn.Softplus())  # their binary-input head
         self.p_x_nn = GatedConvDecoder(SHAPE, z_size)  # logits; their p_x_mean ends in a Sigmoid
         self.steps, self.cond = 100, 1.0e-6
         self.diag_activation = nn.Tanh()
