@@ -428,7 +428,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="fewer repeats and sizes (about 2 minutes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for training/IS (0 = torch's default)")
-    p.add_argument("--only", default="train,is,energy", help="comma list of train, is, energy")
+    p.add_argument("--only", default="train,is,energy,sylvester", help="comma list of train, is, energy, sylvester")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -458,6 +458,16 @@ def main(argv=None) -> None:
             f"kl_* = median over {seeds} seed(s) of KL(q||p) after {fit_steps} steps at K=32 (20,000 draws, "
             "log Z by quadrature; MC standard error ~0.003), kl_max_* = worst seed"
         ]
+    if "sylvester" in only:
+        from benchmarks.sylvester import bench_sylvester
+
+        sections["sylvester"] = bench_sylvester(100, repeats=2 if q else 3, number=1 if q else 2, is_images=1)
+        print(sections["sylvester"], flush=True)
+        notes.append(
+            "sylvester: gated-conv VAE + amortized O-SNF (K=4, M=8, z=64, batch 100) per update, ref = the "
+            "sylvester-flows code's OrthogonalSylvesterVAE style (benchmarks/sylvester.py); IS at S=5000 on 1 image "
+            "(fresh process; peak_mb = peak RSS growth)"
+        )
     notes.append(f"load average at start: {facts['load_avg']} (shared machine; ratios are from one process run)")
     text = write_results(sections, facts, notes, "python -m benchmarks.run " + " ".join(argv or sys.argv[1:]))
     print(text)

@@ -9,7 +9,7 @@
 set -euo pipefail
 PROFILE="${1:-quick}"
 case "$PROFILE" in
-  smoke|quick|paper) TASKS=(energy mnist cifar10 cde) ;;
+  smoke|quick|paper) TASKS=(energy mnist cifar10 cde sylvester) ;;
   long) TASKS=(mnist) ;;
   *) echo "reproduce: PROFILE=$PROFILE is not allowed; choose one of: smoke, quick, long, paper" >&2; exit 2 ;;
 esac

@@ -54,3 +54,21 @@ def test_fast_planar_forward_matches_transform_chain(context_dim, float64):
         grads.append(torch.autograd.grad(loss, [z, *flow.parameters()] + ([h] if context_dim else [])))
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_sylvester_benchmark_runs_on_tiny_sizes():
+    from benchmarks import sylvester
+
+    rows = sylvester.bench_sylvester(2, repeats=1, number=1, is_images=1, num_samples=4)
+    assert rows[0]["nfvi_per_s"] > 0 and rows[0]["ref_per_s"] > 0 and rows[1]["peak_mb"] == rows[1]["peak_mb"]
+
+
+def test_the_sylvester_reference_orthogonalises_every_q():
+    import torch
+
+    from benchmarks import sylvester
+
+    ref = sylvester.RefOrthogonalSylvesterVAE()
+    q = ref.batch_construct_orthogonal(ref.amor_q(torch.randn(3, sylvester.H)))
+    eye = torch.eye(sylvester.M).expand(sylvester.K, 3, -1, -1)
+    assert torch.allclose(q.transpose(-1, -2) @ q, eye, atol=1e-5)

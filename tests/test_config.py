@@ -106,7 +106,7 @@ def test_every_experiment_composes_with_every_job_of_its_grid(command, experimen
         jobs = list(itertools.product(*grid))
         for job in jobs:
             hydra_compose(command, [f"experiment={experiment}", *job])
-    if experiment.startswith(("mnist_", "energy_", "cde_", "cifar10_")):  # a reproduction profile
+    if experiment.startswith(("mnist_", "energy_", "cde_", "cifar10_", "sylvester_")):  # a reproduction profile
         assert params and "reproduce/" in str(cfg.hydra.sweep.dir)
 
 
