@@ -92,3 +92,11 @@ def test_runs_with_another_wall_get_their_own_rows_and_are_never_mixed_in(frame,
 def test_to_markdown_formats_numbers_and_blanks():
     table = pd.DataFrame({"a": ["x", "y"], "b": [1.23456, math.nan]})
     assert to_markdown(table, ".2f").splitlines() == ["| a | b |", "|---|---|", "| x | 1.23 |", "| y |  |"]
+
+
+def test_the_new_flow_kinds_get_labels_and_an_order():
+    """Figure 3 / 3(d) tables name IAF and Householder fits (the kinds with an inverse for the grid density)."""
+    from nfvi.reports.energy import FLOW_LABEL, FLOW_ORDER
+
+    assert FLOW_LABEL["iaf"] == "IAF" and FLOW_LABEL["householder"] == "Householder"
+    assert FLOW_ORDER["nice"] < FLOW_ORDER["iaf"] < FLOW_ORDER["householder"]

@@ -37,12 +37,15 @@ NOISY_KL_LEGEND = (
     "(a KL is never negative); raise eval.num_samples."
 )
 
-FLOW_ORDER = {"none": 0, "planar": 1, "radial": 2, "nice": 3}
+FLOW_ORDER = {"none": 0, "planar": 1, "radial": 2, "nice": 3, "iaf": 4, "householder": 5, "sylvester": 6}
 FLOW_LABEL = {
     "none": "DLGM, diagonal covariance",
     "planar": "DLGM + NF (planar)",
     "radial": "DLGM + radial",
     "nice": "DLGM + NICE",
+    "iaf": "DLGM + IAF",
+    "householder": "DLGM + Householder",
+    "sylvester": "DLGM + Sylvester",
 }
 
 

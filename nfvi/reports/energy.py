@@ -29,8 +29,15 @@ from nfvi.runs import atomic_write_bytes, atomic_write_text
 
 __all__ = ["write", "summarize", "to_markdown"]
 
-FLOW_ORDER = {"none": 0, "planar": 1, "radial": 2, "nice": 3}
-FLOW_LABEL = {"none": "Gaussian", "planar": "planar NF", "radial": "radial NF", "nice": "NICE"}
+FLOW_ORDER = {"none": 0, "planar": 1, "radial": 2, "nice": 3, "iaf": 4, "householder": 5}
+FLOW_LABEL = {
+    "none": "Gaussian",
+    "planar": "planar NF",
+    "radial": "radial NF",
+    "nice": "NICE",
+    "iaf": "IAF",
+    "householder": "Householder",
+}
 NUMBERS = ["bound", "kl", "kl_mc", "log_z", "mass_outside_box"]
 
 
