@@ -14,7 +14,7 @@ export NFVI_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),./
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
-	@echo "  variables: PROFILE=smoke|quick|long|paper (reproduce), NFVI_DATA=<data folder>, TORCH=<pip spec>"
+	@echo "  variables: PROFILE=smoke|quick|long|paper (reproduce), NFVI_DATA=<data folder>, TORCH=<pip spec>, TEST_JOBS=<pytest workers>"
 
 $(BIN)/nfvi: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
