@@ -134,4 +134,4 @@ def test_reproduction_grids():
     assert compose("train", ["posterior=gaussian"]).flow.kind == "none"
     assert compose("train", ["posterior=nice_40"]).flow.length == 40
     energy = grid("energy", "energy_quick").hydra.sweeper.params
-    assert (energy.target, energy.flow, energy["flow.length"]) == ("U1,U2,U3,U4", "planar,radial,nice", "2,8,32")
+    assert (energy.target, energy.flow, energy["flow.length"]) == ("U1,U2,U3,U4", "planar,radial,nice,iaf", "2,8,32")
