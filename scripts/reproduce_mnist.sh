@@ -19,26 +19,4 @@ case "$PROFILE" in
   smoke|quick|long|paper) ;;
   *) echo "reproduce_mnist: PROFILE=$PROFILE is not allowed; choose one of: smoke, quick, long, paper" >&2; exit 2 ;;
 esac
-read -r -a EXTRA <<< "${NFVI_TRAIN_ARGS:-}"
-DATASET=()
-if [ "$PROFILE" = smoke ] && [ ! -f "${NFVI_DATA:-./data}/mnist.npz" ]; then
-  echo "reproduce_mnist: no ${NFVI_DATA:-./data}/mnist.npz; the smoke profile uses dataset=fake instead" >&2
-  DATASET=(dataset=fake dataset.fake_size=2000)
-fi
-JOBS="${NFVI_JOBS:-$([ "$PROFILE" = paper ] && echo 1 || echo 2)}"
-LAUNCHER=()
-if [ "$JOBS" -gt 1 ]; then LAUNCHER=(hydra/launcher=joblib "hydra.launcher.n_jobs=$JOBS" threads=1); fi
-echo "== reproduce_mnist: experiment=mnist_$PROFILE ${DATASET[*]} seeds ${SEEDS:-0}, $JOBS job(s) at a time -> $OUT"
-mkdir -p "$OUT/runs"
-status=0
-nfvi train -m "experiment=mnist_$PROFILE" ${DATASET[@]+"${DATASET[@]}"} "seed=${SEEDS:-0}" resume=true \
-  "hydra.sweep.dir=$OUT/runs" ${LAUNCHER[@]+"${LAUNCHER[@]}"} ${EXTRA[@]+"${EXTRA[@]}"} || status=$?
-expected=$(find "$OUT/runs" -mindepth 2 -maxdepth 2 -name .hydra | wc -l)
-found=$(find "$OUT/runs" -mindepth 2 -maxdepth 2 -name results.json | wc -l)
-if [ "$found" -lt "$expected" ] || [ "$status" -ne 0 ]; then
-  echo "reproduce_mnist: $found of $expected runs finished (sweep exit status $status); tabulating those" >&2
-  status=1
-fi
-nfvi report "search=[$OUT/runs]" "out_dir=$OUT/tables" tasks=[vae]
-echo "== reproduce_mnist: tables and Figure 4 in $OUT/tables"
-exit "$status"
+exec bash scripts/train_grid.sh mnist "$PROFILE" "$OUT" mnist.npz 2000

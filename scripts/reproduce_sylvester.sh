@@ -20,26 +20,4 @@ case "$PROFILE" in
   smoke|quick|paper) ;;
   *) echo "reproduce_sylvester: PROFILE=$PROFILE is not allowed; choose one of: smoke, quick, paper" >&2; exit 2 ;;
 esac
-read -r -a EXTRA <<< "${NFVI_TRAIN_ARGS:-}"
-DATASET=()
-if [ "$PROFILE" = smoke ] && [ ! -f "${NFVI_DATA:-./data}/binarized_mnist.npz" ]; then
-  echo "reproduce_sylvester: no ${NFVI_DATA:-./data}/binarized_mnist.npz; the smoke profile uses dataset=fake instead" >&2
-  DATASET=(dataset=fake dataset.fake_size=200)
-fi
-JOBS="${NFVI_JOBS:-$([ "$PROFILE" = paper ] && echo 1 || echo 2)}"
-LAUNCHER=()
-if [ "$JOBS" -gt 1 ]; then LAUNCHER=(hydra/launcher=joblib "hydra.launcher.n_jobs=$JOBS" threads=1); fi
-echo "== reproduce_sylvester: experiment=sylvester_$PROFILE ${DATASET[*]} seeds ${SEEDS:-0}, $JOBS job(s) at a time -> $OUT"
-mkdir -p "$OUT/runs"
-status=0
-nfvi train -m "experiment=sylvester_$PROFILE" ${DATASET[@]+"${DATASET[@]}"} "seed=${SEEDS:-0}" resume=true \
-  "hydra.sweep.dir=$OUT/runs" ${LAUNCHER[@]+"${LAUNCHER[@]}"} ${EXTRA[@]+"${EXTRA[@]}"} || status=$?
-expected=$(find "$OUT/runs" -mindepth 2 -maxdepth 2 -name .hydra | wc -l)
-found=$(find "$OUT/runs" -mindepth 2 -maxdepth 2 -name results.json | wc -l)
-if [ "$found" -lt "$expected" ] || [ "$status" -ne 0 ]; then
-  echo "reproduce_sylvester: $found of $expected runs finished (sweep exit status $status); tabulating those" >&2
-  status=1
-fi
-nfvi report "search=[$OUT/runs]" "out_dir=$OUT/tables" tasks=[vae]
-echo "== reproduce_sylvester: Table 1 in $OUT/tables"
-exit "$status"
+exec bash scripts/train_grid.sh sylvester "$PROFILE" "$OUT" binarized_mnist.npz 200
