@@ -30,6 +30,7 @@ __all__ = [
     "MAX_FLOW_LENGTH",
     "MAX_WIDTH",
     "OPTIMIZERS",
+    "LR_DECAYS",
     "FlowConfig",
     "OptimConfig",
     "PathsConfig",
@@ -41,6 +42,8 @@ __all__ = [
 FLOW_KINDS = ("none", "planar", "radial", "nice", "iaf", "householder", "sylvester")
 SYLVESTER_VARIANTS = ("orthogonal", "householder", "triangular")
 OPTIMIZERS = ("rmsprop", "adam", "adamax")
+#: trainer.lr_decay of nfvi energy and nfvi train (nfvi.training.cosine_factor / cosine_scheduler)
+LR_DECAYS = ("none", "cosine")
 #: upper bounds of sizes, so that a typo (flow.length=100000000) is refused before it allocates gigabytes
 MAX_FLOW_LENGTH = 1000
 MAX_WIDTH = 16384  # hidden-layer widths

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from nfvi import energies
-from nfvi.config import FlowConfig, OptimConfig, PathsConfig, store
+from nfvi.config import LR_DECAYS, FlowConfig, OptimConfig, PathsConfig, store
 from nfvi.errors import NfviError, check_choice, check_int_range, check_range, check_seed
 
 __all__ = ["EnergyTrainerConfig", "EnergyEvalConfig", "EnergyConfig"]
@@ -31,7 +31,7 @@ class EnergyTrainerConfig:
         check_int_range("trainer.samples", self.samples, 1, 100_000, kind="a whole number")
         check_int_range("trainer.anneal_steps", self.anneal_steps, 1, kind="a whole number")
         check_range("trainer.beta0", self.beta0, 0.0, 1.0)
-        check_choice("trainer.lr_decay", self.lr_decay, ("none", "cosine"))
+        check_choice("trainer.lr_decay", self.lr_decay, LR_DECAYS)
         check_range("trainer.lr_final_factor", self.lr_final_factor, 0.0, 1.0)
         check_range("trainer.clip_grad", self.clip_grad, 0.0, kind="a gradient norm (0 = off)")
         check_int_range("trainer.log_every", self.log_every, 1, kind="a whole number")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from nfvi.config import FlowConfig, OptimConfig, PathsConfig, store
+from nfvi.config import LR_DECAYS, FlowConfig, OptimConfig, PathsConfig, store
 from nfvi.data import COLOR_DATASETS, DatasetConfig
 from nfvi.errors import check_choice, check_int_range, check_range, check_seed
 from nfvi.vae.model import ModelConfig, check_likelihood_fits
@@ -54,7 +54,7 @@ class TrainerConfig:
         per_image = f"a whole number (trainer.samples * trainer.batch_size <= {most})"
         check_int_range("trainer.samples", self.samples, 1, max(1, most // self.batch_size), kind=per_image)
         check_choice("trainer.annealing", self.annealing, ANNEALING)
-        check_choice("trainer.lr_decay", self.lr_decay, ("none", "cosine"))
+        check_choice("trainer.lr_decay", self.lr_decay, LR_DECAYS)
         check_int_range("trainer.anneal_steps", self.anneal_steps, 0, kind="a whole number of updates")
         check_range("trainer.beta0", self.beta0, 0.0, 1.0, kind="an inverse temperature")
         check_range("trainer.grad_clip", self.grad_clip, 0.0, kind="a gradient norm (0 = off)")

@@ -57,7 +57,6 @@ from nfvi.vae.objectives import annealed_loss, beta_schedule, free_energy_terms
 __all__ = ["TrainerConfig", "TrainConfig", "Trainer", "lr_factor", "train", "run"]
 
 RUN_CONFIG = "run_config.json"
-LR_DECAYS = ("none", "cosine")
 log = logging.getLogger("nfvi.train")
 
 
