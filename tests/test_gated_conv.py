@@ -20,6 +20,7 @@ from nfvi.vae.gated_conv import (
     GatedConvEncoder,
     GatedConvTranspose2d,
     gated_conv_architecture,
+    unit_variance_init,
 )
 from nfvi.vae.model import IMAGE_ARCHITECTURES, ModelConfig, build_model, model_input_shape
 from nfvi.vae.objectives import free_energy_terms
@@ -139,6 +140,36 @@ def test_vae_free_energy_one_adamax_step_and_importance_sampling():
     assert nll.shape == (3,) and torch.isfinite(nll).all() and (nll > 0).all()
 
 
+def _signal_across_inputs(model) -> tuple[float, float]:
+    """Mean std across 16 inputs of the encoder's features (binary images) and of the decoder's logits (z ~ N(0, I))."""
+    x = (torch.rand(16, *X_SHAPE) < 0.13).float()
+    h = model.encoder(x)
+    logits = model.decoder(torch.randn(16, model.latent_dim))
+    return h.std(0).mean().item(), logits.std(0).mean().item()
+
+
+def test_torch_init_vanishes_along_the_gates_and_unit_variance_keeps_the_signal():
+    # the reason sylvester_quick sets model.init=unit_variance: with PyTorch's init neither the images nor z reach
+    # the other end (docs: ~1e-4 and ~1e-5), with LSUV both do at order one
+    flow = FlowConfig(kind="none", length=0)
+    h_torch, logits_torch = _signal_across_inputs(build_model(cfg(), flow, X_SHAPE))
+    h_unit, logits_unit = _signal_across_inputs(build_model(cfg(init="unit_variance"), flow, X_SHAPE))
+    assert h_torch < 1e-3 and logits_torch < 1e-3
+    assert 0.1 < h_unit < 3 and 0.1 < logits_unit < 3
+
+
+def test_unit_variance_gives_each_gated_layer_unit_rms_on_its_probe():
+    encoder = GatedConvEncoder(X_SHAPE)
+    probe = torch.rand(32, *X_SHAPE).round()
+    gates_before = [layer.g.weight.clone() for layer in encoder.net]
+    unit_variance_init(encoder.net, probe)
+    h = probe
+    for layer, gate in zip(encoder.net, gates_before):
+        h = layer(h)
+        assert h.square().mean().sqrt().item() == pytest.approx(1.0, rel=1e-4)
+        assert torch.equal(layer.g.weight, gate) and not layer.h.bias.any()  # only A is rescaled, its bias zeroed
+
+
 @pytest.mark.parametrize(
     "kw, x_dim, fragment",
     [
@@ -147,12 +178,18 @@ def test_vae_free_energy_one_adamax_step_and_importance_sampling():
         ({}, (1, 32, 32), "got x_dim=(1, 32, 32)"),
         ({"likelihood": "discretized_logistic"}, X_SHAPE, "supports model.likelihood=bernoulli"),
         ({"activation": "maxout"}, X_SHAPE, "model=gated_conv has no maxout layers"),
+        ({"init": "xavier"}, X_SHAPE, "model.init='xavier' is not allowed; choose one of: torch, unit_variance"),
     ],
 )
 def test_other_shapes_and_likelihoods_are_refused_in_one_line(kw, x_dim, fragment):
     # the schema refuses some of these itself (at validation), the builder the rest
     message = one_line_error(lambda: build_model(cfg(**kw), FlowConfig(kind="none", length=0), x_dim))
     assert fragment in message
+
+
+def test_unit_variance_is_refused_for_other_architectures_in_one_line():
+    message = one_line_error(lambda: ModelConfig(name="mlp", activation="relu", init="unit_variance"))
+    assert "model.init=unit_variance is for model=gated_conv only (model=mlp)" in message
 
 
 def test_gated_conv_yaml_composes_with_the_schema():

@@ -8,7 +8,7 @@ import math
 import pandas as pd
 import pytest
 
-from nfvi.reports import vae
+from nfvi.reports import common, vae
 from nfvi.reports.task import collect
 
 
@@ -92,3 +92,13 @@ def test_write_produces_markdown_csv_latex_and_figure(frame, tmp_path):
 def test_empty_or_unevaluated_rows_write_nothing(tmp_path):
     frame = pd.DataFrame([{"task": "vae", "flow": "planar", "flow_length": 2}])
     assert vae.write(frame, tmp_path) == []
+
+
+def test_validation_curves_come_from_each_runs_metrics_csv(frame, tmp_path):
+    run = tmp_path / "planar_K10"
+    run.mkdir()
+    (run / "metrics.csv").write_text("step,train_neg_elbo,val_neg_elbo\n100,120.0,\n200,110.0,105.0\n400,100.0,98.5\n")
+    frame = frame.assign(run_dir=[str(run)] + [str(tmp_path / "no_such_run")] * (len(frame) - 1))
+    paths = vae.write(frame, tmp_path / "tables")
+    assert paths[4].name == "vae_curves.png" and paths[4].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert common.validation_curves(frame.iloc[1:], "no curves") is None  # no metrics.csv: no figure

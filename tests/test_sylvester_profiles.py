@@ -33,6 +33,7 @@ def test_the_paper_profile_is_the_protocol_with_one_job_per_posterior_and_datase
     assert (t.batch_size, t.steps, t.annealing, t.beta0, t.anneal_steps) == (100, 1_000_000, "kl_warmup", 0.0, 50_000)
     assert (t.val_every, t.patience, t.val_images, t.lr_decay, t.grad_clip) == (500, 100, 0, "none", 0.0)
     assert (cfg.eval.num_samples, cfg.eval.max_images, cfg.eval.checkpoint) == (5000, 0, "best")
+    assert cfg.model.init == "torch"  # their code's (PyTorch's) initialisation
 
 
 @pytest.mark.parametrize(
@@ -57,6 +58,7 @@ def test_the_cpu_profiles_cut_the_schedule_and_the_grid():
     assert quick.hydra.sweeper.params.posterior.split(",") == POSTERIORS and "dataset" not in quick.hydra.sweeper.params
     assert (quick.trainer.steps, quick.trainer.anneal_steps, quick.trainer.patience) == (600, 300, 0)
     assert (quick.eval.num_samples, quick.eval.max_images, quick.trainer.val_images) == (100, 500, 1000)
+    assert quick.model.init == "unit_variance"  # else 600 updates stay at the independent-pixel plateau
     assert smoke.hydra.sweeper.params.posterior.split(",") == ["snf_none", "snf_planar", "snf_orthogonal"]
     assert smoke.trainer.steps <= 10 and smoke.eval.num_samples <= 10 and smoke.dataset.name == "mnist_static"
 

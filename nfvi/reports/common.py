@@ -3,6 +3,9 @@ the markers of runs whose numbers need a caveat (:data:`UNFINISHED_MARK`, :data:
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -19,6 +22,7 @@ __all__ = [
     "unfinished_notes",
     "group_unfinished",
     "noisy_kl",
+    "validation_curves",
 ]
 
 #: marks a row holding a run stopped before its configured number of updates
@@ -115,3 +119,56 @@ def noisy_kl(kl: float, num_samples) -> bool:
         return True
     values = pd.to_numeric(pd.Series(str(num_samples).split(",")), errors="coerce").dropna()
     return bool(len(values) and values.min() < MIN_RELIABLE_SAMPLES)
+
+
+def _curve_label(row) -> str:
+    kind, length = str(row.get("flow", "none")), int(row.get("flow_length", 0) or 0)
+    variant = row.get("flow_variant")
+    name = "no flow" if length == 0 else f"{kind}{'-' + variant if isinstance(variant, str) and variant else ''}"
+    seed = row.get("seed", 0)
+    return f"{name} K={length}" + (f" (seed {seed})" if seed else "") if length else f"{name} (K=0)"
+
+
+def validation_curves(frame: pd.DataFrame, title: str) -> bytes | None:
+    """PNG bytes of each run's validation -ELBO against updates, read from ``<run_dir>/metrics.csv``.
+
+    One line per row of ``frame`` (``results.json`` rows with ``run_dir``, ``flow``, ``flow_length``), from the
+    ``step`` and ``val_neg_elbo`` columns that ``nfvi train`` logs every ``trainer.val_every`` updates; rows
+    whose folder holds no such file or column are left out. The y axis starts at the lowest value and ends at
+    the highest value after the first tenth of each curve, so that the early fall does not flatten the rest.
+    None when no row has a curve.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = []
+    order = frame.assign(_o=col(frame, "flow", "none").map(FLOW_ORDER).fillna(99))
+    for _, row in order.sort_values(["_o", "flow_length"]).iterrows():
+        path = Path(str(row.get("run_dir", ""))) / "metrics.csv"
+        try:
+            metrics = pd.read_csv(path, usecols=["step", "val_neg_elbo"]).dropna()
+        except (OSError, ValueError):  # no file, or no such columns
+            continue
+        if not metrics.empty:
+            curves.append((_curve_label(row), metrics["step"].to_numpy(), metrics["val_neg_elbo"].to_numpy()))
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, steps, values in curves:
+        ax.plot(steps, values, label=label, linewidth=1.2)
+    low = min(v.min() for _, _, v in curves)
+    high = max(v[len(v) // 10 :].max() for _, _, v in curves)
+    if np.isfinite(low) and np.isfinite(high) and high > low:
+        ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+    ax.set_xlabel("parameter updates")
+    ax.set_ylabel("validation -ELBO (nats)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()

@@ -17,8 +17,9 @@ gives one row per dataset x settings x flow label, where
 - the numbers are the mean ± standard deviation over seeds of ``test_neg_elbo`` and ``test_nll``
   (one seed: ± its standard error over test images), beside the published values (:data:`PUBLISHED`).
 
-:func:`write_table1` writes ``sylvester_table1.md``, ``.csv``, ``.tex`` and ``sylvester_table1.png``
-(-ELBO against the flow label per dataset, the published -ELBO as open markers).
+:func:`write_table1` writes ``sylvester_table1.md``, ``.csv``, ``.tex``, ``sylvester_table1.png`` (-ELBO against
+the flow label per dataset, the published -ELBO as open markers) and ``sylvester_curves.png`` (each run's
+validation -ELBO against updates, when its folder holds a ``metrics.csv``).
 
 Published values: the -ELBO column as recalled from the paper's Table 1; FFJORD (Grathwohl et al.
 2019, Table 3) confirms no flow, planar, IAF and the best Sylvester flow per dataset ([C]); the
@@ -34,7 +35,7 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from nfvi.reports.common import col, normalize_runs
+from nfvi.reports.common import col, normalize_runs, validation_curves
 from nfvi.runs import atomic_write_bytes, atomic_write_text
 
 __all__ = [
@@ -344,4 +345,8 @@ def write_table1(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     atomic_write_text(paths[1], csv.to_csv(index=False))
     atomic_write_text(paths[2], table1_latex(table))
     atomic_write_bytes(paths[3], table1_figure(table))
+    curves = validation_curves(frame, "Validation bound during training (Sylvester protocol runs)")
+    if curves is not None:
+        paths.append(out_dir / "sylvester_curves.png")
+        atomic_write_bytes(paths[-1], curves)
     return paths

@@ -12,6 +12,8 @@ Outputs in ``out_dir``:
   (c) -ln p(x); one line per flow kind (planar NF, NICE, radial when present), all starting from
   the shared K = 0 point; the paper's Table 2 values are drawn as open markers in (c) for MNIST.
   One row of panels per dataset.
+- ``vae_curves.png``: the validation -ELBO of each run against parameter updates (from its
+  ``metrics.csv``; :func:`nfvi.reports.common.validation_curves`), when the runs logged one.
 
 Runs are grouped by dataset and by the settings that differ between runs of that dataset
 (e.g. ``steps`` or ``num_importance_samples``); within a group, several seeds are averaged (mean ±
@@ -43,6 +45,7 @@ from nfvi.reports.common import (
     noisy_kl,
     normalize_runs,
     unfinished_notes,
+    validation_curves,
 )
 from nfvi.reports.table1 import is_table1_row, write_table1
 from nfvi.runs import atomic_write_bytes, atomic_write_text
@@ -369,4 +372,8 @@ def write(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     atomic_write_text(paths[1], csv.to_csv(index=False))
     atomic_write_text(paths[2], to_latex(table))
     atomic_write_bytes(paths[3], figure4(table))
+    curves = validation_curves(frame, "Validation bound during training (Table 2 runs)")
+    if curves is not None:
+        paths.append(out_dir / "vae_curves.png")
+        atomic_write_bytes(paths[-1], curves)
     return paths + written

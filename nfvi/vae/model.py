@@ -46,7 +46,7 @@ from nfvi.errors import NfviError, check_choice, check_int_range, check_range
 from nfvi.flows import Flow
 from nfvi.training import flow_from_config
 from nfvi.vae.conv import conv_architecture
-from nfvi.vae.gated_conv import gated_conv_architecture
+from nfvi.vae.gated_conv import GATE_INITS, gated_conv_architecture
 from nfvi.vae.likelihoods import SPECS
 
 __all__ = [
@@ -81,6 +81,7 @@ class ModelConfig:
     likelihood: str = "bernoulli"  # bernoulli (binary data) | discretized_logistic | logit_normal (8-bit data)
     min_scale: float = 1e-4  # q_0: sigma = softplus(raw) + min_scale
     channels: int = 32  # conv only: channels of the first conv stage (doubled at each downsampling)
+    init: str = "torch"  # gated_conv only: torch (PyTorch's, as the Sylvester code) | unit_variance (LSUV)
 
     def __post_init__(self):
         check_choice("model", self.name, ARCHITECTURES)
@@ -90,6 +91,9 @@ class ModelConfig:
         if self.name in IMAGE_ARCHITECTURES and self.activation == "maxout":
             raise NfviError(f"model={self.name} has no maxout layers; use model.activation=relu or tanh")
         check_choice("model.likelihood", self.likelihood, LIKELIHOODS)
+        check_choice("model.init", self.init, GATE_INITS)
+        if self.init != "torch" and self.name != "gated_conv":
+            raise NfviError(f"model.init={self.init} is for model=gated_conv only (model={self.name}); use torch")
         for key, high in (("latent_dim", 4096), ("hidden", MAX_WIDTH), ("maxout_window", 64), ("layers", 64)):
             check_int_range(f"model.{key}", getattr(self, key), 1, high, kind="a whole number")
         check_int_range("model.channels", self.channels, 1, 4096, kind="a whole number")
