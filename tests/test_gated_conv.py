@@ -164,7 +164,7 @@ def test_unit_variance_gives_each_gated_layer_unit_rms_on_its_probe():
     gates_before = [layer.g.weight.clone() for layer in encoder.net]
     unit_variance_init(encoder.net, probe)
     h = probe
-    for layer, gate in zip(encoder.net, gates_before):
+    for layer, gate in zip(encoder.net, gates_before, strict=True):
         h = layer(h)
         assert h.square().mean().sqrt().item() == pytest.approx(1.0, rel=1e-4)
         assert torch.equal(layer.g.weight, gate) and not layer.h.bias.any()  # only A is rescaled, its bias zeroed
