@@ -102,3 +102,21 @@ def test_validation_curves_come_from_each_runs_metrics_csv(frame, tmp_path):
     paths = vae.write(frame, tmp_path / "tables")
     assert paths[4].name == "vae_curves.png" and paths[4].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert common.validation_curves(frame.iloc[1:], "no curves") is None  # no metrics.csv: no figure
+
+
+def test_other_evaluations_of_a_run_are_rows_of_their_own_setting(tmp_path):
+    # nfvi evaluate eval.num_samples=5000 writes evaluations/<name>.json; the report shows it beside the S=200 row
+    run = tmp_path / "runs" / "planar_K80_seed0"
+    (run / "evaluations").mkdir(parents=True)
+    headline = result("planar", 80, nll=86.0, neg_elbo=90.0)
+    (run / "results.json").write_text(json.dumps(headline))
+    (run / "evaluations" / "S200_n1000_best.json").write_text(json.dumps(headline))  # the headline's own copy
+    s5000 = headline | {"num_importance_samples": 5000, "test_nll": 85.6, "test_kl": 4.4}
+    (run / "evaluations" / "S5000_n1000_best.json").write_text(json.dumps(s5000))
+    frame = collect([tmp_path / "runs"])
+    assert sorted(frame["num_importance_samples"]) == [200, 5000] and set(frame["run_dir"]) == {str(run)}
+    table = vae.summarize(frame)
+    assert dict(zip(table["setting"], table["nll"], strict=True)) == {
+        "num_importance_samples=200": pytest.approx(86.0),
+        "num_importance_samples=5000": pytest.approx(85.6),
+    }

@@ -132,7 +132,7 @@ def _curve_label(row) -> str:
 def validation_curves(frame: pd.DataFrame, title: str) -> bytes | None:
     """PNG bytes of each run's validation -ELBO against updates, read from ``<run_dir>/metrics.csv``.
 
-    One line per row of ``frame`` (``results.json`` rows with ``run_dir``, ``flow``, ``flow_length``), from the
+    One line per run folder of ``frame`` (``results.json`` rows with ``run_dir``, ``flow``, ``flow_length``), from the
     ``step`` and ``val_neg_elbo`` columns that ``nfvi train`` logs every ``trainer.val_every`` updates; rows
     whose folder holds no such file or column are left out. The y axis starts at the lowest value and ends at
     the highest value after the first tenth of each curve, so that the early fall does not flatten the rest.
@@ -144,8 +144,8 @@ def validation_curves(frame: pd.DataFrame, title: str) -> bytes | None:
     import matplotlib.pyplot as plt
 
     curves = []
-    order = frame.assign(_o=col(frame, "flow", "none").map(FLOW_ORDER).fillna(99))
-    for _, row in order.sort_values(["_o", "flow_length"]).iterrows():
+    order = frame.assign(_o=col(frame, "flow", "none").map(FLOW_ORDER).fillna(99), _dir=col(frame, "run_dir", ""))
+    for _, row in order.sort_values(["_o", "flow_length"]).drop_duplicates("_dir").iterrows():
         path = Path(str(row.get("run_dir", ""))) / "metrics.csv"
         try:
             metrics = pd.read_csv(path, usecols=["step", "val_neg_elbo"]).dropna()

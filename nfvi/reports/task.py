@@ -88,10 +88,12 @@ log = logging.getLogger("nfvi.report")
 
 
 def collect(roots: list[str | Path]) -> pd.DataFrame:
-    """One row per ``results.json`` found under ``roots``; nested dicts flattened with ``/``.
+    """One row per ``results.json`` found under ``roots`` and per other evaluation of its run; dicts flattened.
 
-    The ``run_dir`` column holds the folder of each file. Unreadable files and files that do not hold a
-    JSON object are skipped with a one-line warning (logger ``nfvi.report``).
+    Beside a run's ``results.json``, each ``evaluations/<name>.json`` (written by ``nfvi evaluate`` with other
+    settings, e.g. ``eval.num_samples=5000``) that differs from it is a row of its own; the report then shows it
+    as a separate setting. The ``run_dir`` column holds the run's folder. Unreadable files and files that do
+    not hold a JSON object are skipped with a one-line warning (logger ``nfvi.report``).
     """
     return pd.DataFrame(read_results(roots))
 
@@ -101,22 +103,31 @@ def _constant(token: str) -> float:
     return float(token)
 
 
+def _read_object(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(), parse_constant=_constant)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        log.warning("nfvi report: skipping %s: unreadable (%s)", path, " ".join(str(exc).split()))
+        return None
+    if not isinstance(data, dict):
+        log.warning("nfvi report: skipping %s: not a JSON object (a %s)", path, type(data).__name__)
+        return None
+    return data
+
+
 def read_results(roots: list[str | Path]) -> list[dict]:
-    """The flattened ``results.json`` rows of :func:`collect`, as dicts (whole numbers stay ``int``)."""
+    """The flattened rows of :func:`collect`, as dicts (whole numbers stay ``int``)."""
     rows = []
     for root in roots:
         for path in sorted(Path(root).rglob("results.json")):
-            try:
-                data = json.loads(path.read_text(), parse_constant=_constant)
-            except (OSError, UnicodeDecodeError, ValueError) as exc:
-                log.warning("nfvi report: skipping %s: unreadable (%s)", path, " ".join(str(exc).split()))
+            headline = _read_object(path)
+            if headline is None:
                 continue
-            if not isinstance(data, dict):
-                log.warning("nfvi report: skipping %s: not a JSON object (a %s)", path, type(data).__name__)
-                continue
-            row = pd.json_normalize(data, sep="/").iloc[0].to_dict() if data else {}
-            row["run_dir"] = str(path.parent)
-            rows.append(row)
+            others = (_read_object(p) for p in sorted((path.parent / "evaluations").glob("*.json")))
+            for data in [headline, *(d for d in others if d is not None and d != headline)]:
+                row = pd.json_normalize(data, sep="/").iloc[0].to_dict() if data else {}
+                row["run_dir"] = str(path.parent)
+                rows.append(row)
     return rows
 
 

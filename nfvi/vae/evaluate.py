@@ -20,9 +20,10 @@ images. The weights are those of ``best.pt`` (the best validation bound) when ``
 and the run has one, else the last checkpoint; ``checkpoint`` and ``checkpoint_step`` say which.
 
 Each evaluation is written to ``<run>/evaluations/<name>.json`` (the name from its settings, e.g.
-``S200_n1000_best.json``). It also becomes ``<run>/results.json`` (what ``nfvi report`` reads) when the run has
+``S200_n1000_best.json``). It also becomes ``<run>/results.json`` (the run's headline numbers) when the run has
 none yet, when it has the same settings as the run's results.json, or with ``eval.update_results=true``;
-otherwise results.json is left as it was. A run being trained (locked) is skipped with a line. Evaluation draws
+otherwise results.json is left as it was, and ``nfvi report`` shows the evaluation as a row of its own setting
+(e.g. ``num_importance_samples=5000``). A run being trained (locked) is skipped with a line. Evaluation draws
 from its own seeded random stream (``eval.seed``), so the same checkpoint and settings give the same numbers on
 the CPU.
 """
