@@ -3,7 +3,7 @@
 The seven UCI sets of Chen et al. (DDN, AAAI 2022; docs/paper.md section 8) are read from the files UCI
 ships, in their original formats (``;``-separated csv for Fish, ``.xls`` for Concrete, ``.xlsx``
 for Energy and Air, csv with ``?`` for SkillCraft, ...), so a user can point ``data_file`` at their
-own download. Each loader applies the suite's cleaning (see ``../shared/data/uci/README.md``)
+own download. Each loader applies the suite's cleaning (docs/cde.md, section "Data")
 and returns a :class:`Table` with ``x`` of shape ``(N, D_x)`` and ``y`` of shape ``(N, D_y)``.
 
 Missing files are fetched from UCI (``https://archive.ics.uci.edu/static/public/<id>/<name>.zip``)
@@ -16,6 +16,7 @@ Concrete workbook carries the name of whoever last opened it in Excel).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
@@ -62,7 +63,7 @@ class UCISpec:
     name: str
     filename: str  #: the file UCI ships (the zip member), looked for under <data_dir>/uci/
     url: str  #: UCI's zip archive holding ``filename``
-    sha256: str  #: of the reference copy (../shared/data/uci/SHA256SUMS)
+    sha256: str  #: of the reference copy of the file, as UCI ships it
     table_sha256: str  #: of the cleaned table, see :func:`table_checksum`
     shape: tuple[int, int, int]  #: (rows, D_x, D_y) after cleaning
     x_columns: tuple[str, ...]
@@ -336,8 +337,18 @@ def fetch_uci(spec: UCISpec, path: str | Path, url: str | None = None) -> Path:
     the reference table checksum; otherwise nothing is written and the error names both.
     """
     path = Path(path)
-    url = url or spec.url
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _fetch_into(spec, path, url or spec.url)
+    except BaseException:
+        for folder in created:  # the folders made for the file (innermost first) go when nothing was written
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _fetch_into(spec: UCISpec, path: Path, url: str) -> Path:
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         archive = Path(tmp) / (Path(unquote(urlparse(url).path)).name or "download")
         try:
