@@ -101,7 +101,7 @@ def test_validation_curves_come_from_each_runs_metrics_csv(frame, tmp_path):
     frame = frame.assign(run_dir=[str(run)] + [str(tmp_path / "no_such_run")] * (len(frame) - 1))
     paths = vae.write(frame, tmp_path / "tables")
     assert paths[4].name == "vae_curves.png" and paths[4].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert common.validation_curves(frame.iloc[1:], "no curves") is None  # no metrics.csv: no figure
+    assert common.validation_curves(frame.iloc[1:].assign(label="x"), "no curves") is None  # no metrics.csv: no figure
 
 
 def test_other_evaluations_of_a_run_are_rows_of_their_own_setting(tmp_path):

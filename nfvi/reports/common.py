@@ -121,22 +121,15 @@ def noisy_kl(kl: float, num_samples) -> bool:
     return bool(len(values) and values.min() < MIN_RELIABLE_SAMPLES)
 
 
-def _curve_label(row) -> str:
-    kind, length = str(row.get("flow", "none")), int(row.get("flow_length", 0) or 0)
-    variant = row.get("flow_variant")
-    name = "no flow" if length == 0 else f"{kind}{'-' + variant if isinstance(variant, str) and variant else ''}"
-    seed = row.get("seed", 0)
-    return f"{name} K={length}" + (f" (seed {seed})" if seed else "") if length else f"{name} (K=0)"
-
-
-def validation_curves(frame: pd.DataFrame, title: str) -> bytes | None:
+def validation_curves(runs: pd.DataFrame, title: str) -> bytes | None:
     """PNG bytes of each run's validation -ELBO against updates, read from ``<run_dir>/metrics.csv``.
 
-    One line per run folder of ``frame`` (``results.json`` rows with ``run_dir``, ``flow``, ``flow_length``), from the
-    ``step`` and ``val_neg_elbo`` columns that ``nfvi train`` logs every ``trainer.val_every`` updates; rows
-    whose folder holds no such file or column are left out. The y axis starts at the lowest value and ends at
-    the highest value after the first tenth of each curve, so that the early fall does not flatten the rest.
-    None when no row has a curve.
+    ``runs``: one row per run, in legend order, with ``run_dir`` and ``label`` (the caller's name of the flow;
+    a nonzero ``seed`` is added to it); a folder named twice is drawn once. The curve is the ``step`` and
+    ``val_neg_elbo`` columns that ``nfvi train`` logs every ``trainer.val_every`` updates; rows whose folder
+    holds no such file or column are left out. The y axis starts at the lowest value and ends at the highest
+    value after the first tenth of each curve, so that the early fall does not flatten the rest. None when
+    no row has a curve.
     """
     import matplotlib
 
@@ -144,15 +137,15 @@ def validation_curves(frame: pd.DataFrame, title: str) -> bytes | None:
     import matplotlib.pyplot as plt
 
     curves = []
-    order = frame.assign(_o=col(frame, "flow", "none").map(FLOW_ORDER).fillna(99), _dir=col(frame, "run_dir", ""))
-    for _, row in order.sort_values(["_o", "flow_length"]).drop_duplicates("_dir").iterrows():
-        path = Path(str(row.get("run_dir", ""))) / "metrics.csv"
+    for _, row in runs.drop_duplicates("run_dir").iterrows():
         try:
-            metrics = pd.read_csv(path, usecols=["step", "val_neg_elbo"]).dropna()
+            metrics = pd.read_csv(Path(row["run_dir"]) / "metrics.csv", usecols=["step", "val_neg_elbo"]).dropna()
         except (OSError, ValueError):  # no file, or no such columns
             continue
         if not metrics.empty:
-            curves.append((_curve_label(row), metrics["step"].to_numpy(), metrics["val_neg_elbo"].to_numpy()))
+            seed = row.get("seed", 0)
+            label = f"{row['label']} (seed {seed})" if seed else row["label"]
+            curves.append((label, metrics["step"].to_numpy(), metrics["val_neg_elbo"].to_numpy()))
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -54,6 +54,7 @@ __all__ = [
 MODEL = "gated_conv"
 #: row order of the table (the paper's)
 LABELS = ("no flow", "planar", "IAF", "O-SNF", "H-SNF", "T-SNF")
+_LABEL_RANK = {name: i for i, name in enumerate(LABELS)}
 #: ``flow=sylvester``: ``flow_variant`` -> label
 SNF_LABELS = {"orthogonal": "O-SNF", "householder": "H-SNF", "triangular": "T-SNF"}
 KIND_LABELS = {"none": "no flow", "planar": "planar", "iaf": "IAF"}
@@ -185,7 +186,7 @@ def summarize_table1(frame: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame(rows).rename(columns={"flow_length": "K"})
     rank = {name: i for i, name in enumerate(DATASET_ORDER)}
     table["_d"] = table["dataset"].map(rank).fillna(len(rank))
-    table["_l"] = table["label"].map({name: i for i, name in enumerate(LABELS)}).fillna(len(LABELS))
+    table["_l"] = table["label"].map(_LABEL_RANK).fillna(len(LABELS))
     numeric = [f"_{s}" for s in SETTINGS]  # sort 500 before 1000
     table[numeric] = table[list(SETTINGS)].apply(pd.to_numeric, errors="coerce").to_numpy()
     table = table.sort_values(["_d", "dataset", *numeric, *SETTINGS, "_l", "label", "K"], kind="stable")
@@ -345,7 +346,9 @@ def write_table1(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     atomic_write_text(paths[1], csv.to_csv(index=False))
     atomic_write_text(paths[2], table1_latex(table))
     atomic_write_bytes(paths[3], table1_figure(table))
-    curves = validation_curves(frame, "Validation bound during training (Sylvester protocol runs)")
+    runs = _prepare(frame)
+    runs = runs.assign(_l=runs["label"].map(_LABEL_RANK)).sort_values(["_l", "flow_length"])
+    curves = validation_curves(runs, "Validation bound during training (Sylvester protocol runs)")
     if curves is not None:
         paths.append(out_dir / "sylvester_curves.png")
         atomic_write_bytes(paths[-1], curves)

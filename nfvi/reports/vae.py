@@ -92,6 +92,11 @@ def _prepare(frame: pd.DataFrame) -> pd.DataFrame:
     return df[finite]
 
 
+def row_label(flow: str, k: int) -> str:
+    """Table 2's name of a row: ``DLGM + NF (planar) (K=10)``, ``DLGM, diagonal covariance (K=0)``."""
+    return f"{FLOW_LABEL.get(flow, flow)} (K={k})" if k else f"{FLOW_LABEL['none']} (K=0)"
+
+
 def _settings_varying(df: pd.DataFrame) -> list[str]:
     return [s for s in SETTINGS if s in df and df[s].astype(str).nunique(dropna=False) > 1]
 
@@ -121,7 +126,7 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
                 "setting": ", ".join(f"{s}={values[s]}" for s in varying),
                 "flow": flow,
                 "K": k,
-                "label": f"{FLOW_LABEL.get(flow, flow)} (K={k})" if k else f"{FLOW_LABEL['none']} (K=0)",
+                "label": row_label(flow, k),
                 "seeds": int(g["seed"].nunique()),
                 "runs": int(len(g)),
             }
@@ -372,7 +377,10 @@ def write(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     atomic_write_text(paths[1], csv.to_csv(index=False))
     atomic_write_text(paths[2], to_latex(table))
     atomic_write_bytes(paths[3], figure4(table))
-    curves = validation_curves(frame, "Validation bound during training (Table 2 runs)")
+    runs = _prepare(frame)
+    runs = runs.assign(_o=runs["flow"].map(FLOW_ORDER)).sort_values(["_o", "flow_length"])
+    runs["label"] = [row_label(f, k) for f, k in zip(runs["flow"], runs["flow_length"], strict=True)]
+    curves = validation_curves(runs, "Validation bound during training (Table 2 runs)")
     if curves is not None:
         paths.append(out_dir / "vae_curves.png")
         atomic_write_bytes(paths[-1], curves)
