@@ -428,7 +428,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="fewer repeats and sizes (about 2 minutes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for training/IS (0 = torch's default)")
-    p.add_argument("--only", default="train,is,energy,sylvester", help="comma list of train, is, energy, sylvester")
+    p.add_argument(
+        "--only", default="train,is,nice,energy,sylvester", help="comma list of train, is, nice, energy, sylvester"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -445,6 +447,15 @@ def main(argv=None) -> None:
     if "is" in only:
         sections["importance_sampling"] = bench_is(4 if q else 10, 5000, rate, repeats=3)
         print(sections["importance_sampling"], flush=True)
+    if "nice" in only:
+        from benchmarks.nice import bench_nice
+
+        sections["nice"] = bench_nice(80, repeats=3 if q else 5, number=3 if q else 5)
+        print(sections["nice"], flush=True)
+        notes.append(
+            "nice: amortized NICE K=80 (z=40, 400 encoder features, coupling MLPs 64 wide); ref = the same couplings "
+            "reading cat([z_a, h]) with index assignment (benchmarks/nice.py)"
+        )
     if "energy" in only:
         threads = torch.get_num_threads()
         fit_steps, seeds = (300, 1) if q else (1500, 3)

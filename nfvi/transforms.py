@@ -272,19 +272,22 @@ class AdditiveCouplingTransform(FlowTransform):
     Args:
         shift: callable mapping ``z[..., keep]`` (``(*, |keep|)``) to a shift ``(*, |change|)``.
         keep, change: index tensors splitting the D coordinates into the conditioning half
-            and the half that is shifted.
+            and the half that is shifted; either may also be a ``slice`` (a contiguous block: the same
+            result with cheaper indexing, as :class:`nfvi.flows.NICEFlow` passes for ``mix="alternate"``).
     """
 
-    def __init__(self, shift, keep: Tensor, change: Tensor):
+    def __init__(self, shift, keep: Tensor | slice, change: Tensor | slice):
         super().__init__()
         self.shift, self.keep, self.change = shift, keep, change
 
     def _couple(self, z: Tensor, sign: float) -> Tensor:
         shift = self.shift(z[..., self.keep])  # may carry batch dimensions z lacks (an amortized shift)
         z = z.expand(*torch.broadcast_shapes(z.shape[:-1], shift.shape[:-1]), z.shape[-1])
-        z_new = z.clone()
-        z_new[..., self.change] = z[..., self.change] + sign * shift
-        return z_new
+        shift = shift.expand(*z.shape[:-1], shift.shape[-1])
+        if isinstance(self.change, slice):  # [before | block + shift | after]
+            start, stop, _ = self.change.indices(z.shape[-1])
+            return torch.cat([z[..., :start], z[..., start:stop] + sign * shift, z[..., stop:]], dim=-1)
+        return z.index_add(-1, self.change, shift, alpha=sign)  # a new tensor: z with shift added at `change`
 
     def call_and_ladj(self, z: Tensor) -> tuple[Tensor, Tensor]:
         z_new = self._couple(z, 1.0)

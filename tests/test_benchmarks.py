@@ -72,3 +72,13 @@ def test_the_sylvester_reference_orthogonalises_every_q():
     q = ref.batch_construct_orthogonal(ref.amor_q(torch.randn(3, sylvester.H)))
     eye = torch.eye(sylvester.M).expand(sylvester.K, 3, -1, -1)
     assert torch.allclose(q.transpose(-1, -2) @ q, eye, atol=1e-5)
+
+
+def test_nice_reference_computes_the_same_flow_and_the_benchmark_runs():
+    from benchmarks import nice
+
+    flow = nice._flow(4).double()
+    z, h = torch.randn(3, 5, nice.Z, dtype=torch.float64), torch.randn(5, nice.H, dtype=torch.float64)
+    assert torch.allclose(flow(z, h)[0], nice.RefNICE(flow)(z, h), atol=1e-12)
+    rows = nice.bench_nice(2, repeats=1, number=1, batch=3, is_images=2, num_samples=3)
+    assert [r["speedup_vs_ref"] > 0 for r in rows] == [True, True]
