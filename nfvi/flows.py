@@ -38,6 +38,7 @@ from nfvi.transforms import (
     RadialTransform,
     SylvesterTransform,
     bjorck_orthonormalize,
+    coupling_chain,
     householder_matrix,
     log1p_tanh_product,
     planar_chain,
@@ -269,36 +270,37 @@ class NICEFlow(Flow):
             self.register_buffer(f"keep_{k}", order[:half].clone())
             self.register_buffer(f"change_{k}", order[half:].clone())
         self.nets = nn.ModuleList(_CouplingNet(half, dim - half, hidden, context_dim) for _ in range(length))
-        # Each split as slices where both halves are contiguous blocks (mix="alternate" with even D), else the
-        # index buffers: the same coupling, with cheaper indexing.
-        self._splits = [self._split(k) for k in range(length)]
 
-    def _split(self, k: int) -> tuple[Tensor | slice, Tensor | slice] | None:
-        """Layer k's ``(keep, change)`` as slices when both are contiguous ascending blocks, else None."""
-        blocks = []
-        for index in (getattr(self, f"keep_{k}"), getattr(self, f"change_{k}")):
-            start = int(index[0])
-            if not torch.equal(index, torch.arange(start, start + len(index))):
-                return None
-            blocks.append(slice(start, start + len(index)))
-        return tuple(blocks)
+    def _context(self, context: Tensor | None) -> Tensor | None:
+        if self.context_dim == 0:
+            return None  # a global flow ignores any context it is given
+        if context is None:
+            raise NfviError(f"this NICEFlow is amortized (context_dim={self.context_dim}); pass context")
+        return context
+
+    def _splits(self) -> list[tuple[Tensor, Tensor]]:
+        return [(getattr(self, f"keep_{k}"), getattr(self, f"change_{k}")) for k in range(self.length)]
+
+    def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(z_K, 0)``: the K couplings in one pass (:func:`nfvi.transforms.coupling_chain`); same result as
+        chaining :meth:`transforms`, which :meth:`inverse` uses."""
+        context = self._context(context)
+        if self.length == 0:
+            return z, z.new_zeros(z.shape[:-1])
+        params = [tuple(t for layer in net.net[::2] for t in (layer.weight, layer.bias)) for net in self.nets]
+        z_k = coupling_chain(z, context, params, self._splits())
+        return z_k, z_k.new_zeros(z_k.shape[:-1])
 
     def transforms(self, context=None):
-        if self.context_dim == 0:
-            context = None  # a global flow ignores any context it is given
-        elif context is None:
-            raise NfviError(f"this NICEFlow is amortized (context_dim={self.context_dim}); pass context")
+        context = self._context(context)
         terms = [None] * self.length
         if context is not None and self.length > 0:  # W_c @ context of every layer in one product: K x (*batch, hidden)
             weight = torch.cat([net.context_weight for net in self.nets])
             terms = F.linear(context, weight).split(self.nets[0].context_weight.shape[0], dim=-1)
         return [
-            AdditiveCouplingTransform(lambda z_a, net=net, term=term: net(z_a, term), *self._keep_change(k))
-            for k, (net, term) in enumerate(zip(self.nets, terms, strict=True))
+            AdditiveCouplingTransform(lambda z_a, net=net, term=term: net(z_a, term), keep, change)
+            for net, term, (keep, change) in zip(self.nets, terms, self._splits(), strict=True)
         ]
-
-    def _keep_change(self, k: int) -> tuple[Tensor | slice, Tensor | slice]:
-        return self._splits[k] or (getattr(self, f"keep_{k}"), getattr(self, f"change_{k}"))
 
 
 def _check_int(key: str, value, low: int, high: int | None = None) -> None:

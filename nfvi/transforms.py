@@ -35,6 +35,7 @@ __all__ = [
     "bjorck_orthonormalize",
     "planar_u_hat",
     "planar_ladj",
+    "coupling_chain",
     "planar_chain",
     "log_softplus",
     "log1p_tanh_product",
@@ -145,6 +146,110 @@ def planar_chain(z: Tensor, w: Tensor, u_hat: Tensor, b: Tensor) -> tuple[Tensor
     if torch.is_grad_enabled() and any(t.requires_grad for t in (z, w, u_hat, b)):
         return _PlanarChain.apply(z, w, u_hat, b)
     return _chain(z, w, u_hat, b)
+
+
+def _coupling_loop(z: Tensor, context: Tensor | None, params, splits, saved: list | None = None) -> Tensor:
+    """K NICE couplings ``z_b <- z_b + m_k([z_a, context])`` with ``m_k`` = Linear-ReLU-Linear-ReLU-Linear.
+
+    ``params``: K tuples ``(W1, b1, W2, b2, W3, b3)``, ``W1`` ``(hidden, |keep| + C)`` (z_a's columns first);
+    ``splits``: K ``(keep, change)`` index tensors. ``z`` ``(*sample, *batch, D)`` must already carry every batch
+    dimension of ``context`` ``(*batch, C)``. The context part of all K first layers is one product. Runs without
+    recording gradients (in-place ReLUs); ``saved`` collects each layer's ``(z_a, h1, h2)`` for the backward pass.
+    """
+    terms = [None] * len(params)
+    if context is not None:
+        w_c = torch.cat([p[0][:, keep.numel() :] for p, (keep, _) in zip(params, splits, strict=True)])
+        terms = F.linear(context, w_c).split(params[0][0].shape[0], dim=-1)
+        if saved is not None:
+            saved.append(w_c)
+    for (w1, b1, w2, b2, w3, b3), (keep, change), term in zip(params, splits, terms, strict=True):
+        z_a = z.index_select(-1, keep)
+        h1 = F.linear(z_a, w1[:, : keep.numel()], b1)
+        h1 = (h1 if term is None else h1.add_(term)).relu_()
+        h2 = F.linear(h1, w2, b2).relu_()
+        z = z.index_add(-1, change, F.linear(h2, w3, b3))
+        if saved is not None:
+            saved.append((z_a, h1, h2))
+    return z
+
+
+class _CouplingChain(torch.autograd.Function):
+    """The K NICE couplings of :func:`coupling_chain` as one autograd node with a hand-written backward.
+
+    Each layer is three small matrix products; under autograd the ~30 operations per layer (and the
+    slicing of each first-layer weight into its z and context columns) cost several times the arithmetic
+    (benchmarks/README.md, "NICE K=80"). First-order only.
+    """
+
+    @staticmethod
+    def forward(ctx, z, context, splits, *flat):
+        params = [flat[i : i + 6] for i in range(0, len(flat), 6)]
+        saved = []
+        z_k = _coupling_loop(z, context, params, splits, saved)
+        ctx.splits = splits
+        ctx.has_context = context is not None
+        w_c = [saved.pop(0), context] if context is not None else []  # (K * hidden, C) and the context
+        ctx.save_for_backward(*flat, *[t for layer in saved for t in layer], *w_c)
+        return z_k
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_z):
+        splits, num = ctx.splits, len(ctx.splits)
+        saved = ctx.saved_tensors
+        flat, acts = saved[: 6 * num], saved[6 * num : 9 * num]
+        w_c, context = saved[9 * num :] if ctx.has_context else (None, None)
+        grads = [None] * (6 * num)
+        g_terms = [None] * num
+
+        def rows(t: Tensor) -> Tensor:  # (*, n) -> (N, n)
+            return t.reshape(-1, t.shape[-1])
+
+        for k in reversed(range(num)):
+            w1, _, w2, _, w3, _ = flat[6 * k : 6 * k + 6]
+            z_a, h1, h2 = acts[3 * k : 3 * k + 3]
+            keep, change = splits[k]
+            g_s = g_z.index_select(-1, change)
+            g_h2 = torch.ops.aten.threshold_backward(g_s.matmul(w3), h2, 0)  # ReLU': 0 where h2 = 0
+            g_h1 = torch.ops.aten.threshold_backward(g_h2.matmul(w2), h1, 0)
+            g_w1z = rows(g_h1).T @ rows(z_a)
+            grads[6 * k + 1 : 6 * k + 6] = [
+                rows(g_h1).sum(0),
+                rows(g_h2).T @ rows(h1),
+                rows(g_h2).sum(0),
+                rows(g_s).T @ rows(h2),
+                rows(g_s).sum(0),
+            ]
+            grads[6 * k] = g_w1z
+            if context is not None:
+                g_terms[k] = g_h1.sum_to_size(*context.shape[:-1], g_h1.shape[-1])
+            g_z = g_z.index_add(-1, keep, g_h1.matmul(w1[:, : keep.numel()]))
+        g_context = None
+        if context is not None:
+            g_t = torch.cat(g_terms, -1)  # (*batch, K * hidden)
+            g_w_c = (rows(g_t).T @ rows(context)).split(flat[0].shape[0])
+            for k in range(num):
+                grads[6 * k] = torch.cat([grads[6 * k], g_w_c[k]], dim=1)
+            g_context = g_t.matmul(w_c) if ctx.needs_input_grad[1] else None
+        return (g_z, g_context, None, *grads)
+
+
+def coupling_chain(z: Tensor, context: Tensor | None, params, splits) -> Tensor:
+    """Apply K NICE additive couplings in turn (see :func:`_coupling_loop` for ``params`` and ``splits``).
+
+    ``z``: ``(*sample, *batch, D)``; ``context``: ``(*batch, C)`` or None. Returns ``z_K`` with the batch shape of
+    ``z`` and ``context`` broadcast. With gradients on, one autograd node (:class:`_CouplingChain`); otherwise the
+    plain loop. The log-determinant is 0 (volume preserving).
+    """
+    if context is not None:
+        z = z.expand(*torch.broadcast_shapes(z.shape[:-1], context.shape[:-1]), z.shape[-1])
+    flat = [t for layer in params for t in layer]
+    if torch.is_grad_enabled() and any(
+        t.requires_grad for t in [z, *flat, *([context] if context is not None else [])]
+    ):
+        return _CouplingChain.apply(z, context, splits, *flat)
+    with torch.no_grad():
+        return _coupling_loop(z, context, params, splits)
 
 
 class FlowTransform(Transform):
@@ -272,11 +377,10 @@ class AdditiveCouplingTransform(FlowTransform):
     Args:
         shift: callable mapping ``z[..., keep]`` (``(*, |keep|)``) to a shift ``(*, |change|)``.
         keep, change: index tensors splitting the D coordinates into the conditioning half
-            and the half that is shifted; either may also be a ``slice`` (a contiguous block: the same
-            result with cheaper indexing, as :class:`nfvi.flows.NICEFlow` passes for ``mix="alternate"``).
+            and the half that is shifted.
     """
 
-    def __init__(self, shift, keep: Tensor | slice, change: Tensor | slice):
+    def __init__(self, shift, keep: Tensor, change: Tensor):
         super().__init__()
         self.shift, self.keep, self.change = shift, keep, change
 
@@ -284,9 +388,6 @@ class AdditiveCouplingTransform(FlowTransform):
         shift = self.shift(z[..., self.keep])  # may carry batch dimensions z lacks (an amortized shift)
         z = z.expand(*torch.broadcast_shapes(z.shape[:-1], shift.shape[:-1]), z.shape[-1])
         shift = shift.expand(*z.shape[:-1], shift.shape[-1])
-        if isinstance(self.change, slice):  # [before | block + shift | after]
-            start, stop, _ = self.change.indices(z.shape[-1])
-            return torch.cat([z[..., :start], z[..., start:stop] + sign * shift, z[..., stop:]], dim=-1)
         return z.index_add(-1, self.change, shift, alpha=sign)  # a new tensor: z with shift added at `change`
 
     def call_and_ladj(self, z: Tensor) -> tuple[Tensor, Tensor]:

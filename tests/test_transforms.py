@@ -210,41 +210,47 @@ def test_nice_is_volume_preserving_and_exactly_invertible(float64):
     torch.testing.assert_close(torch.linalg.det(jac), torch.tensor(1.0))
 
 
+@pytest.mark.parametrize("context_dim", [3, 0], ids=["amortized", "global"])
 @pytest.mark.parametrize("dim, mix", [(6, "alternate"), (7, "alternate"), (6, "permute")])
-def test_amortized_nice_is_the_textbook_coupling_chain(float64, dim, mix):
-    """Each layer is ``z_b <- z_b + m([z_a, h])``: nfvi's one-product context term and slicing change nothing.
-
-    D=6 alternate runs every layer on slices; D=7 alternate mixes slices and index buffers (its odd layers wrap
-    around); permute uses the index buffers only. Values and gradients match the plain formula.
-    """
-    flow = build_flow("nice", dim, 4, context_dim=3, mix=mix)
+def test_nice_is_the_textbook_coupling_chain(float64, dim, mix, context_dim):
+    """Each layer is ``z_b <- z_b + m([z_a, h])``: the one-node chain (``flow(z, h)``, with its hand-written
+    backward) and the per-layer transforms both match the plain formula, values and gradients, for the
+    alternating split (even and odd D) and a random one."""
+    flow = build_flow("nice", dim, 4, context_dim=context_dim, mix=mix)
     randomise(flow, 0.3)
     z = torch.randn(5, 4, dim, requires_grad=True)
-    h = torch.randn(4, 3, requires_grad=True)
+    h = torch.randn(4, context_dim, requires_grad=True)
     expected = z
     for k, coupling in enumerate(flow.nets):
         keep, change = getattr(flow, f"keep_{k}"), getattr(flow, f"change_{k}")
         shifted = expected.clone()
         shifted[..., change] = expected[..., change] + coupling.net(
-            torch.cat([expected[..., keep], h.expand(5, 4, 3)], -1)
+            torch.cat([expected[..., keep], h.expand(5, 4, context_dim)], -1)
         )
         expected = shifted
-    z_k, _ = flow(z, h)
-    torch.testing.assert_close(z_k, expected, rtol=0, atol=1e-12)
-    weights = torch.randn_like(z_k)
-    grads = torch.autograd.grad((z_k * weights).sum(), [z, h, *flow.parameters()])
-    grads_expected = torch.autograd.grad((expected * weights).sum(), [z, h, *flow.parameters()])
-    for got, want in zip(grads, grads_expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    by_transforms = z
+    for t in flow.transforms(h):
+        by_transforms = t(by_transforms)
+    weights = torch.randn_like(expected)
+    inputs = [z, h, *flow.parameters()] if context_dim else [z, *flow.parameters()]
+    grads_expected = torch.autograd.grad((expected * weights).sum(), inputs)
+    for z_k in (flow(z, h)[0], by_transforms):
+        torch.testing.assert_close(z_k, expected, rtol=0, atol=1e-12)
+        grads = torch.autograd.grad((z_k * weights).sum(), inputs)
+        for got, want in zip(grads, grads_expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
-def test_additive_coupling_takes_a_slice_or_the_index_tensor_alike(float64):
-    shift = torch.nn.Linear(2, 3)
-    z = torch.randn(4, 5)
-    by_index = AdditiveCouplingTransform(shift, torch.tensor([3, 4]), torch.tensor([0, 1, 2]))
-    by_slice = AdditiveCouplingTransform(shift, slice(3, 5), slice(0, 3))
-    torch.testing.assert_close(by_slice(z), by_index(z), rtol=0, atol=0)
-    torch.testing.assert_close(by_slice.inv(by_slice(z)), z, rtol=0, atol=1e-12)
+def test_amortized_nice_broadcasts_one_point_over_a_batch_of_contexts(float64):
+    flow = build_flow("nice", 4, 3, context_dim=2)
+    randomise(flow, 0.3)
+    z, h = torch.randn(4, requires_grad=True), torch.randn(6, 2)
+    z_k, log_det = flow(z, h)
+    assert z_k.shape == (6, 4) and log_det.shape == (6,)
+    torch.testing.assert_close(z_k, flow(z.detach().expand(6, 4), h)[0], rtol=0, atol=0)
+    (g,) = torch.autograd.grad(z_k.sum(), z)
+    (g_rows,) = torch.autograd.grad(flow(z.expand(6, 4), h)[0].sum(), z)
+    torch.testing.assert_close(g, g_rows)
 
 
 @pytest.mark.parametrize("kind", INVERTIBLE)
