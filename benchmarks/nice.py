@@ -3,7 +3,8 @@
 The reference runs the *same* coupling nets (shared parameters) the way the flow is usually written: each
 layer's MLP reads ``cat([z_a, h])``, with ``h`` expanded to every sample, and the shifted half is written by
 index assignment into a clone. nfvi computes the context part of every layer's first product, ``W_c h``, in one
-matrix product per data point and shifts the contiguous half by slicing (``mix="alternate"``). Two rows: one
+matrix product per data point and runs the chain as one autograd node (:func:`nfvi.transforms.coupling_chain`).
+Two rows: one
 training pass (forward and backward, batch 100, one sample) and an importance-sampling pass (forward only,
 ``S`` samples per image, no gradients), as ``nfvi evaluate`` runs the flow.
 

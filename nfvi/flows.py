@@ -39,6 +39,7 @@ from nfvi.transforms import (
     SylvesterTransform,
     bjorck_orthonormalize,
     coupling_chain,
+    coupling_context_terms,
     householder_matrix,
     log1p_tanh_product,
     planar_chain,
@@ -233,11 +234,6 @@ class _CouplingNet(nn.Module):
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
-    @property
-    def context_weight(self) -> Tensor:
-        """``W_c``, ``(hidden, context_dim)``: the first layer's columns that read the context."""
-        return self.net[0].weight[:, self.n_in :]
-
     def forward(self, z_a: Tensor, context_term: Tensor | None) -> Tensor:
         first = self.net[0]
         h = F.linear(z_a, first.weight[:, : self.n_in], first.bias)
@@ -281,22 +277,24 @@ class NICEFlow(Flow):
     def _splits(self) -> list[tuple[Tensor, Tensor]]:
         return [(getattr(self, f"keep_{k}"), getattr(self, f"change_{k}")) for k in range(self.length)]
 
+    def _params(self) -> list[tuple[Tensor, ...]]:
+        """Each coupling net's ``(W1, b1, W2, b2, W3, b3)``, as :func:`nfvi.transforms.coupling_chain` takes them."""
+        return [tuple(t for layer in net.net[::2] for t in (layer.weight, layer.bias)) for net in self.nets]
+
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(z_K, 0)``: the K couplings in one pass (:func:`nfvi.transforms.coupling_chain`); same result as
         chaining :meth:`transforms`, which :meth:`inverse` uses."""
         context = self._context(context)
         if self.length == 0:
             return z, z.new_zeros(z.shape[:-1])
-        params = [tuple(t for layer in net.net[::2] for t in (layer.weight, layer.bias)) for net in self.nets]
-        z_k = coupling_chain(z, context, params, self._splits())
+        z_k = coupling_chain(z, context, self._params(), self._splits())
         return z_k, z_k.new_zeros(z_k.shape[:-1])
 
     def transforms(self, context=None):
         context = self._context(context)
         terms = [None] * self.length
-        if context is not None and self.length > 0:  # W_c @ context of every layer in one product: K x (*batch, hidden)
-            weight = torch.cat([net.context_weight for net in self.nets])
-            terms = F.linear(context, weight).split(self.nets[0].context_weight.shape[0], dim=-1)
+        if context is not None and self.length > 0:  # W_c @ context of every layer in one product
+            terms = coupling_context_terms(context, self._params(), self._splits())[1]
         return [
             AdditiveCouplingTransform(lambda z_a, net=net, term=term: net(z_a, term), keep, change)
             for net, term, (keep, change) in zip(self.nets, terms, self._splits(), strict=True)

@@ -36,6 +36,7 @@ __all__ = [
     "planar_u_hat",
     "planar_ladj",
     "coupling_chain",
+    "coupling_context_terms",
     "planar_chain",
     "log_softplus",
     "log1p_tanh_product",
@@ -148,6 +149,17 @@ def planar_chain(z: Tensor, w: Tensor, u_hat: Tensor, b: Tensor) -> tuple[Tensor
     return _chain(z, w, u_hat, b)
 
 
+def coupling_context_terms(context: Tensor, params, splits) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The context part ``W_c @ context`` of every coupling's first layer, in one matrix product.
+
+    ``params``, ``splits``: as in :func:`_coupling_loop` (``W1``'s columns after the first ``|keep|`` read the
+    context). Returns ``W_c`` stacked over the K layers, ``(K * hidden, C)``, and the K terms, each
+    ``(*batch, hidden)`` for a context ``(*batch, C)``.
+    """
+    w_c = torch.cat([p[0][:, keep.numel() :] for p, (keep, _) in zip(params, splits, strict=True)])
+    return w_c, F.linear(context, w_c).split(params[0][0].shape[0], dim=-1)
+
+
 def _coupling_loop(z: Tensor, context: Tensor | None, params, splits, saved: list | None = None) -> Tensor:
     """K NICE couplings ``z_b <- z_b + m_k([z_a, context])`` with ``m_k`` = Linear-ReLU-Linear-ReLU-Linear.
 
@@ -158,8 +170,7 @@ def _coupling_loop(z: Tensor, context: Tensor | None, params, splits, saved: lis
     """
     terms = [None] * len(params)
     if context is not None:
-        w_c = torch.cat([p[0][:, keep.numel() :] for p, (keep, _) in zip(params, splits, strict=True)])
-        terms = F.linear(context, w_c).split(params[0][0].shape[0], dim=-1)
+        w_c, terms = coupling_context_terms(context, params, splits)
         if saved is not None:
             saved.append(w_c)
     for (w1, b1, w2, b2, w3, b3), (keep, change), term in zip(params, splits, terms, strict=True):
@@ -212,15 +223,14 @@ class _CouplingChain(torch.autograd.Function):
             g_s = g_z.index_select(-1, change)
             g_h2 = torch.ops.aten.threshold_backward(g_s.matmul(w3), h2, 0)  # ReLU': 0 where h2 = 0
             g_h1 = torch.ops.aten.threshold_backward(g_h2.matmul(w2), h1, 0)
-            g_w1z = rows(g_h1).T @ rows(z_a)
-            grads[6 * k + 1 : 6 * k + 6] = [
+            grads[6 * k : 6 * k + 6] = [
+                rows(g_h1).T @ rows(z_a),  # W1's z_a columns; its context columns come after the loop
                 rows(g_h1).sum(0),
                 rows(g_h2).T @ rows(h1),
                 rows(g_h2).sum(0),
                 rows(g_s).T @ rows(h2),
                 rows(g_s).sum(0),
             ]
-            grads[6 * k] = g_w1z
             if context is not None:
                 g_terms[k] = g_h1.sum_to_size(*context.shape[:-1], g_h1.shape[-1])
             g_z = g_z.index_add(-1, keep, g_h1.matmul(w1[:, : keep.numel()]))
