@@ -125,3 +125,19 @@ def test_a_failed_job_fails_the_sweep_on_every_launcher(tmp_path, name):
     assert line.startswith(f"nfvi energy: error: {message}") and traceback.startswith("Traceback (most recent")
     assert json.loads((sweep / "0" / "results.json").read_text())["flow_length"] == 2
     assert not (sweep / "0" / "error.txt").exists()
+
+
+@pytest.mark.slow
+def test_hand_run_profile_sweeps_do_not_collide(tmp_path):
+    """Two hand-run sweeps of one profile that differ in an override each get their own folder (issue: the second
+    was refused because both wrote into the folder ``make reproduce`` uses)."""
+    fast = ["-m", "experiment=mnist_smoke", "dataset=fake", "posterior=planar_2", "eval.max_images=10",
+            "eval.num_samples=5", "trainer.val_images=20", "hydra/job_logging=none", "hydra/hydra_logging=none"]  # fmt: skip
+    for steps in (2, 3):
+        proc = nfvi("train", *fast, f"trainer.steps={steps}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    sweeps = sorted((tmp_path / "outputs" / "multirun" / "train" / "mnist_smoke").iterdir())
+    assert len(sweeps) == 2
+    steps = sorted(json.loads(p.read_text())["steps"] for p in tmp_path.rglob("results.json"))
+    assert steps == [2, 3]
+    assert not (tmp_path / "outputs" / "reproduce").exists()
