@@ -355,7 +355,7 @@ def test_read_mat_truncated_file(tmp_path):
     write_mat(tmp_path / "a.mat", {"a": np.ones((28, 28))})
     data = (tmp_path / "a.mat").read_bytes()
     (tmp_path / "a.mat").write_bytes(data[: len(data) - 100])
-    assert "runs past the end" in one_line_error(read_mat, tmp_path / "a.mat")
+    assert "damaged MAT-file" in one_line_error(read_mat, tmp_path / "a.mat")
 
 
 def small_omniglot(n_train=40, n_test=12) -> tuple[np.ndarray, np.ndarray]:
