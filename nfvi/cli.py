@@ -19,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+from nfvi.shell import install_request, schemas_hidden
+
 #: command -> (module, function, one-line description). The function takes the composed config.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "energy": ("nfvi.energy.task", "run", "fit a flow to a 2-D energy U(z) (paper Sec. 6.1, Table 1, Fig. 3)"),
@@ -39,7 +41,7 @@ def conf_dir(command: str) -> Path:
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [
-        "usage: nfvi <command> [key=value ...] [-m] [--help]",
+        "usage: nfvi <command> [key=value ...] [-m] [--help]   |   nfvi --version   |   nfvi -sc install=bash",
         "",
         "Variational inference with normalizing flows (Rezende & Mohamed, ICML 2015).",
         "",
@@ -244,6 +246,21 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
+    if argv[0] in ("-V", "--version"):
+        from nfvi.shell import version_line
+
+        print(version_line())
+        return
+    shell = install_request(argv)
+    if shell is not None:  # nfvi's own completion script (Hydra's would complete a program per command)
+        from nfvi.shell import completion_script
+
+        try:
+            print(completion_script(shell, COMMANDS))
+        except ValueError as exc:
+            print(f"nfvi: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        return
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"nfvi: error: unknown command {command!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
@@ -260,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     _run_status = 0
     SweepFailures.failed = []
     sys.argv = [f"nfvi-{command}", *rest]
-    with _hydra_raises():
+    listing = {"--help", "-h", "-sc", "--shell-completion"} & set(rest)
+    with _hydra_raises(), schemas_hidden() if listing else contextlib.nullcontext():
         try:
             main_fn = hydra.main(config_path=str(conf_dir(command)), config_name=command, version_base="1.3")
             main_fn(_job(command, task, debug))()
