@@ -78,9 +78,10 @@ def test_true_density_column_only_with_synthetic_rows(frame):
     assert table.loc["sine (1-D)", "true density"] == "-0.88" and table.loc["fish (1-D)", "true density"] == ""
 
 
-def test_write_creates_markdown_and_csv(tmp_path, frame):
+def test_write_creates_markdown_csv_and_figure(tmp_path, frame):
     paths = write(frame, tmp_path / "tables")
-    assert [p.name for p in paths] == ["cde.md", "cde.csv"]
+    assert [p.name for p in paths] == ["cde.md", "cde.csv", "cde.png"]
+    assert paths[2].read_bytes()[:4] == b"\x89PNG"
     md = paths[0].read_text()
     assert "| fish (1-D) | 1.23 ± 0.08 |" in md and "NF (benchmark)" in md and "test NLL (standardised y)" in md
     csv = pd.read_csv(paths[1])

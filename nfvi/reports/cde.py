@@ -5,7 +5,8 @@
 - ``cde.md``: a dataset x model table of test NLL (mean ± std over seeds, nats, original units of
   y, best model per dataset in bold) with the benchmark's NF column, then the long table with the
   standardised-units NLL, seeds and run folders;
-- ``cde.csv``: the long table as numbers.
+- ``cde.csv``: the long table as numbers;
+- ``cde.png``: test NLL per dataset and model, with the benchmark's NF row and the true density where known.
 
 When several runs share a (dataset, model) cell, the most recent one (``finished_at``) is used; a run
 whose ``test_nll_mean`` is missing or not finite is never used. A run with fewer seeds done (``n_seeds``)
@@ -22,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 from nfvi.cde.data import BENCHMARK_NF_NLL, DATASETS
-from nfvi.reports.common import UNFINISHED_MARK, col
-from nfvi.runs import atomic_write_text
+from nfvi.reports.common import UNFINISHED_MARK, col, setting_labels, varying_config
+from nfvi.runs import atomic_write_bytes, atomic_write_text
 
 __all__ = ["write", "summarize", "pivot"]
 
@@ -43,10 +44,15 @@ def _unfinished(n_seeds, seeds) -> str:
 
 
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per (dataset, model_name): the latest run's numbers, sorted by dataset then model."""
+    """One row per (dataset, model_name): the latest run's numbers, sorted by dataset then model.
+
+    Runs that differ in any other config key (``optim.lr``, ...) are separate rows: the model's name then carries
+    the keys that tell them apart (``planar (K=4), optim.lr=0.01``)."""
     finite = np.isfinite(pd.to_numeric(frame["test_nll_mean"], errors="coerce"))
     rows = frame[finite].copy()  # a NaN/inf/null run never replaces a good one
     rows["finished_at"] = col(rows, "finished_at", "").fillna("").astype(str)
+    settings = setting_labels(rows, varying_config(rows, ["dataset", "model_name"]))
+    rows["model_name"] = [f"{m}, {s}" if s else m for m, s in zip(rows["model_name"], settings, strict=True)]
     rows = rows.sort_values("finished_at").groupby(["dataset", "model_name"], as_index=False).tail(1)
     out = pd.DataFrame(
         {
@@ -116,8 +122,47 @@ def _markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def figure(summary: pd.DataFrame) -> bytes:
+    """PNG bytes: one panel per dataset, test NLL (mean ± std over seeds, original units of y) of each model,
+    the benchmark's NF row (dashed) and, for the synthetic sets, the true density's NLL (dotted)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(summary["dataset"]))
+    models = sorted(set(summary["model"]), key=_model_key)
+    cols = min(len(datasets), 4)
+    rows = -(-len(datasets) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(0.5 + 0.55 * len(models) * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(datasets) :]:
+        ax.set_visible(False)
+    for ax, dataset in zip(axes.flat, datasets, strict=False):
+        r = summary[summary["dataset"] == dataset].set_index("model").reindex(models)
+        x = np.arange(len(models))
+        ax.errorbar(x, r["test_nll_mean"], yerr=r["test_nll_std"].fillna(0), fmt="o", capsize=3, label="nfvi")
+        nf = BENCHMARK_NF_NLL.get(dataset)
+        if nf is not None:
+            ax.axhline(nf, color="C3", linestyle="--", linewidth=1, label="NF (benchmark)")
+        truth = pd.to_numeric(r["true_nll"], errors="coerce").dropna() if "true_nll" in r else pd.Series([])
+        if len(truth):
+            ax.axhline(float(truth.iloc[0]), color="C2", linestyle=":", linewidth=1, label="true density")
+        ax.set_xticks(x, models, rotation=60, ha="right", fontsize=7)
+        ax.set_title(dataset, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("test NLL (nats)")
+    axes[0, 0].legend(fontsize=7)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def write(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Write ``cde.md`` and ``cde.csv`` into ``out_dir``; return their paths."""
+    """Write ``cde.md``, ``cde.csv`` and the figure ``cde.png`` into ``out_dir``; return their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(frame)
@@ -152,7 +197,8 @@ def write(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
             *([UNFINISHED_LEGEND, ""] if flagged else []),
         ]
     )
-    md, csv = out_dir / "cde.md", out_dir / "cde.csv"
+    md, csv, png = out_dir / "cde.md", out_dir / "cde.csv", out_dir / "cde.png"
     atomic_write_text(md, text)
     atomic_write_text(csv, summary.to_csv(index=False))
-    return [md, csv]
+    atomic_write_bytes(png, figure(summary))
+    return [md, csv, png]

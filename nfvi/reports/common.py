@@ -4,6 +4,7 @@ the markers of runs whose numbers need a caveat (:data:`UNFINISHED_MARK`, :data:
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,57 @@ def _fmt_int(value: float) -> str:
     return f"{int(value):,}"
 
 
+#: config keys that never make two runs different experiments (where they ran, how they were logged, the seed)
+INCIDENTAL_CONFIG = (
+    "seed", "device", "threads", "resume", "overwrite", "run_dir", "paths/", "logger", "eval/progress",
+    "trainer/progress", "trainer/log_every", "trainer/ckpt_every", "eval/batch_size", "eval/chunk", "eval/seed",
+)  # fmt: skip
+
+
+def config_key(column: str) -> str:
+    """``config/optim/lr`` -> ``optim.lr``."""
+    return column.removeprefix("config/").replace("/", ".")
+
+
+def _as_text(value) -> str:
+    if isinstance(value, float) and math.isfinite(value):
+        return format(value, "g")
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def varying_config(frame: pd.DataFrame, keys: list[str]) -> list[str]:
+    """The ``config/...`` columns of ``frame`` (each run's resolved config, flattened) that tell runs apart
+    beyond ``keys``: a column is listed when grouping by ``keys`` and the columns listed so far, plus it, splits
+    some group; incidental keys (:data:`INCIDENTAL_CONFIG`) never count. A report groups by ``keys`` + these, so
+    two runs that differ in any config key (``optim.lr``, ``wall``, ...) are never merged into one row.
+    """
+    columns = [c for c in frame.columns if c.startswith("config/")]
+    incidental = tuple(k.replace("/", ".") for k in INCIDENTAL_CONFIG)
+    columns = [c for c in columns if not config_key(c).startswith(incidental)]
+    if frame.empty or not columns:
+        return []
+    text = frame[columns].apply(lambda s: s.map(_as_text))
+    chosen: list[str] = []
+    base = frame[keys].astype(str) if keys else pd.DataFrame(index=frame.index)
+    for c in sorted(columns):
+        seen = text[c][text[c] != ""]
+        if seen.nunique() <= 1:
+            continue
+        current = pd.concat([base, text[chosen]], axis=1)
+        before = current.groupby(list(current.columns), dropna=False).ngroups if len(current.columns) else 1
+        after = pd.concat([current, text[c]], axis=1)
+        if after.groupby(list(after.columns), dropna=False).ngroups > before:
+            chosen.append(c)
+    return chosen
+
+
+def setting_labels(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
+    """``optim.lr=0.01, wall=0`` per row for the ``columns`` from :func:`varying_config` (``""`` when none)."""
+    if not columns:
+        return pd.Series("", index=frame.index)
+    return frame[columns].apply(lambda row: ", ".join(f"{config_key(c)}={_as_text(v)}" for c, v in row.items()), axis=1)
+
+
 def unfinished_notes(frame: pd.DataFrame) -> pd.Series:
     """Per run, ``""`` or why it is unfinished: ``"661/500,000 updates"`` (``steps`` below its target).
 
@@ -150,7 +202,7 @@ def validation_curves(runs: pd.DataFrame, title: str) -> bytes | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, steps, values in curves:
-        ax.plot(steps, values, label=label, linewidth=1.2)
+        ax.plot(steps, values, label=label, linewidth=1.2, marker="o", markersize=3 if len(steps) <= 20 else 0)
     low = min(v.min() for _, _, v in curves)
     high = max(v[len(v) // 10 :].max() for _, _, v in curves)
     if np.isfinite(low) and np.isfinite(high) and high > low:

@@ -24,7 +24,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nfvi.reports.common import UNFINISHED_LEGEND, UNFINISHED_MARK, group_unfinished, unfinished_notes
+from nfvi.reports.common import (
+    UNFINISHED_LEGEND,
+    UNFINISHED_MARK,
+    group_unfinished,
+    setting_labels,
+    unfinished_notes,
+    varying_config,
+)
 from nfvi.runs import atomic_write_bytes, atomic_write_text
 
 __all__ = ["write", "summarize", "to_markdown"]
@@ -42,11 +49,16 @@ NUMBERS = ["bound", "kl", "kl_mc", "log_z", "mass_outside_box"]
 
 
 def _series(frame: pd.DataFrame) -> pd.DataFrame:
-    """Runs trained with different walls are different experiments (``wall=0`` is the raw, improper U2-U4):
-    when the report holds more than one wall value, each flow name carries its wall (``planar, wall=0``), so
-    no table cell, Figure 3 panel or Figure 3(d) line mixes them."""
-    if "wall" in frame and frame["wall"].nunique(dropna=True) > 1:
-        frame = frame.assign(flow=[f"{f}, wall={w:g}" for f, w in zip(frame["flow"], frame["wall"], strict=True)])
+    """Runs that differ in any config key beyond target, flow, length and schedule are different experiments (e.g.
+    ``wall=0``, the raw, improper U2-U4, or another ``optim.lr``): each flow name then carries the keys that tell
+    its runs apart (``planar, wall=0``), so no table cell, Figure 3 panel or Figure 3(d) line mixes them."""
+    keys = [k for k in ("target", "flow", "flow_length") if k in frame]
+    keyed = frame.drop(columns=["config/trainer/steps"], errors="ignore")  # schedules: the pivots' longest run
+    if "wall" in frame and "config/wall" not in frame:  # results.json without its config: its wall field
+        keyed = keyed.assign(**{"config/wall": frame["wall"]})
+    labels = setting_labels(keyed, varying_config(keyed, keys))
+    if (labels != "").any():
+        frame = frame.assign(flow=[f"{f}, {s}" if s else f for f, s in zip(frame["flow"], labels, strict=True)])
     return frame
 
 
@@ -136,7 +148,7 @@ def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")  # a one-row Figure 3 keeps its titles and KLs
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
 

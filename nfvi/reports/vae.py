@@ -44,8 +44,10 @@ from nfvi.reports.common import (
     group_unfinished,
     noisy_kl,
     normalize_runs,
+    setting_labels,
     unfinished_notes,
     validation_curves,
+    varying_config,
 )
 from nfvi.reports.table1 import is_table1_row, write_table1
 from nfvi.runs import atomic_write_bytes, atomic_write_text
@@ -98,7 +100,11 @@ def row_label(flow: str, k: int) -> str:
 
 
 def _settings_varying(df: pd.DataFrame) -> list[str]:
-    return [s for s in SETTINGS if s in df and df[s].astype(str).nunique(dropna=False) > 1]
+    """The result fields of :data:`SETTINGS` that vary, then any other config key that tells runs apart
+    (:func:`~nfvi.reports.common.varying_config`), so runs that differ in any config key are separate rows."""
+    named = [s for s in SETTINGS if s in df and df[s].astype(str).nunique(dropna=False) > 1]
+    keys = [*named, "flow", "flow_length"]
+    return [*named, *varying_config(df, [*keys, *(k for k in ("steps", "dataset") if k in df and k not in keys)])]
 
 
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
@@ -115,6 +121,7 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     out = []
     for dataset, ddf in df.groupby("dataset", sort=True):
         varying = _settings_varying(ddf)
+        ddf = ddf.assign(**{c: setting_labels(ddf, [c]) for c in varying if c.startswith("config/")})
         keys = [*varying, "flow", "flow_length"]
         for key, g in ddf.groupby(keys, sort=False, dropna=False):
             key = key if isinstance(key, tuple) else (key,)
@@ -123,7 +130,7 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
             flow, k = values["flow"], int(values["flow_length"])
             row = {
                 "dataset": dataset,
-                "setting": ", ".join(f"{s}={values[s]}" for s in varying),
+                "setting": ", ".join(values[s] if s.startswith("config/") else f"{s}={values[s]}" for s in varying),
                 "flow": flow,
                 "K": k,
                 "label": row_label(flow, k),
