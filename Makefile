@@ -20,7 +20,7 @@ $(BIN)/nfvi: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install $(TORCH)
-	$(BIN)/pip install -e '.[dev,launchers,uci]'
+	$(BIN)/pip install -e '.[dev,launchers,uci,trackers]'
 	@touch $@
 
 install: $(BIN)/nfvi ## create .venv and install nfvi (editable) with dev extras

@@ -7,7 +7,8 @@ uses are in ``nfvi/conf/shared/``, on each root's search path.
 User errors (bad config values, missing data, ...) end in one line on stderr and exit status 2; any other failure
 in one line naming the exception and ``<run folder>/error.txt`` (the line, then the traceback), exit status 1.
 Each job runs exactly once; a sweep goes on past a failed job and exits 1 at the end
-(:class:`nfvi.hydra_callbacks.SweepFailures`).
+(:class:`nfvi.hydra_callbacks.SweepFailures`). A job returns its command's headline number (:data:`HEADLINES`) to
+Hydra, so that optimising sweepers (``hydra/sweeper=optuna``) can minimise it; a failed job returns None.
 """
 
 from __future__ import annotations
@@ -31,6 +32,19 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+#: command -> the key of its results that its Hydra task returns, as a float, for optimising sweepers
+#: (``hydra/sweeper=optuna`` minimises it); results.json keeps every number
+HEADLINES = {"train": "val_neg_elbo_best", "energy": "kl", "cde": "val_nll_standardized_mean"}
+
+
+def headline(command: str, results):
+    """What ``nfvi <command>``'s task returns to Hydra: ``results[HEADLINES[command]]`` as a float (NaN when the
+    run has none, e.g. a non-finite value written as null); ``results`` as it is for the other commands."""
+    if command not in HEADLINES or not isinstance(results, dict):
+        return results
+    value = results.get(HEADLINES[command])
+    return float("nan") if value is None else float(value)
 
 
 def conf_dir(command: str) -> Path:
@@ -214,7 +228,7 @@ def _job(command: str, task, debug: bool):
             (folder / ERROR_FILE).unlink(missing_ok=True)  # from an earlier attempt
         try:
             validate(cfg)  # every config value, once, before the task writes anything
-            return task(cfg)
+            return headline(command, task(cfg))
         except Exception as exc:
             user = isinstance(exc, user_errors)
             multirun = _is_multirun()

@@ -105,10 +105,13 @@ def write_json(path: str | Path, obj) -> None:
 
 
 class MetricsLog:
-    """Append-only ``metrics.csv``; the header is fixed by the first row. Resumable: ``truncate_after``."""
+    """Append-only ``metrics.csv``; the header is fixed by the first row. Resumable: ``truncate_after``.
 
-    def __init__(self, path: str | Path):
+    ``trackers`` (:class:`nfvi.trackers.Trackers`): each row also goes to them (TensorBoard, W&B, MLflow)."""
+
+    def __init__(self, path: str | Path, trackers=None):
         self.path = Path(path)
+        self.trackers = trackers
         self.fields: list[str] | None = None
         if self.path.exists() and self.path.stat().st_size > 0:
             with self.path.open() as f:
@@ -129,6 +132,8 @@ class MetricsLog:
             if exc.errno is not None and exc.filename is None:
                 raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
             raise
+        if self.trackers:
+            self.trackers.log_row(row)
 
     def truncate_after(self, step: int, key: str = "step") -> None:
         """Drop rows logged after ``step`` (used when resuming from an older checkpoint)."""
@@ -315,8 +320,10 @@ RUN_FILES = (
     "density.png",
     "evaluations",
 )
+RUN_FILES += ("tensorboard", "wandb", "mlruns")  # the trackers' folders (nfvi.trackers), where they are by default
 #: config keys that may differ between launches into one run folder (they do not change the numbers)
 FREE_KEYS = ("resume", "overwrite", "run_dir", "device", "threads", "paths.", "trainer.progress", "eval.progress")
+FREE_KEYS += ("logger",)  # the trackers (nfvi.trackers) see the numbers, they do not change them
 _TASK_COMMAND = {"vae": "train", "energy": "energy", "cde": "cde"}
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
@@ -413,6 +420,7 @@ class Run:
         self.log = logging.getLogger(f"nfvi.{command}")
         self.device: torch.device | None = None
         self.metrics: MetricsLog | None = None
+        self.trackers = None  # nfvi.trackers.Trackers, started by open_metrics
         self._handlers: list[logging.Handler] = []
         self._console = console_logging()
         self._old_sigterm = None
@@ -440,6 +448,9 @@ class Run:
         if self._old_sigterm is not None:
             signal.signal(signal.SIGTERM, self._old_sigterm)
             self._old_sigterm = None
+        if self.trackers is not None:
+            self.trackers, trackers = None, self.trackers
+            trackers.close(failed=exc_type is not None)
         self._unlock()
         self._stop_logging()
         if isinstance(exc, OSError) and not isinstance(exc, NfviError):
@@ -641,8 +652,19 @@ class Run:
             self.log.info("resume=true: %s holds an unfinished run; running it again", self.out)
             self.clear()
         self.save_record()
-        self.metrics = MetricsLog(self.out / "metrics.csv")
+        self.open_metrics()
         return None
+
+    def open_metrics(self) -> MetricsLog:
+        """``metrics.csv`` as :attr:`metrics`, its rows also sent to the trackers ``cfg.logger`` selects (started
+        here, once, with the resolved config; closed on exit)."""
+        if self.trackers is None:
+            from nfvi.trackers import open_trackers
+
+            logger = self.cfg.get("logger") if self.cfg is not None else None
+            self.trackers = open_trackers(logger, self.out, self.config)
+        self.metrics = MetricsLog(self.out / "metrics.csv", trackers=self.trackers)
+        return self.metrics
 
     # -- results -------------------------------------------------------------------------------------------------------
     def results(self, results: dict, required: tuple[str, ...] = ()) -> dict:
@@ -658,6 +680,8 @@ class Run:
         """Complete ``results`` (:meth:`results`) and write it atomically to ``path`` (default ``results.json``)."""
         full = self.results(results, required)
         write_json(Path(path) if path is not None else self.out / "results.json", full)
+        if path is None and self.trackers:
+            self.trackers.log_results(full)
         return full
 
 

@@ -13,6 +13,7 @@ from nfvi.cde.data import DATASETS
 from nfvi.cde.model import ACTIVATIONS, MODELS
 from nfvi.config import MAX_WIDTH, FlowConfig, OptimConfig, PathsConfig, store
 from nfvi.errors import NfviError, check_choice, check_int_range, check_range, check_seed
+from nfvi.trackers import LoggerConfig
 
 __all__ = ["CDEConfig"]
 
@@ -24,6 +25,7 @@ class CDEConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # logger=[tensorboard,wandb,mlflow]
     #: fish | concrete | energy | skillcraft | parkinsons | temperature | air | sine | bimodal
     dataset: str = "concrete"
     #: flow (affine base + `flow` layers) | gaussian (affine only) | mdn (mixture density network)

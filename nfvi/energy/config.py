@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from nfvi import energies
 from nfvi.config import LR_DECAYS, FlowConfig, OptimConfig, PathsConfig, store
 from nfvi.errors import NfviError, check_choice, check_int_range, check_range, check_seed
+from nfvi.trackers import LoggerConfig
 
 __all__ = ["EnergyTrainerConfig", "EnergyEvalConfig", "EnergyConfig"]
 
@@ -71,6 +72,7 @@ class EnergyConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # logger=[tensorboard,wandb,mlflow]
 
     def __post_init__(self):
         check_choice("target", self.target, energies.ENERGIES)

@@ -56,6 +56,7 @@ RESUME_MAY_CHANGE = (
     "device",
     "threads",
     "paths.*",
+    "logger.*",  # the trackers (nfvi.trackers)
     "trainer.steps",  # raising it trains longer; refused below when trainer.lr_decay depends on it
     "trainer.log_every",
     "trainer.val_every",

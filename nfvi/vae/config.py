@@ -12,6 +12,7 @@ from typing import Optional
 from nfvi.config import LR_DECAYS, FlowConfig, OptimConfig, PathsConfig, store
 from nfvi.data import COLOR_DATASETS, DatasetConfig
 from nfvi.errors import check_choice, check_int_range, check_range, check_seed
+from nfvi.trackers import LoggerConfig
 from nfvi.vae.model import ModelConfig, check_likelihood_fits
 from nfvi.vae.objectives import ANNEALING
 
@@ -122,6 +123,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # logger=[tensorboard,wandb,mlflow]
 
     def __post_init__(self):
         check_seed("seed", self.seed)

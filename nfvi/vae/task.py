@@ -416,8 +416,7 @@ def _train(cfg: DictConfig, run: Run, device: torch.device) -> dict:
             log.info("%s is complete (step %s); nothing to do", out, state["step"])
             return done
 
-    run.metrics = MetricsLog(out / "metrics.csv")
-    trainer = Trainer(cfg, out, device, metrics=run.metrics)
+    trainer = Trainer(cfg, out, device, metrics=run.open_metrics())
     if state is not None:
         trainer.restore(state)
         del state
