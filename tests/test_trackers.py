@@ -51,7 +51,6 @@ def energy(tmp_path_factory):
     if not names:
         pytest.skip("no tracker package is installed (pip install 'nfvi[trackers]')")
     run = tmp_path_factory.mktemp("trackers") / "energy"
-    os.environ.setdefault("WANDB_SILENT", "true")
     results = energy_run(run, f"logger=[csv,{','.join(names)}]")
     return run, results
 
