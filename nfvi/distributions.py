@@ -15,8 +15,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
+
+from nfvi.checks import check_context
 
 if TYPE_CHECKING:
     from nfvi.flows import Flow
@@ -41,11 +43,26 @@ class FlowDistribution(Distribution):
     has_rsample = True
 
     def __init__(self, base: Distribution, flow: Flow, context: Tensor | None = None, validate_args=None):
+        if not isinstance(base, Distribution):
+            raise TypeError(
+                f"FlowDistribution's base must be a torch.distributions.Distribution with event shape (D,), "
+                f"got {type(base).__name__}"
+            )
+        if not (isinstance(flow, nn.Module) and isinstance(getattr(flow, "dim", None), int)):  # an nfvi Flow
+            raise TypeError(
+                f"FlowDistribution's flow must be an nfvi.flows.Flow (from build_flow), got {type(flow).__name__}"
+            )
         if len(base.event_shape) != 1:
             raise ValueError(f"FlowDistribution needs a base with event shape (D,), got {tuple(base.event_shape)}")
+        if base.event_shape[0] != flow.dim:
+            raise ValueError(
+                f"FlowDistribution's base has event shape {tuple(base.event_shape)} but its flow "
+                f"({type(flow).__name__}) is on R^{flow.dim}; expected a base with event shape ({flow.dim},)"
+            )
         self.base, self.flow, self.context = base, flow, context
         batch_shape = base.batch_shape
-        if context is not None and getattr(flow, "context_dim", 0) > 0:
+        if getattr(flow, "context_dim", 0) > 0:  # the context's width and batch shape, as the flow will see them
+            check_context(flow, base.batch_shape + base.event_shape, context, name="base sample")
             batch_shape = torch.broadcast_shapes(batch_shape, context.shape[:-1])
         super().__init__(batch_shape, base.event_shape, validate_args=validate_args)
 

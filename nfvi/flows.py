@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
+from nfvi.checks import check_flow_input
 from nfvi.distributions import FlowDistribution
 from nfvi.errors import NfviError, check_choice
 from nfvi.transforms import (
@@ -88,6 +89,7 @@ class Flow(nn.Module):
         raise NotImplementedError
 
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        check_flow_input(self, z, context)
         log_det = z.new_zeros(z.shape[:-1])
         for transform in self.transforms(context):
             z, ladj = transform.call_and_ladj(z)
@@ -96,6 +98,7 @@ class Flow(nn.Module):
 
     def inverse(self, z_k: Tensor, context: Tensor | None = None) -> Tensor:
         """``z_0 = f_1^{-1}(... f_K^{-1}(z_K))``: each layer's ``inv`` in reverse order, at any point ``(*, D)``."""
+        check_flow_input(self, z_k, context, name="z_k")
         z = z_k
         for transform in reversed(self.transforms(context)):
             z = transform.inv(z)
@@ -192,6 +195,7 @@ class PlanarFlow(_ElementwiseParamFlow):
         autograd node with a hand-written backward) does only ``a = w.z + b``, ``tanh`` and the update
         of ``z``; the log-determinants of all layers are then evaluated together.
         """
+        check_flow_input(self, z, context)
         u, w, b = self._split(self.raw_params(context))  # (*batch, K, D), (*batch, K, D), (*batch, K)
         z, pre = planar_chain(z, w, planar_u_hat(u, w), b)
         ladj = planar_ladj(pre, torch.tanh(pre), (w * u).sum(-1))  # (*sample, *batch, K)
@@ -284,6 +288,7 @@ class NICEFlow(Flow):
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(z_K, 0)``: the K couplings in one pass (:func:`nfvi.transforms.coupling_chain`); same result as
         chaining :meth:`transforms`, which :meth:`inverse` uses."""
+        check_flow_input(self, z, context)
         context = self._context(context)
         if self.length == 0:
             return z, z.new_zeros(z.shape[:-1])

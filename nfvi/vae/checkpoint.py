@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from nfvi.errors import NfviError
-from nfvi.runs import atomic_torch_save
+from nfvi.runs import atomic_torch_save, select_device
 
 __all__ = [
     "BEST",
@@ -148,10 +148,12 @@ def load_model(run_dir: str | Path, which: str = "best", device: str | torch.dev
     """The trained VAE of a ``nfvi train`` run directory, in eval mode.
 
     ``which="best"`` takes ``best.pt`` (best validation bound) when the run has one, else the last
-    checkpoint; ``which="last"`` always takes ``checkpoint.pt``.
+    checkpoint; ``which="last"`` always takes ``checkpoint.pt``. ``device``: ``cpu``, ``cuda``, ``cuda:N``, ``auto``
+    or a ``torch.device``; one unknown or absent here is a one-line error (:func:`nfvi.runs.select_device`).
     """
     if which not in ("best", "last"):
         raise NfviError(f"which={which!r} is not allowed; choose one of: best, last")
+    device = select_device(device)  # before reading anything: a bad device is a one-line error
     run_dir = Path(run_dir)
     path = run_dir / BEST if which == "best" and (run_dir / BEST).is_file() else run_dir / CHECKPOINT
     if not path.is_file():
