@@ -12,6 +12,7 @@ every kind but Sylvester supports. Re-exported from :mod:`nfvi.flows`.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -90,6 +91,16 @@ class FlowDistribution(Distribution):
         """
         if self._validate_args:
             self._validate_sample(value)
-        z0 = self.flow.inverse(value, self.context)
-        _, log_det = self.flow(z0, self.context)
-        return self.base.log_prob(z0) - log_det
+        z0, overflow = self.flow.inverse_with_overflow(value, self.context)
+        base_lp = self.base.log_prob(z0)
+        # -inf far from the mass, never NaN: where the preimage overflowed, or where log q_0 is already -inf (a
+        # preimage so large that -z_0^2 / 2 is below the most negative float; every kind's |log det| grows at most
+        # linearly in |z_0|), log q_K is -inf; the forward pass then runs on 0 there, so no NaN reaches it.
+        far = overflow | ((base_lp == -math.inf) & ~torch.isnan(z0).any(-1))
+        if torch.is_grad_enabled() and base_lp.requires_grad and bool(far.any()):
+            # again with the far points at 0, so that no inf enters autograd's graph (a zero gradient times an
+            # infinite local derivative would make every parameter's gradient NaN); their result stays -inf
+            z0, _ = self.flow.inverse_with_overflow(torch.where(far.unsqueeze(-1), 0.0, value), self.context)
+            base_lp = self.base.log_prob(z0)
+        _, log_det = self.flow(torch.where(far.unsqueeze(-1), 0.0, z0), self.context)
+        return torch.where(far, -math.inf, base_lp - log_det)

@@ -97,12 +97,29 @@ class Flow(nn.Module):
         return z, log_det
 
     def inverse(self, z_k: Tensor, context: Tensor | None = None) -> Tensor:
-        """``z_0 = f_1^{-1}(... f_K^{-1}(z_K))``: each layer's ``inv`` in reverse order, at any point ``(*, D)``."""
+        """``z_0 = f_1^{-1}(... f_K^{-1}(z_K))``: each layer's ``inv`` in reverse order, at any point ``(*, D)``.
+
+        A point whose preimage leaves the dtype's range (see :meth:`inverse_with_overflow`) comes back as ``+inf``
+        in every coordinate, never NaN.
+        """
+        z_0, overflow = self.inverse_with_overflow(z_k, context)
+        return torch.where(overflow.unsqueeze(-1), math.inf, z_0)
+
+    def inverse_with_overflow(self, z_k: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(z_0, overflow)``: the inverse of :meth:`inverse` and a bool mask ``(*batch)`` of the points whose
+        preimage overflowed (an intermediate ``z_k`` of a finite input became non-finite: e.g. an IAF far from its
+        mass divides by ``sigma`` K times). Those rows of ``z_0`` are 0 (later layers ran on 0 instead of spreading
+        NaN); a NaN input stays NaN. :meth:`FlowDistribution.log_prob` gives them ``-inf``: their preimage lies
+        beyond the float range, where ``log q_0`` is below the most negative float.
+        """
         check_flow_input(self, z_k, context, name="z_k")
-        z = z_k
+        z, overflow = z_k, torch.isinf(z_k).any(-1)
         for transform in reversed(self.transforms(context)):
             z = transform.inv(z)
-        return z
+            overflow = overflow | ~torch.isfinite(z).all(-1)
+            z = torch.where(overflow.unsqueeze(-1), 0.0, z)
+        nan_in = torch.isnan(z_k).any(-1)
+        return torch.where(nan_in.unsqueeze(-1), math.nan, z), overflow & ~nan_in
 
 
 class IdentityFlow(Flow):
@@ -483,7 +500,7 @@ class SylvesterFlow(_ElementwiseParamFlow):
         raw = self.raw_params(context)
         return [self.make_layer(raw[..., k, :], k) for k in range(self.length)]
 
-    def inverse(self, z_k: Tensor, context: Tensor | None = None) -> Tensor:
+    def inverse_with_overflow(self, z_k: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError("sylvester flows have no inverse; use rsample_and_log_prob")
 
 
