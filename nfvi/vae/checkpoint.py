@@ -42,6 +42,7 @@ __all__ = [
     "load_model",
     "model_from_state",
     "save_checkpoint",
+    "weights_mismatch",
 ]
 
 FORMAT = "nfvi-vae-checkpoint"
@@ -139,9 +140,39 @@ def model_from_state(state: dict, device: str | torch.device = "cpu"):
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise NfviError(f"checkpoint weights do not fit the model of its config: {first}") from None
+        raise NfviError(weights_mismatch(model.state_dict(), state["model"], cfg.flow.kind, exc)) from None
     return model.to(device).eval()
+
+
+#: flows whose parameter layout changed to the Sylvester authors' (issue 19): their older checkpoints do not load
+RELAYOUT_FLOWS = ("sylvester", "iaf")
+
+
+def weights_mismatch(expected: dict, found: dict, flow: str, exc: Exception | None = None) -> str:
+    """One line: the first parameter that differs between a model's ``state_dict`` (``expected``) and a checkpoint's
+    (``found``), missing, unexpected or of another shape, and for a Sylvester or amortized IAF posterior the likely
+    cause (a checkpoint written before these posteriors took the authors' layout) and what to do."""
+
+    def more(keys: list) -> str:
+        return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+
+    if missing := [k for k in expected if k not in found]:
+        what = f"{missing[0]} is missing from the checkpoint{more(missing)}"
+    elif extra := [k for k in found if k not in expected]:
+        what = f"the checkpoint holds {extra[0]}, which this model has not{more(extra)}"
+    elif shapes := [k for k in expected if tuple(found[k].shape) != tuple(expected[k].shape)]:
+        key = shapes[0]
+        what = f"{key} is {tuple(found[key].shape)} in the checkpoint but {tuple(expected[key].shape)} here"
+    else:
+        what = str(exc).strip().splitlines()[0] if exc is not None else "they differ"
+    message = f"checkpoint weights do not fit the model of its config (flow={flow}): {what}"
+    if flow in RELAYOUT_FLOWS:
+        message += (
+            "; Sylvester and amortized IAF posteriors have taken the Sylvester authors' parameter layout "
+            "(docs/flows.md), so checkpoints written before that no longer load: train the run again, or evaluate "
+            "it with the nfvi commit that wrote it (git_commit in its run.json)"
+        )
+    return message
 
 
 def load_model(run_dir: str | Path, which: str = "best", device: str | torch.device = "cpu"):
