@@ -12,11 +12,14 @@ every kind but Sylvester supports. Re-exported from :mod:`nfvi.flows`.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
+
+from nfvi.checks import check_context
 
 if TYPE_CHECKING:
     from nfvi.flows import Flow
@@ -41,11 +44,26 @@ class FlowDistribution(Distribution):
     has_rsample = True
 
     def __init__(self, base: Distribution, flow: Flow, context: Tensor | None = None, validate_args=None):
+        if not isinstance(base, Distribution):
+            raise TypeError(
+                f"FlowDistribution's base must be a torch.distributions.Distribution with event shape (D,), "
+                f"got {type(base).__name__}"
+            )
+        if not (isinstance(flow, nn.Module) and isinstance(getattr(flow, "dim", None), int)):  # an nfvi Flow
+            raise TypeError(
+                f"FlowDistribution's flow must be an nfvi.flows.Flow (from build_flow), got {type(flow).__name__}"
+            )
         if len(base.event_shape) != 1:
             raise ValueError(f"FlowDistribution needs a base with event shape (D,), got {tuple(base.event_shape)}")
+        if base.event_shape[0] != flow.dim:
+            raise ValueError(
+                f"FlowDistribution's base has event shape {tuple(base.event_shape)} but its flow "
+                f"({type(flow).__name__}) is on R^{flow.dim}; expected a base with event shape ({flow.dim},)"
+            )
         self.base, self.flow, self.context = base, flow, context
         batch_shape = base.batch_shape
-        if context is not None and getattr(flow, "context_dim", 0) > 0:
+        if getattr(flow, "context_dim", 0) > 0:  # the context's width and batch shape, as the flow will see them
+            check_context(flow, base.batch_shape + base.event_shape, context, name="base sample")
             batch_shape = torch.broadcast_shapes(batch_shape, context.shape[:-1])
         super().__init__(batch_shape, base.event_shape, validate_args=validate_args)
 
@@ -73,6 +91,16 @@ class FlowDistribution(Distribution):
         """
         if self._validate_args:
             self._validate_sample(value)
-        z0 = self.flow.inverse(value, self.context)
-        _, log_det = self.flow(z0, self.context)
-        return self.base.log_prob(z0) - log_det
+        z0, overflow = self.flow.inverse_with_overflow(value, self.context)
+        base_lp = self.base.log_prob(z0)
+        # -inf far from the mass, never NaN: where the preimage overflowed, or where log q_0 is already -inf (a
+        # preimage so large that -z_0^2 / 2 is below the most negative float; every kind's |log det| grows at most
+        # linearly in |z_0|), log q_K is -inf; the forward pass then runs on 0 there, so no NaN reaches it.
+        far = overflow | ((base_lp == -math.inf) & ~torch.isnan(z0).any(-1))
+        if torch.is_grad_enabled() and base_lp.requires_grad and bool(far.any()):
+            # again with the far points at 0, so that no inf enters autograd's graph (a zero gradient times an
+            # infinite local derivative would make every parameter's gradient NaN); their result stays -inf
+            z0, _ = self.flow.inverse_with_overflow(torch.where(far.unsqueeze(-1), 0.0, value), self.context)
+            base_lp = self.base.log_prob(z0)
+        _, log_det = self.flow(torch.where(far.unsqueeze(-1), 0.0, z0), self.context)
+        return torch.where(far, -math.inf, base_lp - log_det)

@@ -38,7 +38,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from nfvi.errors import check_range
+from nfvi.checks import check_tensor, shape_str
+from nfvi.errors import NfviError, check_range
 
 __all__ = ["default_batch_size", "elbo", "log_marginal_likelihood", "log_weights", "nats_to_bits_per_dim"]
 
@@ -113,8 +114,25 @@ class _ProgressLines:
         self.log.info("%s: %d/%d images done, %.0f s elapsed, ETA %.0f s", self.what, done, self.total, elapsed, eta)
 
 
+def _check_data(model, x) -> None:
+    """One-line errors for data the model cannot read: not a tensor, or points of the wrong size.
+
+    ``model.x_shape`` (a :class:`nfvi.vae.model.VAE` has one) is the shape of one data point; ``x`` may hold the
+    points flat or shaped (``(N, 784)`` or ``(N, 1, 28, 28)``), as :meth:`nfvi.vae.model.VAE.prepare` reshapes.
+    """
+    x_shape = getattr(model, "x_shape", None)
+    expected = "(N, *x_shape)" if x_shape is None else f"(N, {', '.join(map(str, x_shape))})"
+    check_tensor("x", x, expected)
+    if x_shape is not None and (x.dim() < 2 or math.prod(x.shape[1:]) != math.prod(x_shape)):
+        raise NfviError(
+            f"x has shape {shape_str(x.shape)} but the model takes data points of shape {shape_str(x_shape)} "
+            f"({math.prod(x_shape)} values each); expected {expected}"
+        )
+
+
 def _run(model, x, num_samples, batch_size, progress, reduce) -> Tensor:
     check_range("num_samples", num_samples, low=1, kind="a whole number of samples")
+    _check_data(model, x)
     device = _device(model)
     batch_size = default_batch_size(device) if batch_size is None else batch_size
     check_range("batch_size", batch_size, low=1, kind="a whole number of samples per chunk")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
+from nfvi.checks import check_flow_input
 from nfvi.distributions import FlowDistribution
 from nfvi.errors import NfviError, check_choice
 from nfvi.transforms import (
@@ -88,6 +89,7 @@ class Flow(nn.Module):
         raise NotImplementedError
 
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        check_flow_input(self, z, context)
         log_det = z.new_zeros(z.shape[:-1])
         for transform in self.transforms(context):
             z, ladj = transform.call_and_ladj(z)
@@ -95,11 +97,29 @@ class Flow(nn.Module):
         return z, log_det
 
     def inverse(self, z_k: Tensor, context: Tensor | None = None) -> Tensor:
-        """``z_0 = f_1^{-1}(... f_K^{-1}(z_K))``: each layer's ``inv`` in reverse order, at any point ``(*, D)``."""
-        z = z_k
+        """``z_0 = f_1^{-1}(... f_K^{-1}(z_K))``: each layer's ``inv`` in reverse order, at any point ``(*, D)``.
+
+        A point whose preimage leaves the dtype's range (see :meth:`inverse_with_overflow`) comes back as ``+inf``
+        in every coordinate, never NaN.
+        """
+        z_0, overflow = self.inverse_with_overflow(z_k, context)
+        return torch.where(overflow.unsqueeze(-1), math.inf, z_0)
+
+    def inverse_with_overflow(self, z_k: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(z_0, overflow)``: the inverse of :meth:`inverse` and a bool mask ``(*batch)`` of the points whose
+        preimage overflowed (an intermediate ``z_k`` of a finite input became non-finite: e.g. an IAF far from its
+        mass divides by ``sigma`` K times). Those rows of ``z_0`` are 0 (later layers ran on 0 instead of spreading
+        NaN); a NaN input stays NaN. :meth:`FlowDistribution.log_prob` gives them ``-inf``: their preimage lies
+        beyond the float range, where ``log q_0`` is below the most negative float.
+        """
+        check_flow_input(self, z_k, context, name="z_k")
+        z, overflow = z_k, torch.isinf(z_k).any(-1)
         for transform in reversed(self.transforms(context)):
             z = transform.inv(z)
-        return z
+            overflow = overflow | ~torch.isfinite(z).all(-1)
+            z = torch.where(overflow.unsqueeze(-1), 0.0, z)
+        nan_in = torch.isnan(z_k).any(-1)
+        return torch.where(nan_in.unsqueeze(-1), math.nan, z), overflow & ~nan_in
 
 
 class IdentityFlow(Flow):
@@ -192,6 +212,7 @@ class PlanarFlow(_ElementwiseParamFlow):
         autograd node with a hand-written backward) does only ``a = w.z + b``, ``tanh`` and the update
         of ``z``; the log-determinants of all layers are then evaluated together.
         """
+        check_flow_input(self, z, context)
         u, w, b = self._split(self.raw_params(context))  # (*batch, K, D), (*batch, K, D), (*batch, K)
         z, pre = planar_chain(z, w, planar_u_hat(u, w), b)
         ladj = planar_ladj(pre, torch.tanh(pre), (w * u).sum(-1))  # (*sample, *batch, K)
@@ -284,6 +305,7 @@ class NICEFlow(Flow):
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(z_K, 0)``: the K couplings in one pass (:func:`nfvi.transforms.coupling_chain`); same result as
         chaining :meth:`transforms`, which :meth:`inverse` uses."""
+        check_flow_input(self, z, context)
         context = self._context(context)
         if self.length == 0:
             return z, z.new_zeros(z.shape[:-1])
@@ -320,19 +342,24 @@ class _MaskedLinear(nn.Linear):
         return F.linear(x, self.weight * self.mask, self.bias)
 
 
+#: the initial value of each IAF step's gate bias (``s``'s output bias): the Sylvester authors' forget bias
+IAF_GATE_BIAS = 1.0
+
+
 class _MADE(nn.Module):
-    """Autoregressive conditioner of one IAF layer: ``z (*, D) [, context] -> (m, s)``, each ``(*, D)``.
+    """Autoregressive conditioner of one IAF layer: ``z (*, D) [, context term] -> (m, s)``, each ``(*, D)``.
 
     Variable ``order[j]`` gets degree ``j + 1``; hidden units degrees in ``1..D-1`` (cyclic); a unit sees
     the units of lower or equal degree and an output of degree d those below d, so ``m_i``, ``s_i`` depend
-    on the variables before i in ``order`` only. The context enters the first hidden layer through an
-    unmasked ``Linear(context_dim, hidden)`` (Kingma et al. 2016, their ``h``). With ``D = 1`` no hidden
-    unit sees z: ``m`` and ``s`` are functions of the context (or constants). ``s`` starts near +2 so that
-    ``sigma = sigmoid(s) ~ 0.88`` (the Sylvester authors' IAF adds a similar constant to s), and the output
+    on the variables before i in ``order`` only. ``num_hidden`` masked hidden layers of width ``hidden``, ELU after
+    each; the context term (``(*batch, hidden)``, computed once per flow by :class:`IAFFlow`) is added after the
+    first ELU, as in the Sylvester authors' IAF (Kingma et al. 2016, their ``h``). With ``D = 1`` no hidden unit sees
+    z: ``m`` and ``s`` are functions of the context (or constants). ``s`` starts near +1 (the authors' gate bias, a
+    constant +1 added to ``s``; here the bias's initial value) so that ``sigma = sigmoid(s) ~ 0.73``, and the output
     weights start small (x 0.01), so ``m`` starts near 0.
     """
 
-    def __init__(self, order: Tensor, hidden: int, num_hidden: int, context_dim: int):
+    def __init__(self, order: Tensor, hidden: int, num_hidden: int):
         super().__init__()
         dim = order.numel()
         deg_in = torch.empty(dim, dtype=torch.long)
@@ -345,14 +372,12 @@ class _MADE(nn.Module):
         with torch.no_grad():
             self.out.weight.mul_(1e-2)
             self.out.bias.zero_()
-            self.out.bias[dim:] = 2.0
-        self.context_layer = nn.Linear(context_dim, hidden) if context_dim > 0 else None
+            self.out.bias[dim:] = IAF_GATE_BIAS
 
-    def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        h = self.hidden_layers[0](z)
-        if self.context_layer is not None:
-            h = h + self.context_layer(context)  # broadcasts (*sample, *batch, H) + (*batch, H)
-        h = F.elu(h)
+    def forward(self, z: Tensor, context_term: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        h = F.elu(self.hidden_layers[0](z))
+        if context_term is not None:
+            h = h + context_term  # broadcasts (*sample, *batch, H) + (*batch, H)
         for layer in self.hidden_layers[1:]:
             h = F.elu(layer(h))
         m, s = self.out(h).chunk(2, dim=-1)
@@ -365,7 +390,10 @@ class IAFFlow(Flow):
     Each step's ``(m, s)`` comes from its own MADE (:class:`_MADE`, ``num_hidden`` masked hidden layers of
     width ``hidden``, ELU); the autoregressive order is reversed between layers (layer k uses
     ``0..D-1`` for even k and ``D-1..0`` for odd k), so no coordinate is always first. Amortized
-    (``context_dim > 0``): the context is added to each MADE's first hidden layer.
+    (``context_dim > 0``): one ``Linear(context_dim, hidden)`` shared by the K steps maps the context to a term added
+    after each MADE's first ELU, as the Sylvester authors' IAF (``IAFVAE.h_context``). Their ``IAF(num_hidden=1)``,
+    two masked layers per step, is ``num_hidden=2`` here (``posterior=snf_iaf``): z=64, K=4, width 320 and 256
+    context features give their 740,672 flow parameters.
     """
 
     def __init__(self, dim: int, length: int, context_dim: int = 0, hidden: int = 64, num_hidden: int = 1):
@@ -374,17 +402,19 @@ class IAFFlow(Flow):
         _check_int("flow.num_hidden", num_hidden, 1)
         self.dim, self.length, self.context_dim = dim, length, context_dim
         orders = [torch.arange(dim) if k % 2 == 0 else torch.arange(dim).flip(0) for k in range(length)]
-        self.nets = nn.ModuleList(_MADE(order, hidden, num_hidden, context_dim) for order in orders)
+        self.nets = nn.ModuleList(_MADE(order, hidden, num_hidden) for order in orders)
         for k, order in enumerate(orders):
             self.register_buffer(f"order_{k}", order)
+        self.context_layer = nn.Linear(context_dim, hidden) if context_dim > 0 else None
 
     def transforms(self, context=None):
-        if self.context_dim == 0:
-            context = None
-        elif context is None:
-            raise NfviError(f"this IAFFlow is amortized (context_dim={self.context_dim}); pass context")
+        term = None
+        if self.context_dim > 0:
+            if context is None:
+                raise NfviError(f"this IAFFlow is amortized (context_dim={self.context_dim}); pass context")
+            term = self.context_layer(context)  # (*batch, hidden), once for the K steps
         return [
-            IAFTransform(lambda z, net=net: net(z, context), getattr(self, f"order_{k}"))
+            IAFTransform(lambda z, net=net: net(z, term), getattr(self, f"order_{k}"))
             for k, net in enumerate(self.nets)
         ]
 
@@ -406,17 +436,21 @@ class HouseholderFlow(_ElementwiseParamFlow):
 class SylvesterFlow(_ElementwiseParamFlow):
     """Sylvester normalizing flow (van den Berg et al. 2018): :class:`nfvi.transforms.SylvesterTransform` layers.
 
-    Raw parameters per layer: ``R'`` and ``R~'`` (``M x M`` each; the strict upper triangles are used as they
-    are, the diagonals pass through ``tanh`` so that ``R_ii R~_ii`` is in (-1, 1): every layer invertible),
-    ``b`` (M), then ``Q``'s parameters by ``variant``:
+    Raw parameters per layer, in the authors' layout (``models/VAE.py`` of their code): one ``M x M`` matrix whose
+    strict upper triangle is ``R``'s and whose strict lower triangle, transposed, is ``R~``'s; the two diagonals
+    (``M`` each), passed through ``tanh`` so that ``R_ii R~_ii`` is in (-1, 1) (every layer invertible); ``b`` (M);
+    then ``Q``'s parameters by ``variant``:
 
     - ``orthogonal`` (O-SNF): a ``D x M`` matrix, ``M = num_vectors <= D`` (default D), orthonormalised by
-      :func:`nfvi.transforms.bjorck_orthonormalize`;
+      :func:`nfvi.transforms.bjorck_orthonormalize` (a fixed number of steps);
     - ``householder`` (H-SNF): ``num_householder`` vectors (default 4), ``Q = H_1 ... H_H`` (``M = D``);
     - ``triangular`` (T-SNF): none; ``Q`` is the identity on even layers and the reversal on odd ones (``M = D``).
 
-    Amortized: one ``Linear(context_dim, K * P)`` head computes all of them per data point, as the authors
-    compute them from the encoder's last features. No inverse: use the sampling path (Eq. 7).
+    So ``P = M^2 + 3M`` (+ ``D M`` or ``H D``) per layer, as theirs: the matrix's M diagonal entries are not read
+    (the authors' head computes them too and overwrites them with the separate diagonals). Amortized: one
+    ``Linear(context_dim, K * P)`` head computes all of them per data point, as the authors compute them from the
+    encoder's last features (z=64, K=4, 256 features: O-SNF M=8 616,800 parameters, H-SNF 8 reflections 4,934,400,
+    T-SNF 4,408,064). No inverse: use the sampling path (Eq. 7).
     """
 
     def __init__(
@@ -443,24 +477,19 @@ class SylvesterFlow(_ElementwiseParamFlow):
 
     def init_raw(self, dim):
         m = self.num_vectors
-        r = torch.randn(2, m, m) * 0.1
         q = {
             "orthogonal": torch.eye(dim, m) + 0.1 * torch.randn(dim, m),
             "householder": torch.randn(self.num_householder, dim),
             "triangular": torch.zeros(0),
         }[self.variant]
-        return torch.cat([r.flatten(), torch.zeros(m), q.flatten()])
-
-    @staticmethod
-    def _upper(raw: Tensor) -> Tensor:
-        """``(*, M, M)`` upper triangular with ``tanh`` on the diagonal."""
-        return torch.triu(raw, 1) + torch.diag_embed(torch.tanh(torch.diagonal(raw, dim1=-2, dim2=-1)))
+        return torch.cat([torch.randn(m * m) * 0.1, torch.randn(2 * m) * 0.1, torch.zeros(m), q.flatten()])
 
     def make_layer(self, raw: Tensor, k: int) -> SylvesterTransform:
         d, m = self.dim, self.num_vectors
-        r, r_tilde = raw[..., : 2 * m * m].unflatten(-1, (2, m, m)).unbind(-3)
-        b = raw[..., 2 * m * m : 2 * m * m + m]
-        q_raw = raw[..., 2 * m * m + m :]
+        full = raw[..., : m * m].unflatten(-1, (m, m))  # strict upper: R's; strict lower, transposed: R~'s
+        diag, diag_tilde = raw[..., m * m : m * m + 2 * m].unflatten(-1, (2, m)).unbind(-2)
+        b = raw[..., m * m + 2 * m : m * m + 3 * m]
+        q_raw = raw[..., m * m + 3 * m :]
         if self.variant == "orthogonal":
             q = bjorck_orthonormalize(q_raw.unflatten(-1, (d, m)))
         elif self.variant == "householder":
@@ -471,14 +500,15 @@ class SylvesterFlow(_ElementwiseParamFlow):
         else:
             eye = torch.eye(d, dtype=raw.dtype, device=raw.device)
             q = eye if k % 2 == 0 else self.reverse.to(raw.dtype)
-        log1p_diag = log1p_tanh_product(torch.diagonal(r, dim1=-2, dim2=-1), torch.diagonal(r_tilde, dim1=-2, dim2=-1))
-        return SylvesterTransform(q, self._upper(r), self._upper(r_tilde), b, log1p_diag)
+        r = torch.triu(full, 1) + torch.diag_embed(torch.tanh(diag))
+        r_tilde = torch.triu(full.transpose(-1, -2), 1) + torch.diag_embed(torch.tanh(diag_tilde))
+        return SylvesterTransform(q, r, r_tilde, b, log1p_tanh_product(diag, diag_tilde))
 
     def transforms(self, context=None):
         raw = self.raw_params(context)
         return [self.make_layer(raw[..., k, :], k) for k in range(self.length)]
 
-    def inverse(self, z_k: Tensor, context: Tensor | None = None) -> Tensor:
+    def inverse_with_overflow(self, z_k: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError("sylvester flows have no inverse; use rsample_and_log_prob")
 
 

@@ -192,16 +192,33 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU; ``cpu``, ``cuda`` or ``cuda:N`` force one."""
+def select_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` or a ``torch.device`` force one.
+
+    A name torch does not know, a CUDA device where there is none, or ``cuda:N`` past the last GPU: one-line
+    :class:`NfviError`; neither a string nor a ``torch.device``: ``TypeError``.
+    """
+    if isinstance(name, torch.device):
+        name = str(name)
+    if not isinstance(name, str):
+        raise TypeError(f"device must be a string (auto, cpu, cuda, cuda:N) or torch.device, got {type(name).__name__}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise NfviError(f"device={name!r} is not allowed; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise NfviError(f"device={name!r} is not allowed; use auto, cpu, cuda or cuda:N")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise NfviError(f"device={name!r} was asked for but MPS is not available here; use device=auto or cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise NfviError(f"device={name!r} was asked for but CUDA is not available here; use device=auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise NfviError(
+            f"device={name!r} is not allowed; this machine has {count} GPU(s): use cuda:0 to cuda:{count - 1}"
+        )
     return device
 
 

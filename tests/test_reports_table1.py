@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from nfvi.reports.table1 import (
+    AUTHORS_FLOW_PARAMS,
     LABELS,
     PUBLISHED,
     flow_label,
@@ -134,3 +135,26 @@ def test_files_are_written(tmp_path):
     assert r"\begin{tabular}" in tex.read_text() and r"$\pm$" in tex.read_text() and "mnist\\_static" in tex.read_text()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert not list((tmp_path / "tables").glob(".*"))  # no temporary files left behind
+
+
+def test_flow_parameter_counts_beside_the_table():
+    """Issue 19: each posterior's flow parameter count (ours, as recorded by the run) beside the authors' count,
+    which is shown only where the settings are theirs (z=64, K=4, O-SNF M=8, H-SNF 8 reflections, IAF 320 x 2)."""
+    options = {"IAF": {"flow_hidden": 320, "flow_num_hidden": 2}, "O-SNF": {"flow_num_vectors": 8},
+               "H-SNF": {"flow_num_householder": 8}}  # fmt: skip
+    frame = rows(("mnist_static",), seeds=(0,))
+    frame["flow_length"] = [0 if flow == "none" else 4 for flow in frame["flow"]]
+    frame["flow_params"] = [AUTHORS_FLOW_PARAMS[label] for *_, label in FLOWS]
+    for i, (*_, label) in enumerate(FLOWS):
+        for key, value in options.get(label, {}).items():
+            frame.loc[i, key] = value
+    older = frame.assign(steps=1000, flow_hidden=320, flow_num_hidden=1).drop(columns="flow_params")  # no record
+    table = summarize_table1(pd.concat([frame, older], ignore_index=True))
+    new, old = table[table["steps"] == "500"].set_index("label"), table[table["steps"] == "1000"].set_index("label")
+    assert (new["flow_params"] == new["authors_flow_params"]).all()
+    assert new.loc["H-SNF", "flow_params"] == 4_934_400 and new.loc["IAF", "authors_flow_params"] == 740_672
+    assert old["flow_params"].isna().all() and math.isnan(old.loc["IAF", "authors_flow_params"])  # 1 layer: not theirs
+    assert old.loc["T-SNF", "authors_flow_params"] == 4_408_064
+    md = table1_markdown(table)
+    assert "| flow params (ours) | flow params (authors) |" in md and "| 4,934,400 | 4,934,400 |" in md
+    assert "Flow params:" in md

@@ -41,7 +41,7 @@ def test_the_paper_profile_is_the_protocol_with_one_job_per_posterior_and_datase
     [
         ("snf_none", "none", 0, {}),
         ("snf_planar", "planar", 4, {}),
-        ("snf_iaf", "iaf", 4, {"hidden": 320, "num_hidden": 1}),
+        ("snf_iaf", "iaf", 4, {"hidden": 320, "num_hidden": 2}),  # their IAF(num_hidden=1): two masked layers
         ("snf_orthogonal", "sylvester", 4, {"variant": "orthogonal", "num_vectors": 8}),
         ("snf_householder", "sylvester", 4, {"variant": "householder", "num_householder": 8}),
         ("snf_triangular", "sylvester", 4, {"variant": "triangular"}),

@@ -102,12 +102,11 @@ def test_sylvester_diagonals_keep_determinant_positive_under_adversarial_paramet
         flow = build_flow("sylvester", dim, 2, variant=variant).to(dtype)
         m = flow.num_vectors
         with torch.no_grad():
-            raw = flow.raw.view(2, -1)
-            r = raw[:, : 2 * m * m].view(2, 2, m, m)
-            r.normal_()
-            r[:, 0].diagonal(dim1=-2, dim2=-1).fill_(raw_diag)
-            r[:, 1].diagonal(dim1=-2, dim2=-1).fill_(-raw_diag)
-            raw[:, 2 * m * m : 2 * m * m + m] = 0.0  # b = 0: a = 0 at z = 0, where h' = 1
+            raw = flow.raw.view(2, -1)  # per layer: [R / R~ matrix (M*M), diag R (M), diag R~ (M), b (M), Q ...]
+            raw[:, : m * m].normal_()
+            raw[:, m * m : m * m + m] = raw_diag
+            raw[:, m * m + m : m * m + 2 * m] = -raw_diag
+            raw[:, m * m + 2 * m : m * m + 3 * m] = 0.0  # b = 0: a = 0 at z = 0, where h' = 1
         z = torch.cat([torch.zeros(1, dim, dtype=dtype), torch.randn(20, dim, dtype=dtype)])
         z_k, log_det = flow(z)
         assert torch.isfinite(z_k).all() and torch.isfinite(log_det).all()

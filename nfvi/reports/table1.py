@@ -15,7 +15,9 @@ gives one row per dataset x settings x flow label, where
 - the settings are K, the latent size, the updates (``steps``), S (``num_importance_samples``) and
   the test images: runs that differ in them are not averaged together;
 - the numbers are the mean ± standard deviation over seeds of ``test_neg_elbo`` and ``test_nll``
-  (one seed: ± its standard error over test images), beside the published values (:data:`PUBLISHED`).
+  (one seed: ± its standard error over test images), beside the published values (:data:`PUBLISHED`);
+- each posterior's flow parameter count as its runs recorded it (``flow_params``, written by ``nfvi evaluate``)
+  beside the authors' count (:data:`AUTHORS_FLOW_PARAMS`) where the settings are theirs.
 
 :func:`write_table1` writes ``sylvester_table1.md``, ``.csv``, ``.tex``, ``sylvester_table1.png`` (-ELBO against
 the flow label per dataset, the published -ELBO as open markers) and ``sylvester_curves.png`` (each run's
@@ -39,6 +41,7 @@ from nfvi.reports.common import col, normalize_runs, validation_curves
 from nfvi.runs import atomic_write_bytes, atomic_write_text
 
 __all__ = [
+    "AUTHORS_FLOW_PARAMS",
     "LABELS",
     "PUBLISHED",
     "Published",
@@ -96,6 +99,25 @@ PUBLISHED: dict[tuple[str, str], Published] = {
     ("omniglot", "T-SNF"): Published(99.33, 0.23, "U", 93.97),
 }
 
+#: the authors' flow parameter counts (their code, riannevdberg/sylvester-flows: the flow's amortization heads, for
+#: IAF its steps with the shared context Linear) at :data:`AUTHORS_SETTINGS`; nfvi's posteriors have the same
+#: (tests/test_sylvester_models.py builds them)
+AUTHORS_FLOW_PARAMS: dict[str, int] = {
+    "no flow": 0,
+    "planar": 132_612,  # u, w: Linear(256, K * 64) each; b: Linear(256, K)
+    "IAF": 740_672,  # K x (64->320, 320->320, 320->64 mean, 320->64 gate) masked layers + Linear(256, 320)
+    "O-SNF": 616_800,  # Linear(256, K * (M^2 + 3 M + 64 M)), M = 8
+    "H-SNF": 4_934_400,  # Linear(256, K * (64^2 + 3 * 64 + 8 * 64)), 8 reflections
+    "T-SNF": 4_408_064,  # Linear(256, K * (64^2 + 3 * 64))
+}
+#: the settings of :data:`AUTHORS_FLOW_PARAMS`: z=64, K=4 (their defaults), and per label the flow options
+AUTHORS_SETTINGS = {"latent_dim": "64", "K": 4}
+AUTHORS_OPTIONS: dict[str, dict[str, float]] = {
+    "IAF": {"flow_hidden": 320, "flow_num_hidden": 2},
+    "O-SNF": {"flow_num_vectors": 8},
+    "H-SNF": {"flow_num_householder": 8},
+}
+
 #: dataset -> what its numbers mean next to the paper's
 READINGS: dict[str, str] = {
     "mnist_static": "statically binarized MNIST (Larochelle & Murray's fixed binarization), the paper's data.",
@@ -105,6 +127,12 @@ READINGS: dict[str, str] = {
     ),
 }
 OMNIGLOT_PAPER_DATA = "Omniglot from Burda et al.'s chardata.mat (the paper's split)."
+PARAMS_NOTE = (
+    "Flow params: the flow's parameters with its amortization head (for IAF its steps and the shared context "
+    "Linear), as recorded by each run's evaluation (blank in records written before nfvi recorded them); the "
+    "authors' count from their code (riannevdberg/sylvester-flows) where the settings are theirs (z=64, K=4, "
+    "O-SNF M=8, H-SNF 8 reflections, IAF width 320 with two masked layers per step)."
+)
 PROTOCOL_NOTE = (
     "A CPU profile's numbers (fewer epochs, a test subset, fewer importance samples) are not the paper's "
     f"protocol (-ln p(x) with S = {PAPER_SAMPLES} on the whole test set, after training to convergence) and "
@@ -139,7 +167,24 @@ def _prepare(frame: pd.DataFrame) -> pd.DataFrame:
         df[s] = col(df, s, "").fillna("").astype(str)
     for s in ("run_dir", "data_source", "test_images"):
         df[s] = col(df, s, "").fillna("").astype(str)
+    for s in ("flow_params", *{k for options in AUTHORS_OPTIONS.values() for k in options}):
+        df[s] = pd.to_numeric(col(df, s), errors="coerce")
     return df.dropna(subset=["test_neg_elbo", "test_nll"], how="all")
+
+
+def _authors_params(values: dict, g: pd.DataFrame) -> float:
+    """The authors' flow parameter count of this row's posterior, or NaN where its settings are not theirs."""
+    label = values["label"]
+    if label not in AUTHORS_FLOW_PARAMS:
+        return math.nan
+    if label != "no flow" and (
+        values["latent_dim"] != AUTHORS_SETTINGS["latent_dim"] or int(values["flow_length"]) != AUTHORS_SETTINGS["K"]
+    ):
+        return math.nan
+    options = AUTHORS_OPTIONS.get(label, {})
+    if not all((g[key] == value).all() for key, value in options.items()):
+        return math.nan
+    return float(AUTHORS_FLOW_PARAMS[label])
 
 
 def _mean_spread(g: pd.DataFrame, metric: str) -> tuple[float, float, float]:
@@ -166,6 +211,9 @@ def _row(values: dict, g: pd.DataFrame) -> dict:
     row["paper_protocol"] = bool((samples >= PAPER_SAMPLES).all() and (g["test_images"] == "all").all())
     row["data_source"] = ";".join(sorted(set(g["data_source"]) - {""}))
     row["run_dirs"] = ";".join(g["run_dir"])
+    counts = g["flow_params"].dropna().unique()  # recorded by nfvi evaluate (absent from older records)
+    row["flow_params"] = float(counts[0]) if len(counts) == 1 else math.nan
+    row["authors_flow_params"] = _authors_params(values, g)
     return row
 
 
@@ -213,15 +261,21 @@ def _paper_nll(row) -> str:
     return "" if math.isnan(row["paper_nll"]) else f"{row['paper_nll']:.2f} [{row['paper_nll_status']}]"
 
 
+def _count(value: float) -> str:
+    return "" if value is None or math.isnan(value) else f"{int(value):,}"
+
+
 def _cells(row) -> list[str]:
-    """Model, K, -ELBO and -ln p(x) (ours), the paper's -ELBO and -ln p(x), ours - paper (-ELBO), seeds."""
+    """Model, K, -ELBO and -ln p(x) (ours), the paper's -ELBO and -ln p(x), ours - paper (-ELBO), seeds, and the
+    flow's parameter count (ours, as recorded by the runs; the authors' where the settings are theirs)."""
     diff = _num(row["diff_neg_elbo"], "+.2f")
     ours = [_pm(row, "test_neg_elbo"), _pm(row, "test_nll")]
-    return [row["label"], str(row["K"]), *ours, _paper_elbo(row), _paper_nll(row), diff, str(row["seeds"])]
+    counts = [_count(row.get("flow_params", math.nan)), _count(row.get("authors_flow_params", math.nan))]
+    return [row["label"], str(row["K"]), *ours, _paper_elbo(row), _paper_nll(row), diff, str(row["seeds"]), *counts]
 
 
 HEADER = ["Model", "K", "-ELBO (ours)", "-ln p(x) (ours)", "-ELBO (paper)", "-ln p(x) (paper)"]
-HEADER += ["ours - paper (-ELBO)", "seeds"]
+HEADER += ["ours - paper (-ELBO)", "seeds", "flow params (ours)", "flow params (authors)"]
 
 
 def _sections(table: pd.DataFrame):
@@ -260,6 +314,7 @@ def table1_markdown(table: pd.DataFrame) -> str:
         "(Grathwohl et al. 2019); [C*] the best Sylvester flow's value, confirmed there without the variant "
         "being named (O-SNF and H-SNF tie at 99.00 on Omniglot); [U] unconfirmed (recalled; the whole -ln p(x) "
         "column).",
+        PARAMS_NOTE,
         PROTOCOL_NOTE,
         "",
     ]
@@ -275,12 +330,12 @@ def table1_latex(table: pd.DataFrame) -> str:
     """Table 1 as a LaTeX ``tabular`` (booktabs), one block per dataset and settings."""
     lines = [
         "% nfvi report: Sylvester flows Table 1 (nats). [C] confirmed, [C*] best SNF confirmed, [U] unconfirmed.",
-        r"\begin{tabular}{lrrrrrrr}",
+        r"\begin{tabular}{lrrrrrrrrr}",
         r"\toprule",
         " & ".join(_tex(h) for h in HEADER) + r" \\",
     ]
     for dataset, caption, g in _sections(table):
-        lines += [r"\midrule", rf"\multicolumn{{8}}{{l}}{{\emph{{{_tex(f'{dataset} ({caption})')}}}}} \\", r"\midrule"]
+        lines += [r"\midrule", rf"\multicolumn{{10}}{{l}}{{\emph{{{_tex(f'{dataset} ({caption})')}}}}} \\", r"\midrule"]
         lines += [" & ".join(_tex(c) for c in _cells(r)) + r" \\" for _, r in g.iterrows()]
     lines += [r"\bottomrule", r"\end{tabular}", ""]
     return "\n".join(lines)

@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from nfvi.errors import NfviError
-from nfvi.runs import atomic_torch_save
+from nfvi.runs import atomic_torch_save, select_device
 
 __all__ = [
     "BEST",
@@ -42,6 +42,7 @@ __all__ = [
     "load_model",
     "model_from_state",
     "save_checkpoint",
+    "weights_mismatch",
 ]
 
 FORMAT = "nfvi-vae-checkpoint"
@@ -140,19 +141,51 @@ def model_from_state(state: dict, device: str | torch.device = "cpu"):
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise NfviError(f"checkpoint weights do not fit the model of its config: {first}") from None
+        raise NfviError(weights_mismatch(model.state_dict(), state["model"], cfg.flow.kind, exc)) from None
     return model.to(device).eval()
+
+
+#: flows whose parameter layout changed to the Sylvester authors' (issue 19): their older checkpoints do not load
+RELAYOUT_FLOWS = ("sylvester", "iaf")
+
+
+def weights_mismatch(expected: dict, found: dict, flow: str, exc: Exception | None = None) -> str:
+    """One line: the first parameter that differs between a model's ``state_dict`` (``expected``) and a checkpoint's
+    (``found``), missing, unexpected or of another shape, and for a Sylvester or amortized IAF posterior the likely
+    cause (a checkpoint written before these posteriors took the authors' layout) and what to do."""
+
+    def more(keys: list) -> str:
+        return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+
+    if missing := [k for k in expected if k not in found]:
+        what = f"{missing[0]} is missing from the checkpoint{more(missing)}"
+    elif extra := [k for k in found if k not in expected]:
+        what = f"the checkpoint holds {extra[0]}, which this model has not{more(extra)}"
+    elif shapes := [k for k in expected if tuple(found[k].shape) != tuple(expected[k].shape)]:
+        key = shapes[0]
+        what = f"{key} is {tuple(found[key].shape)} in the checkpoint but {tuple(expected[key].shape)} here"
+    else:
+        what = str(exc).strip().splitlines()[0] if exc is not None else "they differ"
+    message = f"checkpoint weights do not fit the model of its config (flow={flow}): {what}"
+    if flow in RELAYOUT_FLOWS:
+        message += (
+            "; Sylvester and amortized IAF posteriors have taken the Sylvester authors' parameter layout "
+            "(docs/flows.md), so checkpoints written before that no longer load: train the run again, or evaluate "
+            "it with the nfvi commit that wrote it (git_commit in its run.json)"
+        )
+    return message
 
 
 def load_model(run_dir: str | Path, which: str = "best", device: str | torch.device = "cpu"):
     """The trained VAE of a ``nfvi train`` run directory, in eval mode.
 
     ``which="best"`` takes ``best.pt`` (best validation bound) when the run has one, else the last
-    checkpoint; ``which="last"`` always takes ``checkpoint.pt``.
+    checkpoint; ``which="last"`` always takes ``checkpoint.pt``. ``device``: ``cpu``, ``cuda``, ``cuda:N``, ``auto``
+    or a ``torch.device``; one unknown or absent here is a one-line error (:func:`nfvi.runs.select_device`).
     """
     if which not in ("best", "last"):
         raise NfviError(f"which={which!r} is not allowed; choose one of: best, last")
+    device = select_device(device)  # before reading anything: a bad device is a one-line error
     run_dir = Path(run_dir)
     path = run_dir / BEST if which == "best" and (run_dir / BEST).is_file() else run_dir / CHECKPOINT
     if not path.is_file():

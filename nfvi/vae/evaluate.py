@@ -228,6 +228,8 @@ def evaluate_run(
         "flow": cfg.flow.kind,
         "flow_length": cfg.flow.length,
         **{f"flow_{key}": value for key, value in flow_options(cfg.flow).items()},
+        "flow_params": sum(p.numel() for p in model.flow.parameters()),  # the flow with its amortization head
+        "num_params": sum(p.numel() for p in model.parameters()),
         "steps": int(last["step"]),
         "stopped_early": _stopped_early(cfg.trainer, last),
         "seed": cfg.seed,

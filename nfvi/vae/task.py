@@ -48,7 +48,7 @@ from nfvi.data import binarize, load_dataset, split_generator
 from nfvi.errors import NfviError, NonFiniteLossError
 from nfvi.runs import MetricsLog, Run, run_dir, seed_everything
 from nfvi.training import check_finite, cosine_factor, early_stop_due, optimizer_from_config
-from nfvi.vae.checkpoint import BEST, CHECKPOINT, config_diff, load_checkpoint, save_checkpoint
+from nfvi.vae.checkpoint import BEST, CHECKPOINT, config_diff, load_checkpoint, save_checkpoint, weights_mismatch
 from nfvi.vae.config import TrainConfig, TrainerConfig
 from nfvi.vae.evaluate import evaluate_run, same_settings, summary_line
 from nfvi.vae.model import build_model, check_likelihood_fits, model_input_shape
@@ -180,6 +180,10 @@ class Trainer:
     def restore(self, state: dict) -> None:
         try:
             self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:  # a layout this nfvi no longer builds: name the first differing parameter
+            why = weights_mismatch(self.model.state_dict(), state["model"], self.cfg.flow.kind, exc)
+            raise NfviError(f"checkpoint {self.out / CHECKPOINT} cannot be restored: {why}") from None
+        try:
             self.optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng"]["torch"])
             if self.device.type == "cuda" and state["rng"]["cuda"]:
