@@ -168,23 +168,32 @@ class SlurmLauncher(SubmititSlurmLauncher):
             time.sleep(1.0)
 
     def _result(self, job, params) -> JobReturn:
-        """The job's JobReturn; for a job that ended without one, write its ``error.txt`` and return an empty one."""
+        """The job's JobReturn; for a job that ended without one (or whose submitit wrapper failed), write its
+        ``error.txt`` and return an empty one: :class:`nfvi.hydra_callbacks.SweepFailures` reports it."""
+        from submitit.core.utils import FailedJobError, UncompletedJobError
+
         from nfvi.runs import ERROR_FILE, atomic_write_text
 
+        command = str(self.config.hydra.job.name)
         if job.paths.result_pickle.exists():
-            return job.results()[0]
-        state = getattr(job, "_nfvi_state", "ENDED")
+            try:
+                return job.results()[0]
+            except (FailedJobError, UncompletedJobError) as exc:  # e.g. requeued max_num_timeout times already
+                first = next((line for line in str(exc).splitlines() if line.strip()), "")
+                line = f"nfvi {command}: error: SLURM job {job.job_id} failed in submitit: {first}"
+                details = f"{exc}\n"
+        else:
+            state = getattr(job, "_nfvi_state", "ENDED")
+            how = "no longer listed by squeue" if state == "ENDED" else state
+            line = (
+                f"nfvi {command}: error: SLURM job {job.job_id} ended without a result ({how}: killed by scancel, the "
+                f"time limit or the memory limit, or crashed); its output: {job.paths.stdout} and {job.paths.stderr}"
+            )
+            tail = _tail(job.paths.stderr)
+            details = f"last lines of {job.paths.stderr}:\n{tail}\n" if tail else ""
         overrides, job_dir_key, job_num = params[0], params[1], params[2]
         folder = self._job_folder(overrides, job_dir_key, job_num, job.job_id)
-        command = str(self.config.hydra.job.name)
-        how = "no longer listed by squeue" if state == "ENDED" else state
-        line = (
-            f"nfvi {command}: error: SLURM job {job.job_id} ended without a result ({how}: killed by scancel, the time "
-            f"limit or the memory limit, or crashed); its output: {job.paths.stdout} and {job.paths.stderr}"
-        )
-        tail = _tail(job.paths.stderr)
-        tail = f"last lines of {job.paths.stderr}:\n{tail}\n" if tail else ""
-        atomic_write_text(folder / ERROR_FILE, f"{line}\n{tail}")
+        atomic_write_text(folder / ERROR_FILE, f"{line}\n{details}")
         ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, _return_value=None)
         ret.working_dir = str(folder)
         return ret

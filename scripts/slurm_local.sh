@@ -74,6 +74,8 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+# look at pending jobs every 5 s (default 30-60 s): a requeued job starts again soon after cred_expire
+SchedulerParameters=sched_interval=5,bf_interval=5
 ReturnToService=2
 # SIGTERM, then SIGKILL 10 s later (scancel, requeue, time limit): time for nfvi train to save its checkpoint
 KillWait=10

@@ -266,8 +266,8 @@ def interrupted_train(tmp_path: Path, interrupt) -> tuple[Path, str, str]:
         proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
-            proc.kill()
-        subprocess.run(["scancel", *job_ids(log.read_text())], check=False)  # nothing left running
+            proc.kill()  # the test failed: leave nothing running
+            subprocess.run(["scancel", *job_ids(log.read_text())], check=False)
     stderr = log.read_text()
     assert proc.returncode == 0, stderr
     return run, job_id, stderr
@@ -329,8 +329,8 @@ def test_a_job_killed_hard_fails_the_sweep_in_bounded_time(slurm_cluster, tmp_pa
         waited = time.monotonic() - killed
     finally:
         if proc.poll() is None:
-            proc.kill()
-        subprocess.run(["scancel", *job_ids(log.read_text())], check=False)  # nothing left running
+            proc.kill()  # the test failed: leave nothing running
+            subprocess.run(["scancel", *job_ids(log.read_text())], check=False)
     stderr = log.read_text()
     assert proc.returncode == 1, stderr
     assert waited < 60, waited
