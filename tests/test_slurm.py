@@ -185,7 +185,7 @@ def test_energy_sweep_on_slurm_gives_the_basic_launchers_numbers(slurm_cluster, 
         mine = json.loads((sweep / name / "results.json").read_text())
         theirs = json.loads((tmp_path / "basic" / name / "results.json").read_text())
         assert numbers(mine) == numbers(theirs) and len(numbers(mine)) >= 3
-        assert "fitting" in (sweep / name / "energy.log").read_text() or (sweep / name / "energy.log").stat().st_size
+        assert (sweep / name / "energy.log").stat().st_size > 0  # the job's log in its folder, as on every launcher
     ids = job_ids(result.stdout + result.stderr)
     assert len(ids) == 2
     for job_id in ids:
