@@ -55,8 +55,9 @@ def check_timing(timeout_min: int, signal_delay_s: int) -> None:
     """One-line :class:`NfviError` unless the time-limit signal (``USR2``, ``signal_delay_s`` before the limit) comes
     in the last fifth of the job's ``timeout_min`` minutes.
 
-    Later than that keeps submitit counting it as a time-out (it counts a signal as preemption, requeued without
-    limit, when it comes before ``min(0.8 T, T - 10 min)``); SLURM may send it up to a minute early anyway.
+    Such a signal leaves the job most of its time, and submitit counts it as a time-out (``max_num_timeout``
+    requeues at most): a signal before ``min(0.8 T, T - 10 min)`` it takes for a preemption, requeued without limit.
+    SLURM may send it up to a minute early anyway.
     """
     if signal_delay_s <= 0 or signal_delay_s * 5 > timeout_min * 60:
         raise NfviError(
@@ -138,20 +139,22 @@ class SlurmLauncher(SubmititSlurmLauncher):
         jobs = executor.map_array(self, *zip(*job_params, strict=True))
         for idx, job in enumerate(jobs, start=initial_job_idx):
             log.info("\t#%d : SLURM job %s, logs in %s", idx, job.job_id, job.paths.folder)
-        self._wait(jobs)
-        return [self._result(job, params) for job, params in zip(jobs, job_params, strict=True)]
+        states = self._wait(jobs)
+        return [self._result(job, p, states.get(job.job_id, "ENDED")) for job, p in zip(jobs, job_params, strict=True)]
 
-    def _wait(self, jobs) -> None:
-        """Until every job has its result or has ended without one (and :data:`RESULT_GRACE_S` has passed)."""
+    def _wait(self, jobs) -> dict[str, str]:
+        """Until every job has its result or has ended without one :data:`RESULT_GRACE_S` ago. Polls ``squeue``
+        every 2 s at first, then less often (every 30 s after 5 minutes). Returns the last SLURM state seen of the
+        jobs that ended without a result."""
         ended_at: dict[str, float] = {}
-        last_answer = last_poll = time.monotonic()
+        seen: dict[str, str] = {}
+        started = last_answer = last_poll = time.monotonic()
         while True:
             now = time.monotonic()
             waiting = [job for job in jobs if not job.paths.result_pickle.exists()]
             if all(now - ended_at.get(job.job_id, math.inf) >= RESULT_GRACE_S for job in waiting):
-                return  # each has its result, or ended more than RESULT_GRACE_S ago without one
-            poll_every = min(30.0, 2.0 + (now - last_answer) / 10)
-            if waiting and now - last_poll >= poll_every:
+                return seen  # each has its result, or ended more than RESULT_GRACE_S ago without one
+            if waiting and now - last_poll >= min(30.0, 2.0 + (now - started) / 10):
                 last_poll = now
                 states = job_states([job.job_id for job in waiting])
                 if states is None:
@@ -159,15 +162,15 @@ class SlurmLauncher(SubmititSlurmLauncher):
                         raise NfviError(f"squeue gave no answer for {SQUEUE_PATIENCE_S:.0f} s; is SLURM up?")
                 else:
                     last_answer = now
+                    seen.update(states)
                     for job in waiting:
                         if states[job.job_id] in FINISHED_STATES:
                             ended_at.setdefault(job.job_id, now)
-                            job._nfvi_state = states[job.job_id]
                         else:
                             ended_at.pop(job.job_id, None)  # requeued
             time.sleep(1.0)
 
-    def _result(self, job, params) -> JobReturn:
+    def _result(self, job, params, state: str) -> JobReturn:
         """The job's JobReturn; for a job that ended without one (or whose submitit wrapper failed), write its
         ``error.txt`` and return an empty one: :class:`nfvi.hydra_callbacks.SweepFailures` reports it."""
         from submitit.core.utils import FailedJobError, UncompletedJobError
@@ -183,7 +186,6 @@ class SlurmLauncher(SubmititSlurmLauncher):
                 line = f"nfvi {command}: error: SLURM job {job.job_id} failed in submitit: {first}"
                 details = f"{exc}\n"
         else:
-            state = getattr(job, "_nfvi_state", "ENDED")
             how = "no longer listed by squeue" if state == "ENDED" else state
             line = (
                 f"nfvi {command}: error: SLURM job {job.job_id} ended without a result ({how}: killed by scancel, the "
