@@ -102,7 +102,8 @@ def _cannot_run_slurm(config) -> str | None:
 @pytest.fixture(scope="session")
 def slurm_cluster(request):
     """A one-node SLURM cluster for this session (and pytest-xdist worker): ``SLURM_CONF`` points at it; the cluster
-    is stopped at the end of the session, also when a test or the start itself failed."""
+    is stopped at the end of the session, also when a test or the start itself failed (its folder, with the daemons'
+    logs, is then kept)."""
     reason = _cannot_run_slurm(request.config)
     if reason:
         pytest.skip(f"SLURM tests: {reason}")
@@ -118,6 +119,8 @@ def slurm_cluster(request):
         yield folder
     finally:
         subprocess.run([str(SCRIPT), "down", str(folder)], capture_output=True, env=env, timeout=120)
+        if request.session.testsfailed == 0:
+            shutil.rmtree(folder, ignore_errors=True)  # kept, with the daemons' logs, when a test failed
         if old_conf is None:
             os.environ.pop("SLURM_CONF", None)
         else:
