@@ -160,12 +160,14 @@ def _job_failed(command: str, exc: Exception, folder: Path, *, user: bool, remov
     ``remove``: delete the folder (and the folders above it left empty, up to ``output_dir``) instead: a refused
     config or data file, the job wrote nothing of its own. A command that runs in the working directory
     (``nfvi report``) gets no ``error.txt`` there: the traceback of an unexpected error goes to stderr.
-    Returns the exit status: 2 user error, 1 anything else.
+    Returns the exit status: 2 user error, 1 anything else (or the error's own ``exit_status``: 1 for a diverged
+    run, :class:`nfvi.errors.DivergenceError`, reported in one line like a user error).
     """
     import traceback
 
     from nfvi.runs import ERROR_FILE, atomic_write_text
 
+    status = getattr(exc, "exit_status", 2) if user else 1
     error_file = folder / ERROR_FILE
     if user:
         line = f"nfvi {command}: error: {one_line(exc)}"
@@ -186,7 +188,7 @@ def _job_failed(command: str, exc: Exception, folder: Path, *, user: bool, remov
         traceback.print_exception(exc)
         line += " (traceback above)"
     print(line, file=sys.stderr)
-    return 2 if user else 1
+    return status
 
 
 def _job(command: str, task, debug: bool):
@@ -216,7 +218,8 @@ def _job(command: str, task, debug: bool):
         except Exception as exc:
             user = isinstance(exc, user_errors)
             multirun = _is_multirun()
-            remove = user and fresh and not multirun and not _own_files(folder) and _is_job_folder(folder)
+            refused = user and getattr(exc, "exit_status", 2) == 2  # not a diverged run: that keeps its folder
+            remove = refused and fresh and not multirun and not _own_files(folder) and _is_job_folder(folder)
             output_dir = OmegaConf.select(cfg, "paths.output_dir")
             status = _job_failed(command, exc, folder, user=user, remove=remove, output_dir=output_dir)
             if debug:
