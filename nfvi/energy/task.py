@@ -188,10 +188,29 @@ def run(cfg) -> dict:
         return done if done is not None else _fit_and_evaluate(cfg, run)
 
 
+def _check_size(cfg, energy, device) -> None:
+    """Refuse in one line a flow and batch that need more memory than the device has (:mod:`nfvi.sizes`)."""
+    from nfvi.sizes import check_memory, flow_size_keys, with_length
+
+    def make(length: int):
+        model = EnergyModel(flow_from_config(with_length(cfg.flow, length), dim=2))
+
+        def forward(n: int):
+            z_k, log_q = model(n)
+            return log_q + energy(z_k)
+
+        return model, forward
+
+    keys = {"flow": flow_size_keys(cfg.flow, context_dim=0), "batch": {"trainer.samples": cfg.trainer.samples}}
+    keys["model"] = keys["flow"]  # the base's mean and scale: all else is the flow
+    check_memory("energy", make, cfg.flow.length, cfg.trainer.samples, keys, device or "cpu")
+
+
 def _fit_and_evaluate(cfg, run: Run) -> dict:
     out, device = run.out, run.device
     energy = energies.ENERGIES[cfg.target]
     trained = energies.confine(energy, cfg.eval.box, cfg.wall)
+    _check_size(cfg, trained, device)
     model = EnergyModel(flow_from_config(cfg.flow, dim=2)).to(device)
     log.info(
         "fitting %s with %s K=%d: %d updates -> %s", cfg.target, cfg.flow.kind, cfg.flow.length, cfg.trainer.steps, out

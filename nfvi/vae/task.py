@@ -141,6 +141,7 @@ class Trainer:
                 f"trainer.batch_size={self.t.batch_size} exceeds the {len(self.data.train)} training images "
                 f"of dataset={cfg.dataset.name}"
             )
+        self.check_size()
         seed_everything(int(cfg.seed))
         self.model = build_model(cfg.model, cfg.flow, self.x_dim).to(device)
         if self.t.init_output_bias:
@@ -161,6 +162,27 @@ class Trainer:
         if self.t.val_images and self.t.val_images < len(self.valid):
             gen = torch.Generator().manual_seed(int(cfg.seed))
             self.valid = self.valid[torch.randperm(len(self.valid), generator=gen)[: self.t.val_images].sort().values]
+
+    def check_size(self) -> None:
+        """Refuse in one line a model and batch that need more memory than the device has (:mod:`nfvi.sizes`)."""
+        from nfvi.sizes import check_memory, flow_size_keys, with_length
+
+        cfg, t, shape = self.cfg, self.t, tuple(self.data.train.shape[1:])
+
+        def make(length: int):
+            model = build_model(cfg.model, with_length(cfg.flow, length), self.x_dim)
+            return model, lambda n: free_energy_terms(model, torch.zeros(n, *shape), num_samples=t.samples)
+
+        m = cfg.model
+        model_keys = {"model.hidden": m.hidden, "model.layers": m.layers, "model.latent_dim": m.latent_dim}
+        if m.name in ("conv", "gated_conv"):
+            model_keys["model.channels"] = m.channels
+        keys = {
+            "model": model_keys,
+            "flow": flow_size_keys(cfg.flow),
+            "batch": {"trainer.batch_size": t.batch_size, "trainer.samples": t.samples},
+        }
+        check_memory("train", make, cfg.flow.length, t.batch_size, keys, self.device)
 
     # -- state ---------------------------------------------------------------------------------------------------------
     def state(self) -> dict:
