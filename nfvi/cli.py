@@ -280,9 +280,15 @@ def main(argv: list[str] | None = None) -> None:
                 raise
             print(f"nfvi {command}: error: {fault}", file=sys.stderr)
             sys.exit(2)
-        except Exception:  # a launcher or Hydra itself failed (e.g. a submitit job killed for time or memory)
+        except Exception as exc:  # a launcher or Hydra itself failed (e.g. a submitit job killed for time or memory)
             if debug:
                 raise
+            from nfvi.runs import environment_fault
+
+            fault = environment_fault(exc)  # e.g. Hydra's log file on a read-only file system (inside a ValueError)
+            if fault is not None:
+                print(f"nfvi {command}: error: {fault}", file=sys.stderr)
+                sys.exit(2)
             import traceback
 
             traceback.print_exc()

@@ -185,11 +185,6 @@ def check_identity(path: str | Path, state: dict, record: dict | None, record_id
     nfvi) the config alone is compared, with a warning.
     """
     run_id = state.get("run_id")
-    if run_id is not None and record_id is not None and run_id != record_id:
-        raise NfviError(
-            f"{path} holds the weights of another run (run id {run_id}; the run of this folder is {record_id}): "
-            f"it was copied or moved here; evaluate it in its own folder, or remove it"
-        )
     if record is not None:
         diff = config_diff(record, state.get("config") or {}, IDENTITY_MAY_CHANGE)
         if diff:
@@ -200,6 +195,11 @@ def check_identity(path: str | Path, state: dict, record: dict | None, record_id
                 f"the run's record (run_config.json) has {key}={ours[key]!r}{more}; evaluate it in its own folder, "
                 f"or remove it"
             )
+    if run_id is not None and record_id is not None and run_id != record_id:
+        raise NfviError(
+            f"{path} holds the weights of another run (run id {run_id}; the run of this folder is {record_id}): "
+            f"it was copied or moved here; evaluate it in its own folder, or remove it"
+        )
     if run_id is None or record_id is None:
         what = "the checkpoint" if run_id is None else "the folder's run_config.json"
         log.warning("%s: %s records no run id (an older nfvi); its config is checked only", path, what)
