@@ -382,8 +382,24 @@ def _read_only(monkeypatch, folder: Path):
     monkeypatch.setattr(logging.FileHandler, "_builtin_open", open_, raising=False)
 
 
+@pytest.fixture
+def hydra_logging():
+    """These tests let Hydra configure its job logging (its log file is what fails): put the logging set-up back
+    afterwards, so that no handler bound to this test's captured stderr outlives it."""
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]
+    saved = {id(lg): (lg, lg.handlers[:], lg.level, lg.disabled, lg.propagate) for lg in loggers}
+    yield
+    for lg, handlers, level, disabled, propagate in saved.values():
+        for handler in lg.handlers:
+            if handler not in handlers:
+                handler.close()
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.disabled, lg.propagate = disabled, propagate
+
+
 @pytest.mark.parametrize("command", ["train", "energy", "cde"])
-def test_resuming_on_a_read_only_file_system_is_one_line(tmp_path, monkeypatch, capsys, command):
+def test_resuming_on_a_read_only_file_system_is_one_line(tmp_path, monkeypatch, capsys, hydra_logging, command):
     """21.8: a traceback from Hydra's logging set-up (its log file cannot be opened). Simulated (see _read_only)."""
     from tests.test_reliability import ENERGY
 
