@@ -429,3 +429,19 @@ def test_resuming_on_a_read_only_file_system_is_one_line(tmp_path, monkeypatch, 
     assert lines[0].startswith(f"nfvi {command}: error: cannot write {run}") and "read-only" in lines[0], lines[0]
     monkeypatch.undo()
     assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+
+
+def test_on_a_gpu_the_bound_is_its_memory(monkeypatch):
+    """The device's own memory bounds the estimate (a GPU's total; no GPU here: its properties are patched)."""
+    from nfvi import sizes
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=10**6))
+    assert sizes.available_memory("cuda:0") == 10**6
+
+    def make(length):
+        flow = build_flow("nice", 4, length, hidden=256)
+        return flow, lambda n: flow(torch.zeros(n, 4))
+
+    assert sizes.check_memory("energy", make, 2, 8, {}, "cpu").parameters > 0
+    with pytest.raises(NfviError, match=r"more than the 1 MB of cuda memory here; reduce flow.hidden=256"):
+        sizes.check_memory("energy", make, 40, 8, {"flow": {"flow.hidden": 256}}, "cuda:0")
