@@ -105,19 +105,19 @@ def test_energy_mass_outside_the_box_is_warned_and_marked_in_the_report(tmp_path
     (tmp_path / "run").mkdir()
     with caplog.at_level(logging.WARNING, logger="nfvi.energy"):
         results = energy(tmp_path / "run", "optim.lr=10")
-    assert results["mass_outside_box"] > 0.01 and "of q_K's mass lies outside the box" in results["kl_warning"]
+    assert results["mass_outside_box"] > 0.05 and "of q_K's mass lies outside the box" in results["kl_warning"]
     assert "outside the box" in caplog.text
     assert json.loads((tmp_path / "run" / "results.json").read_text())["kl_warning"] == results["kl_warning"]
     report_run(_report_cfg(tmp_path / "run", tmp_path / "tables"))
     md = (tmp_path / "tables" / "energy.md").read_text()
     kl_table = md.split("## KL on the box")[1].split("##")[0]
-    assert f"{results['kl']:.3f} §" in kl_table and "§ more than 1% of q_K's mass lies outside the box" in kl_table
+    assert f"{results['kl']:.3f} §" in kl_table and "§ more than 5% of q_K's mass lies outside the box" in kl_table
 
 
 def test_energy_inside_the_box_has_no_warning(tmp_path):
     (tmp_path / "run").mkdir()
     results = energy(tmp_path / "run")
-    assert results["mass_outside_box"] <= 0.01 and "kl_warning" not in results
+    assert results["mass_outside_box"] <= 0.05 and "kl_warning" not in results
 
 
 # -- 4. weights carry their run's identity -----------------------------------------------------------------------------

@@ -61,8 +61,10 @@ from nfvi.training import beta_schedule, check_finite, cosine_scheduler, flow_fr
 
 __all__ = ["EnergyConfig", "KL_DEFINITION", "MASS_OUTSIDE_LIMIT", "UNITS", "beta_at", "fit", "evaluate", "run"]
 
-#: more of q_K's mass than this outside the box makes the KL on the box a caveated number (``kl_warning``)
-MASS_OUTSIDE_LIMIT = 0.01
+#: more of q_K's mass than this outside the box makes the KL on the box a caveated number (``kl_warning``). Not 1%:
+#: the walled targets themselves keep about 2% of their mass outside the box, and good fits show up to 2.4%
+#: (docs/energy.md, the quick profile's table); a fit that left the box (optim.lr=10) has ~100% outside.
+MASS_OUTSIDE_LIMIT = 0.05
 
 KL_DEFINITION = "KL(q_box || p_box) by quadrature: q_K and exp(-U) both restricted to the box and renormalised there"
 UNITS = {

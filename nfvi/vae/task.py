@@ -28,7 +28,13 @@ at any update and resumed ends at the same parameters as an uninterrupted one.
 Stopping: SIGINT (Ctrl-C) or SIGTERM finishes the current update, saves ``checkpoint.pt`` and exits
 with status 130 or 143 (a second Ctrl-C aborts at once). A NaN/inf loss, gradient or validation
 bound stops the run with a one-line error naming the update; ``checkpoint.pt`` keeps the last good
-state (a state with non-finite parameters is never saved).
+state (a state with non-finite parameters is never saved). So does divergence: a logged training -ELBO (each
+``metrics.csv`` row) or validation -ELBO more than 10 nats per pixel above the -ELBO of the run's first update
+(:func:`nfvi.training.check_divergence`; the CLI exits 1, no results.json is written).
+
+Identity: ``run_config.json`` records the run's ``run_id``; every checkpoint records it with the resolved config,
+and ``resume=true`` refuses a checkpoint of another run (:func:`nfvi.vae.checkpoint.check_identity`). Before the
+model is allocated, :mod:`nfvi.sizes` refuses a config that needs more memory than the device has.
 """
 
 from __future__ import annotations
