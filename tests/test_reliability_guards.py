@@ -185,6 +185,9 @@ def test_resume_may_change_steps_and_overwrite_and_evaluate_accepts_it(runs, tmp
     train_mod.train(cfg_of("trainer.steps=12", "trainer.log_every=2", "resume=true"), run)
     assert load_checkpoint(run / "checkpoint.pt")["config"]["trainer"]["steps"] == 12
     assert evaluate(run)[str(run)]["steps"] == 12
+    fresh = tmp_path / "fresh"  # overwrite=true, then resume=true: refused before ("differs in overwrite")
+    train_mod.train(cfg_of("trainer.steps=4", "overwrite=true"), fresh)
+    assert train_mod.train(cfg_of("trainer.steps=6", "resume=true"), fresh)["steps"] == 6
 
 
 def test_old_checkpoints_without_an_id_are_accepted_with_a_warning(runs, tmp_path, caplog):

@@ -62,6 +62,7 @@ BEST = "best.pt"
 #: config keys (fnmatch patterns on dotted names) that may differ between a checkpoint and a resumed run
 RESUME_MAY_CHANGE = (
     "resume",
+    "overwrite",  # a flag of the launch (overwrite=true then resume=true continues the run it started)
     "run_dir",
     "device",
     "threads",
@@ -76,8 +77,8 @@ RESUME_MAY_CHANGE = (
 
 
 #: keys in which a checkpoint may differ from its folder's record (run_config.json, the first launch): what a resume
-#: may change, and ``overwrite`` (a later launch's flag)
-IDENTITY_MAY_CHANGE = (*RESUME_MAY_CHANGE, "overwrite")
+#: may change
+IDENTITY_MAY_CHANGE = RESUME_MAY_CHANGE
 
 log = logging.getLogger("nfvi.checkpoint")
 
