@@ -176,12 +176,14 @@ def _job_failed(command: str, exc: Exception, folder: Path, *, user: bool, remov
     ``remove``: delete the folder (and the folders above it left empty, up to ``output_dir``) instead: a refused
     config or data file, the job wrote nothing of its own. A command that runs in the working directory
     (``nfvi report``) gets no ``error.txt`` there: the traceback of an unexpected error goes to stderr.
-    Returns the exit status: 2 user error, 1 anything else.
+    Returns the exit status: 2 user error, 1 anything else (or the error's own ``exit_status``: 1 for a diverged
+    run, :class:`nfvi.errors.DivergenceError`, reported in one line like a user error).
     """
     import traceback
 
     from nfvi.runs import ERROR_FILE, atomic_write_text
 
+    status = getattr(exc, "exit_status", 2) if user else 1
     error_file = folder / ERROR_FILE
     if user:
         line = f"nfvi {command}: error: {one_line(exc)}"
@@ -202,7 +204,7 @@ def _job_failed(command: str, exc: Exception, folder: Path, *, user: bool, remov
         traceback.print_exception(exc)
         line += " (traceback above)"
     print(line, file=sys.stderr)
-    return 2 if user else 1
+    return status
 
 
 def _job(command: str, task, debug: bool):
@@ -232,7 +234,8 @@ def _job(command: str, task, debug: bool):
         except Exception as exc:
             user = isinstance(exc, user_errors)
             multirun = _is_multirun()
-            remove = user and fresh and not multirun and not _own_files(folder) and _is_job_folder(folder)
+            refused = user and getattr(exc, "exit_status", 2) == 2  # not a diverged run: that keeps its folder
+            remove = refused and fresh and not multirun and not _own_files(folder) and _is_job_folder(folder)
             output_dir = OmegaConf.select(cfg, "paths.output_dir")
             status = _job_failed(command, exc, folder, user=user, remove=remove, output_dir=output_dir)
             if debug:
@@ -309,9 +312,15 @@ def main(argv: list[str] | None = None) -> None:
                 raise
             print(f"nfvi {command}: error: {fault}", file=sys.stderr)
             sys.exit(2)
-        except Exception:  # a launcher or Hydra itself failed (e.g. a submitit job killed for time or memory)
+        except Exception as exc:  # a launcher or Hydra itself failed (e.g. a submitit job killed for time or memory)
             if debug:
                 raise
+            from nfvi.runs import environment_fault
+
+            fault = environment_fault(exc)  # e.g. Hydra's log file on a read-only file system (inside a ValueError)
+            if fault is not None:
+                print(f"nfvi {command}: error: {fault}", file=sys.stderr)
+                sys.exit(2)
             import traceback
 
             traceback.print_exc()

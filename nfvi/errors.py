@@ -21,8 +21,19 @@ class NfviError(ValueError):
     """
 
 
-class NonFiniteLossError(NfviError):
-    """The loss became NaN or inf; the run stops and keeps what it wrote so far."""
+class DivergenceError(NfviError):
+    """The run's loss or headline metric left its plausible range (:func:`nfvi.training.check_divergence`).
+
+    Not the user's input but a failed run: the CLI ends it with one line, ``error.txt`` and exit status
+    :attr:`exit_status` (1); what the run saved so far (its last good checkpoint) is kept.
+    """
+
+    #: exit status of the CLI (a user error is 2)
+    exit_status = 1
+
+
+class NonFiniteLossError(DivergenceError):
+    """The loss became NaN or inf; the run stops and keeps what it wrote so far (exit status 1)."""
 
 
 def check_choice(key: str, value: object, allowed) -> None:

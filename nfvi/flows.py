@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from nfvi.checks import check_flow_input
+from nfvi.config import MAX_FLOW_LENGTH, MAX_WIDTH
 from nfvi.distributions import FlowDistribution
-from nfvi.errors import NfviError, check_choice
+from nfvi.errors import NfviError, check_choice, check_int_range, check_range
 from nfvi.transforms import (
     AdditiveCouplingTransform,
     FlowTransform,
@@ -512,6 +513,21 @@ class SylvesterFlow(_ElementwiseParamFlow):
         raise NotImplementedError("sylvester flows have no inverse; use rsample_and_log_prob")
 
 
+def _check_options(kind: str, options: dict) -> None:
+    """The option checks of the CLI (:class:`nfvi.config.FlowConfig`) that the layers do not make themselves:
+    ``w_floor`` finite in [0, 100] (or None/"auto"), NICE's ``hidden`` >= 1, and the upper bounds of the widths."""
+    w_floor = options.get("w_floor", "auto")
+    if not (w_floor is None or (isinstance(w_floor, str) and w_floor == "auto")):
+        check_range("flow.w_floor", w_floor, 0.0, 100.0, kind='a floor on ||w|| (None: off, "auto": 0.1 if amortized)')
+    if kind == "nice" and "hidden" in options:
+        check_int_range("flow.hidden", options["hidden"], 1, MAX_WIDTH, kind="a layer width")
+    bounds = {"hidden": MAX_WIDTH, "num_hidden": 16, "num_householder": MAX_WIDTH, "num_vectors": MAX_WIDTH}
+    for key, high in bounds.items():  # lower bounds: the layers' own messages
+        value = options.get(key)
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > high:
+            check_int_range(f"flow.{key}", value, 1, high, kind="a whole number")
+
+
 def build_flow(kind: str, dim: int, length: int, context_dim: int = 0, **options) -> Flow:
     """Build a flow of ``length`` layers of ``kind`` on R^dim.
 
@@ -527,14 +543,15 @@ def build_flow(kind: str, dim: int, length: int, context_dim: int = 0, **options
             default D) and ``num_householder`` (householder: reflections in Q, default 4) (sylvester).
     """
     check_choice("flow", kind, FLOW_KINDS)
-    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
-        raise NfviError(f"flow.length={length!r} is not allowed; use a whole number >= 0")
+    # the CLI's bounds (nfvi.config.FlowConfig), so that build_flow("planar", 2, 10**9) is refused before it allocates
+    check_int_range("flow.length", length, 0, MAX_FLOW_LENGTH, kind="a whole number of layers")
     _check_int("flow.dim", dim, 1)
     _check_int("flow.context_dim", context_dim, 0)
     for name in options:
         if name not in FLOW_OPTIONS[kind]:
             allowed = ", ".join(FLOW_OPTIONS[kind]) or "none"
             raise NfviError(f"flow option {name!r} is not allowed for flow={kind!r}; options: {allowed}")
+    _check_options(kind, options)
     if kind == "none" or length == 0:
         return IdentityFlow(dim)
     cls = {

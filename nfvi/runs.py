@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -438,6 +439,8 @@ class Run:
         self.device: torch.device | None = None
         self.metrics: MetricsLog | None = None
         self.trackers = None  # nfvi.trackers.Trackers, started by open_metrics
+        #: the id of the run this folder holds (its record's ``run_id``; set by :meth:`save_record`)
+        self.run_id: str | None = None
         self._handlers: list[logging.Handler] = []
         self._console = console_logging()
         self._old_sigterm = None
@@ -590,9 +593,11 @@ class Run:
                     saved = json.loads(path.read_text())
                 except ValueError:
                     return "unknown", None
+                if not isinstance(saved, dict):
+                    return "unknown", None
                 if name == RUN_RECORD:
                     return saved.get("command", "unknown"), saved.get("config")
-                return "train", saved
+                return "train", {k: v for k, v in saved.items() if k != "run_id"}
         results = self.read_results()
         if results is not None:  # a run from before run.json existed
             return _TASK_COMMAND.get(results.get("task"), "unknown"), None
@@ -617,13 +622,25 @@ class Run:
                 path.unlink(missing_ok=True)
 
     def save_record(self) -> None:
-        """Record the command and resolved config of this (first) launch."""
+        """Record the command, resolved config and a new ``run_id`` of this (first) launch (train: the config and
+        ``run_id`` in ``run_config.json``). The id goes into every checkpoint, so that weights name their run."""
+        self.run_id = uuid.uuid4().hex
         if self.record == RUN_RECORD:
             started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            record = {"command": self.command, "config": self.config, "started_at": started}
+            record = {"command": self.command, "config": self.config, "started_at": started, "run_id": self.run_id}
             write_json(self.out / self.record, record)
         else:
-            write_json(self.out / self.record, self.config)
+            write_json(self.out / self.record, {**self.config, "run_id": self.run_id})
+
+    def record_id(self) -> str | None:
+        """The ``run_id`` of this folder's record (None: no record, or one from an nfvi before run ids)."""
+        for name in (RUN_RECORD, "run_config.json"):
+            try:
+                saved = json.loads((self.out / name).read_text())
+            except (OSError, ValueError):
+                continue
+            return saved.get("run_id") if isinstance(saved, dict) else None
+        return None
 
     def refuse_other_command(self) -> None:
         """Refuse (one line) a folder that holds another command's run, unless ``overwrite=true`` (then clear it)."""

@@ -1,5 +1,5 @@
 """What every training loop shares: the flow and optimizer factories of a config, the Eq. 20 inverse temperature,
-the cosine learning-rate factor and the non-finite guard.
+the cosine learning-rate factor, the non-finite guard and the divergence guard.
 
 The loops themselves stay in their task modules (``nfvi.energy.task``, ``nfvi.vae.task``, ``nfvi.cde.fit``).
 """
@@ -12,13 +12,16 @@ import torch
 from omegaconf import DictConfig
 
 from nfvi.config import FlowConfig, OptimConfig
-from nfvi.errors import NonFiniteLossError
+from nfvi.errors import DivergenceError, NonFiniteLossError
 from nfvi.flows import Flow, build_flow
 
 __all__ = [
     "OPTIMIZERS",
     "beta_schedule",
+    "DIVERGENCE_FACTOR",
+    "check_divergence",
     "check_finite",
+    "divergence_limit",
     "cosine_factor",
     "cosine_scheduler",
     "early_stop_due",
@@ -141,3 +144,41 @@ def check_finite(value, step: int, where=None, what: str = "loss") -> None:
         where = where() if callable(where) else where
         kept = f"; {where}" if where else ""
         raise NonFiniteLossError(f"{what} became {value} at step {step}; stopping{kept}")
+
+
+#: the divergence guard's factor: a bound more than this many nats per dimension, or this many times its own
+#: magnitude, above its value at the start of the run has diverged (:func:`divergence_limit`)
+DIVERGENCE_FACTOR = 10.0
+
+
+def divergence_limit(reference: float, num_dims: int, factor: float = DIVERGENCE_FACTOR) -> float:
+    """The largest plausible value of a per-example bound (nats) that was ``reference`` at the start of the run.
+
+    ``reference + factor * max(|reference|, num_dims)``: a -ELBO or NLL that grew by more than ``factor`` nats per
+    dimension of the data (``num_dims``: pixels of an image, the width of y), or by ``factor`` times its own
+    starting magnitude when that is larger, is not a slow fit but a diverged one. (A Bernoulli image model
+    at 10 nats per pixel above its start gives each observed pixel a probability ~e^-10 less than a random
+    initialisation does.) Works for bounds of either sign (the densities of continuous data can be negative).
+    """
+    return float(reference) + factor * max(abs(float(reference)), float(num_dims))
+
+
+def check_divergence(value, reference, num_dims: int, step: int, where=None, what: str = "the training bound"):
+    """The divergence guard: raise :class:`DivergenceError` if ``value`` exceeds :func:`divergence_limit`.
+
+    ``value``: a logged per-example bound (a metrics row's mean, a validation or test bound; never read from the
+    device per update); ``reference``: its value at the run's first update (None: no check, only the non-finite
+    guard :func:`check_finite`). ``where`` as in :func:`check_finite`.
+    """
+    check_finite(value, step, where, what)
+    if reference is None:
+        return
+    value, limit = float(value), divergence_limit(reference, num_dims)
+    if value > limit:
+        where = where() if callable(where) else where
+        kept = f"; {where}" if where else ""
+        raise DivergenceError(
+            f"{what} diverged at step {step}: {value:.6g} nats, above the plausible limit {limit:.6g} (its value "
+            f"at the start, {float(reference):.6g}, + {DIVERGENCE_FACTOR:g} x max(|that|, {num_dims} dims)); the "
+            f"learning rate (optim.lr) may be too high; stopping{kept}"
+        )

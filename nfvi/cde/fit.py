@@ -4,6 +4,11 @@
 epoch (halving the learning rate after ``lr_decay_patience`` epochs without improvement, if > 0),
 keeps the best parameters, stops after ``patience`` epochs without improvement, then
 reports the test NLL of the best parameters, in standardised units and in the original units of y.
+
+Divergence guard (:func:`nfvi.training.check_divergence`): the best validation NLL and the test NLL (standardised)
+must not exceed the untrained model's validation NLL by more than 10 nats per dimension of y (or 10 times its
+magnitude); a fit that does (e.g. ``optim.lr=10``) raises :class:`nfvi.errors.DivergenceError` instead of
+reporting a number.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from tqdm import tqdm
 from nfvi.cde.data import Split
 from nfvi.errors import check_range
 from nfvi.runs import MetricsLog
-from nfvi.training import check_finite, optimizer_from_config
+from nfvi.training import check_divergence, check_finite, optimizer_from_config
 
 __all__ = ["FitResult", "fit", "mean_nll", "per_point_nll"]
 logger = logging.getLogger("nfvi.cde")
@@ -81,6 +86,9 @@ def fit(
     if lr_decay_patience > 0:  # halve the learning rate when the validation NLL stalls
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=lr_decay_patience)
     best_val, best_state, best_epoch, step = float("inf"), copy.deepcopy(model.state_dict()), 0, 0
+    model.eval()
+    reference = mean_nll(model, split.x_val, split.y_val)  # the untrained model's: the divergence guard's reference
+    y_dim = int(y.shape[1]) if y.dim() > 1 else 1
     bar = tqdm(range(1, max_epochs + 1), desc=desc or "cde", leave=False, disable=None)  # a terminal only
     every = max(1, max_epochs // 10)  # without the bar: a progress line every tenth of the epochs
     epoch = 0
@@ -118,6 +126,8 @@ def fit(
     model.load_state_dict(best_state)
     model.eval()
     test_std = mean_nll(model, split.x_test, split.y_test)
+    for what, value in (("the best validation NLL", best_val), ("the test NLL", test_std)):
+        check_divergence(value, reference, y_dim, step, what=f"{what} ({desc or 'cde'}, standardised)")
     return FitResult(
         test_nll=test_std + split.log_std_y,
         test_nll_standardized=test_std,

@@ -65,6 +65,7 @@ def _fit_seeds(cfg, run: Run) -> dict:
         cfg.dataset, cfg.paths.data_dir, cfg.data_file, cfg.download, cfg.verify, cfg.data_url, cfg.synthetic_size
     )
     info = _describe(cfg, table)
+    _check_size(cfg, info)
     per_seed: list[dict] = []
     for seed in cfg.seeds:
         split = split_and_standardize(table, seed, cfg.test_fraction, cfg.val_fraction)
@@ -109,6 +110,31 @@ def _fit_seeds(cfg, run: Run) -> dict:
         out / "results.json",
     )
     return results
+
+
+def _check_size(cfg, info: dict) -> None:
+    """Refuse in one line a model and batch that need more memory than the machine has (:mod:`nfvi.sizes`)."""
+    import torch
+
+    from nfvi.sizes import check_memory, flow_size_keys, with_length
+
+    x_dim, y_dim = info["x_dim"], info["y_dim"]
+    batch = min(cfg.batch_size, info["n_rows"])
+
+    def make(length: int):
+        flow = with_length(cfg.flow, length)
+        model = build_model(
+            cfg.model, x_dim, y_dim, flow, list(cfg.hidden), cfg.activation, cfg.mdn_components, cfg.min_scale
+        )
+        return model, lambda n: model.log_prob(torch.zeros(n, y_dim), torch.zeros(n, x_dim))
+
+    keys = {
+        "model": {"hidden": list(cfg.hidden), **({"mdn_components": cfg.mdn_components} if cfg.model == "mdn" else {})},
+        "flow": flow_size_keys(cfg.flow),
+        "batch": {"batch_size": cfg.batch_size},
+    }
+    length = cfg.flow.length if cfg.model == "flow" else 0
+    check_memory("cde", make, length, batch, keys, "cpu")
 
 
 def _round(v):

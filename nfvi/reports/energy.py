@@ -12,7 +12,9 @@ Several runs of one (target, flow, length, steps) -- different seeds -- are aver
 (``runs`` counts them; repeated runs with the same seed count once, the latest). The figure shows,
 per (target, flow, length), the run with the most steps (the latest among equals). A run with a
 non-finite bound or KL is never used; a run that stopped before its configured ``trainer.steps`` (known
-from the resolved config in results.json) is marked ``†`` in the pivots and noted in ``unfinished``.
+from the resolved config in results.json) is marked ``†`` in the pivots and noted in ``unfinished``. A KL
+of a fit with more than 5% of its mass outside the box (``mass_outside_box``; ``nfvi energy``'s
+``kl_warning``) is marked ``§`` in the KL pivot, with a legend.
 """
 
 from __future__ import annotations
@@ -46,6 +48,13 @@ FLOW_LABEL = {
     "householder": "Householder",
 }
 NUMBERS = ["bound", "kl", "kl_mc", "log_z", "mass_outside_box"]
+#: marks a KL on the box of a fit with more than OUTSIDE_LIMIT of q_K's mass outside the box (any seed of the row)
+OUTSIDE_MARK = "§"
+OUTSIDE_LIMIT = 0.05  # nfvi.energy.task.MASS_OUTSIDE_LIMIT (kept torch-free here)
+OUTSIDE_LEGEND = (
+    f"{OUTSIDE_MARK} more than {OUTSIDE_LIMIT:.0%} of q_K's mass lies outside the box (mass_outside_box): the KL "
+    "on the box describes only the rest of q_K; the fit left the box (e.g. a learning rate too high)."
+)
 
 
 def _series(frame: pd.DataFrame) -> pd.DataFrame:
@@ -108,6 +117,7 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     table = grouped[NUMBERS].mean()
     table.insert(0, "runs", grouped.size())
     table["bound_sd"] = grouped["bound"].std()
+    table["mass_outside_box_max"] = grouped["mass_outside_box"].max()
     if "box" in frame:
         table["box"] = grouped["box"].first()
     table["unfinished"] = grouped["unfinished"].agg(group_unfinished)
@@ -128,9 +138,19 @@ def to_markdown(table: pd.DataFrame, floatfmt: str = ".4f") -> str:
     return "\n".join([head, rule, *rows])
 
 
-def _pivot(table: pd.DataFrame, value: str) -> pd.DataFrame:
-    """Rows (target, flow), columns ``K=<length>`` holding ``value`` (the longest schedule per cell)."""
+def _pivot(table: pd.DataFrame, value: str, floatfmt: str | None = None) -> pd.DataFrame:
+    """Rows (target, flow), columns ``K=<length>`` holding ``value`` (the longest schedule per cell).
+
+    ``floatfmt``: format the cells as text, a cell of a row with mass outside the box (``mass_outside_box_max``
+    above :data:`OUTSIDE_LIMIT`) followed by :data:`OUTSIDE_MARK`."""
     best = table.sort_values("steps").drop_duplicates(["target", "flow", "flow_length"], keep="last")
+    if floatfmt is not None:
+        outside = pd.to_numeric(best.get("mass_outside_box_max", pd.Series(0.0, index=best.index)), errors="coerce")
+        cells = [
+            "" if pd.isna(v) else format(v, floatfmt) + (f" {OUTSIDE_MARK}" if m > OUTSIDE_LIMIT else "")
+            for v, m in zip(best[value], outside.fillna(0.0), strict=True)
+        ]
+        best = best.assign(**{value: cells})
     pivot = best.pivot_table(index=["target", "flow"], columns="flow_length", values=value, aggfunc="first")
     pivot.columns = [f"K={k}" for k in pivot.columns]
     pivot = pivot.reset_index()
@@ -255,8 +275,9 @@ def write(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         "",
         "## KL on the box (nats) by flow length",
         "",
-        to_markdown(_pivot(table, "kl"), ".3f"),
+        to_markdown(_pivot(table, "kl", ".3f")),
         "",
+        *([OUTSIDE_LEGEND, ""] if (table["mass_outside_box_max"] > OUTSIDE_LIMIT).any() else []),
         "## All runs (means over seeds)",
         "",
         "`wall`: the width of the soft wall at the box edge (0: the raw Table 1 energy); `runs`: the seeds averaged.",

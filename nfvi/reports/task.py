@@ -6,7 +6,11 @@ writes markdown, CSV (and LaTeX) tables and PNG figures into ``report.out_dir``.
 
 A file that cannot be used (unreadable, not a JSON object, no or an unknown ``task``, a field of
 :data:`FIELDS` missing, of the wrong type or not finite) is skipped with one warning line naming it
-and why (logger ``nfvi.report``, on stderr by default); the others are reported.
+and why (logger ``nfvi.report``, on stderr by default); the others are reported. So is a file that is not a
+regular file (a FIFO, a device, a symlink to ``/dev/zero``: never opened), one larger than :data:`MAX_BYTES`,
+or one nested deeper than Python's parser can follow. Symlinked run folders are followed (each file is read once,
+a link that loops is named and skipped). When the tasks asked for (``tasks=``) have no usable run, the command
+says so and fails instead of writing nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import importlib
 import json
 import logging
 import math
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +30,8 @@ from nfvi.config import PathsConfig, store
 from nfvi.errors import NfviError
 
 TASKS = ("energy", "vae", "cde")
+#: a results.json larger than this is skipped unread (the largest real ones hold a few kB)
+MAX_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -103,9 +111,34 @@ def _constant(token: str) -> float:
     return float(token)
 
 
-def _read_object(path: Path) -> dict | None:
+def _oddity(path: Path) -> str:
+    """Why ``path`` is not read at all (``""`` when it may be): not a regular file, or too large."""
     try:
-        data = json.loads(path.read_text(), parse_constant=_constant)
+        info = path.stat()  # follows symlinks: a link to /dev/zero is a device
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if not stat.S_ISREG(info.st_mode):
+        kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+                 stat.S_ISSOCK: "a socket", stat.S_ISDIR: "a folder"}  # fmt: skip
+        kind = next((name for test, name in kinds.items() if test(info.st_mode)), "a special file")
+        return f"not a regular file ({kind}{' via a symlink' if path.is_symlink() else ''})"
+    if info.st_size > MAX_BYTES:
+        return f"too large ({info.st_size:,} bytes; a results.json holds a few kB, at most {MAX_BYTES:,})"
+    return ""
+
+
+def _read_object(path: Path) -> dict | None:
+    why = _oddity(path)
+    if why:
+        log.warning("nfvi report: skipping %s: %s", path, why)
+        return None
+    try:
+        with path.open("rb") as f:
+            text = f.read(MAX_BYTES + 1).decode()  # bounded, even if the file grew since the check
+        data = json.loads(text, parse_constant=_constant)
+    except RecursionError:
+        log.warning("nfvi report: skipping %s: nested too deeply to parse", path)
+        return None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         log.warning("nfvi report: skipping %s: unreadable (%s)", path, " ".join(str(exc).split()))
         return None
@@ -115,17 +148,41 @@ def _read_object(path: Path) -> dict | None:
     return data
 
 
+def find_results(root: str | Path) -> list[Path]:
+    """Every ``results.json`` below ``root``, sorted, following symlinked folders (a run folder that is a link is
+    reported like any other); a link that leads back into a folder already walked is named in a warning and
+    skipped, and a file reached twice (through two links) is listed once."""
+    found: dict[str, Path] = {}
+    seen: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            log.warning("nfvi report: skipping %s: a symlink to %s, already searched", folder, real)
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        if "results.json" in files:
+            path = Path(folder) / "results.json"
+            found.setdefault(os.path.realpath(path), path)
+    return sorted(found.values())
+
+
 def read_results(roots: list[str | Path]) -> list[dict]:
     """The flattened rows of :func:`collect`, as dicts (whole numbers stay ``int``)."""
     rows = []
     for root in roots:
-        for path in sorted(Path(root).rglob("results.json")):
+        for path in find_results(root):
             headline = _read_object(path)
             if headline is None:
                 continue
             others = (_read_object(p) for p in sorted((path.parent / "evaluations").glob("*.json")))
             for data in [headline, *(d for d in others if d is not None and d != headline)]:
-                row = pd.json_normalize(data, sep="/").iloc[0].to_dict() if data else {}
+                try:
+                    row = pd.json_normalize(data, sep="/").iloc[0].to_dict() if data else {}
+                except RecursionError:
+                    log.warning("nfvi report: skipping %s: nested too deeply to read", path)
+                    continue
                 row["run_dir"] = str(path.parent)
                 rows.append(row)
     return rows
@@ -188,9 +245,15 @@ def run(cfg) -> dict:
     found = read_results(roots)
     records = usable_records(found)
     if not records:
-        seen = any(next(Path(r).rglob("results.json"), None) for r in roots)
+        seen = any(find_results(r) for r in roots)
         what = "no usable results.json (see the warnings above)" if seen else "no results.json"
         raise NfviError(f"{what} found under {', '.join(map(str, roots))}; run an experiment first")
+    if not any(r["task"] in tasks for r in records):
+        found_tasks = sorted({r["task"] for r in records})
+        raise NfviError(
+            f"nothing to write: no usable results.json of tasks={tasks} under {', '.join(map(str, roots))} (the "
+            f"usable runs there are of {', '.join(found_tasks)}); run one first, or choose tasks among those"
+        )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file of that name, a parent that is a file, a read-only folder

@@ -17,11 +17,19 @@ that do not change the trajectory of the parameters may differ (:data:`RESUME_MA
 ``trainer.steps`` may be raised (to train longer) as long as no learning-rate schedule depends on
 it, and the cadence of logging, validation and checkpoints, the evaluation settings, the device
 and the paths are free.
+
+Every checkpoint records its run's identity: the ``run_id`` written into ``run_config.json`` when the run
+started, and its full resolved config. :func:`check_identity` refuses weights whose id or config (up to
+:data:`IDENTITY_MAY_CHANGE`, what a resume may change) differs from the folder's record, naming the first differing
+key: ``nfvi evaluate`` never labels one run's weights with another run's settings, and ``resume=true`` never
+continues a checkpoint copied in from another run. A checkpoint or record from an nfvi before run ids (no
+``run_id``) is accepted with a warning, its config still compared.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +43,9 @@ __all__ = [
     "BEST",
     "CHECKPOINT",
     "FORMAT",
+    "IDENTITY_MAY_CHANGE",
     "RESUME_MAY_CHANGE",
+    "check_identity",
     "config_diff",
     "flatten",
     "load_checkpoint",
@@ -53,6 +63,7 @@ BEST = "best.pt"
 #: config keys (fnmatch patterns on dotted names) that may differ between a checkpoint and a resumed run
 RESUME_MAY_CHANGE = (
     "resume",
+    "overwrite",  # a flag of the launch (overwrite=true then resume=true continues the run it started)
     "run_dir",
     "device",
     "threads",
@@ -65,6 +76,13 @@ RESUME_MAY_CHANGE = (
     "trainer.progress",
     "eval.*",
 )
+
+
+#: keys in which a checkpoint may differ from its folder's record (run_config.json, the first launch): what a resume
+#: may change
+IDENTITY_MAY_CHANGE = RESUME_MAY_CHANGE
+
+log = logging.getLogger("nfvi.checkpoint")
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -191,3 +209,32 @@ def load_model(run_dir: str | Path, which: str = "best", device: str | torch.dev
     if not path.is_file():
         raise NfviError(f"{run_dir} holds no {CHECKPOINT} or {BEST}; is it a `nfvi train` run directory?")
     return model_from_state(load_checkpoint(path), device)
+
+
+def check_identity(path: str | Path, state: dict, record: dict | None, record_id: str | None) -> None:
+    """Refuse (one line) the checkpoint ``state`` read from ``path`` unless it is of the run recorded in its folder.
+
+    ``record``: the folder's recorded config (``run_config.json``; None: none, nothing to compare); ``record_id``:
+    its ``run_id``. A checkpoint whose ``run_id`` differs, or whose config differs from ``record`` in a key outside
+    :data:`IDENTITY_MAY_CHANGE`, is refused naming the first such key. Without an id on either side (an older
+    nfvi) the config alone is compared, with a warning.
+    """
+    run_id = state.get("run_id")
+    if record is not None:
+        diff = config_diff(record, state.get("config") or {}, IDENTITY_MAY_CHANGE)
+        if diff:
+            key, saved, ours = diff[0], flatten(state.get("config") or {}), flatten(record)
+            more = f" (and {len(diff) - 1} more keys)" if len(diff) > 1 else ""
+            raise NfviError(
+                f"{path} is not of the run of this folder: its weights were trained with {key}={saved[key]!r} but "
+                f"the run's record (run_config.json) has {key}={ours[key]!r}{more}; evaluate it in its own folder, "
+                f"or remove it"
+            )
+    if run_id is not None and record_id is not None and run_id != record_id:
+        raise NfviError(
+            f"{path} holds the weights of another run (run id {run_id}; the run of this folder is {record_id}): "
+            f"it was copied or moved here; evaluate it in its own folder, or remove it"
+        )
+    if run_id is None or record_id is None:
+        what = "the checkpoint" if run_id is None else "the folder's run_config.json"
+        log.warning("%s: %s records no run id (an older nfvi); its config is checked only", path, what)

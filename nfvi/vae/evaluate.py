@@ -41,8 +41,8 @@ from omegaconf import DictConfig, OmegaConf
 from nfvi.data import load_dataset
 from nfvi.errors import NfviError
 from nfvi.runs import Run, console_logging, run_metadata, select_device
-from nfvi.training import early_stop_due, flow_options
-from nfvi.vae.checkpoint import BEST, CHECKPOINT, flatten, load_checkpoint, model_from_state
+from nfvi.training import check_divergence, early_stop_due, flow_options
+from nfvi.vae.checkpoint import BEST, CHECKPOINT, check_identity, flatten, load_checkpoint, model_from_state
 from nfvi.vae.config import EvalConfig, EvaluateConfig
 
 __all__ = [
@@ -134,12 +134,15 @@ def evaluation_name(eval_cfg, num_images: int | str, checkpoint: str) -> str:
     return name
 
 
-def _weights(run_path: Path, eval_cfg) -> tuple[dict, dict, bool]:
+def _weights(run_path: Path, eval_cfg, run: Run) -> tuple[dict, dict, bool]:
     """``(checkpoint.pt, the weights to evaluate, use_best)``; refuses weights whose config disagrees with the
-    checkpoint's on the flow, model or dataset (the labels of the results come from checkpoint.pt)."""
+    checkpoint's on the flow, model or dataset (the labels of the results come from checkpoint.pt), and weights
+    that are not of the folder's run (:func:`nfvi.vae.checkpoint.check_identity`: run id and config)."""
     last = load_checkpoint(run_path / CHECKPOINT)
     use_best = eval_cfg.checkpoint == "best" and (run_path / BEST).is_file()
+    record, record_id = run.owner()[1], run.record_id()
     if not use_best:
+        check_identity(run_path / CHECKPOINT, last, record, record_id)
         return last, last, False
     best = load_checkpoint(run_path / BEST)
     a, b = flatten(last["config"]), flatten(best.get("config") or {})
@@ -150,6 +153,8 @@ def _weights(run_path: Path, eval_cfg) -> tuple[dict, dict, bool]:
             f"{run_path / BEST} and {run_path / CHECKPOINT} disagree on {shown}: they are not of one run; "
             f"evaluate with eval.checkpoint=last or remove the stray file"
         )
+    for path, state in ((run_path / CHECKPOINT, last), (run_path / BEST, best)):
+        check_identity(path, state, record, record_id)
     return last, best, True
 
 
@@ -178,7 +183,7 @@ def evaluate_run(
 
     started = time.time() if started is None else started
     run_path = Path(run_path)
-    last, weights, use_best = _weights(run_path, eval_cfg)
+    last, weights, use_best = _weights(run_path, eval_cfg, run)
     cfg = OmegaConf.create(last["config"])
     device = torch.device(device)
     model = model_from_state(weights, device)
@@ -214,6 +219,10 @@ def evaluate_run(
     likelihood = cfg.model.likelihood
     discrete = SPECS[likelihood].discrete if likelihood in SPECS else True
     num_dims = int(data.num_dims) if hasattr(data, "num_dims") else int(x[0].numel())
+    # the divergence guard on the headline: against the training -ELBO of the run's first update (nfvi.training)
+    reference = weights.get("reference_neg_elbo", last.get("reference_neg_elbo"))
+    check_divergence(neg_elbo_m, reference, int(x[0].numel()), int(weights["step"]), "nothing was written",
+                     what=f"the test -ELBO of {run_path}")  # fmt: skip
 
     best = last.get("best") or {}
     results = {

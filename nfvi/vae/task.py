@@ -28,13 +28,20 @@ at any update and resumed ends at the same parameters as an uninterrupted one.
 Stopping: SIGINT (Ctrl-C) or SIGTERM finishes the current update, saves ``checkpoint.pt`` and exits
 with status 130 or 143 (a second Ctrl-C aborts at once). A NaN/inf loss, gradient or validation
 bound stops the run with a one-line error naming the update; ``checkpoint.pt`` keeps the last good
-state (a state with non-finite parameters is never saved).
+state (a state with non-finite parameters is never saved). So does divergence: a logged training -ELBO (each
+``metrics.csv`` row) or validation -ELBO more than 10 nats per pixel above the -ELBO of the run's first update
+(:func:`nfvi.training.check_divergence`; the CLI exits 1, no results.json is written).
+
+Identity: ``run_config.json`` records the run's ``run_id``; every checkpoint records it with the resolved config,
+and ``resume=true`` refuses a checkpoint of another run (:func:`nfvi.vae.checkpoint.check_identity`). Before the
+model is allocated, :mod:`nfvi.sizes` refuses a config that needs more memory than the device has.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import threading
 import time
@@ -47,8 +54,16 @@ from tqdm.auto import tqdm
 from nfvi.data import binarize, load_dataset, split_generator
 from nfvi.errors import NfviError, NonFiniteLossError
 from nfvi.runs import MetricsLog, Run, run_dir, seed_everything
-from nfvi.training import check_finite, cosine_factor, early_stop_due, optimizer_from_config
-from nfvi.vae.checkpoint import BEST, CHECKPOINT, config_diff, load_checkpoint, save_checkpoint, weights_mismatch
+from nfvi.training import check_divergence, check_finite, cosine_factor, early_stop_due, optimizer_from_config
+from nfvi.vae.checkpoint import (
+    BEST,
+    CHECKPOINT,
+    check_identity,
+    config_diff,
+    load_checkpoint,
+    save_checkpoint,
+    weights_mismatch,
+)
 from nfvi.vae.config import TrainConfig, TrainerConfig
 from nfvi.vae.evaluate import evaluate_run, same_settings, summary_line
 from nfvi.vae.model import build_model, check_likelihood_fits, model_input_shape
@@ -134,11 +149,13 @@ class Trainer:
         self.data = data if data is not None else load_dataset(cfg.dataset, root=cfg.paths.data_dir)
         check_likelihood_fits(cfg.model.likelihood, getattr(self.data, "kind", "binary"), cfg.dataset.name)
         self.x_dim = model_input_shape(cfg.model, self.data.image_shape)
+        self.num_dims = math.prod(self.x_dim) if isinstance(self.x_dim, tuple | list) else int(self.x_dim)
         if len(self.data.train) < self.t.batch_size:
             raise NfviError(
                 f"trainer.batch_size={self.t.batch_size} exceeds the {len(self.data.train)} training images "
                 f"of dataset={cfg.dataset.name}"
             )
+        self.check_size()
         seed_everything(int(cfg.seed))
         self.model = build_model(cfg.model, cfg.flow, self.x_dim).to(device)
         if self.t.init_output_bias:
@@ -150,11 +167,36 @@ class Trainer:
         self.step, self.epoch, self.pos = 0, 0, 0
         self.perm: torch.Tensor | None = None
         self.best: dict = {}
+        #: the training -ELBO of the run's first update: the divergence guard's reference (nfvi.training)
+        self.reference: float | None = None
+        #: the run's id (run_config.json), recorded in every checkpoint (nfvi.vae.checkpoint)
+        self.run_id: str | None = None
         self.train_time = 0.0
         self.valid = self.data.valid
         if self.t.val_images and self.t.val_images < len(self.valid):
             gen = torch.Generator().manual_seed(int(cfg.seed))
             self.valid = self.valid[torch.randperm(len(self.valid), generator=gen)[: self.t.val_images].sort().values]
+
+    def check_size(self) -> None:
+        """Refuse in one line a model and batch that need more memory than the device has (:mod:`nfvi.sizes`)."""
+        from nfvi.sizes import check_memory, flow_size_keys, with_length
+
+        cfg, t, shape = self.cfg, self.t, tuple(self.data.train.shape[1:])
+
+        def make(length: int):
+            model = build_model(cfg.model, with_length(cfg.flow, length), self.x_dim)
+            return model, lambda n: free_energy_terms(model, torch.zeros(n, *shape), num_samples=t.samples)
+
+        m = cfg.model
+        model_keys = {"model.hidden": m.hidden, "model.layers": m.layers, "model.latent_dim": m.latent_dim}
+        if m.name in ("conv", "gated_conv"):
+            model_keys["model.channels"] = m.channels
+        keys = {
+            "model": model_keys,
+            "flow": flow_size_keys(cfg.flow),
+            "batch": {"trainer.batch_size": t.batch_size, "trainer.samples": t.samples},
+        }
+        check_memory("train", make, cfg.flow.length, t.batch_size, keys, self.device)
 
     # -- state ---------------------------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -173,6 +215,8 @@ class Trainer:
             },
             "data": {"perm": self.perm, "pos": self.pos},
             "best": dict(self.best),
+            "reference_neg_elbo": self.reference,
+            "run_id": self.run_id,
             "train_time_s": self.train_time,
             "torch_version": str(torch.__version__),
         }
@@ -195,6 +239,7 @@ class Trainer:
             raise NfviError(f"checkpoint {self.out / CHECKPOINT} cannot be restored: {first[:200]}") from None
         self.step, self.epoch = int(state["step"]), int(state.get("epoch", 0))
         self.best = dict(state.get("best") or {})
+        self.reference = state.get("reference_neg_elbo")
         self.train_time = float(state.get("train_time_s", 0.0))
 
     def params_finite(self) -> bool:
@@ -248,19 +293,27 @@ class Trainer:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(int(self.cfg.seed) + 1)
             value = -float(elbo(self.model, self.valid, num_samples=1, batch_size=self.cfg.eval.batch_size).mean())
-        check_finite(value, self.step, self._kept, what="the validation bound")
+        self.check_bound(value, "the validation -ELBO", self.step)  # before best.pt: a diverged state is never saved
         if not self.best or value < self.best["val_neg_elbo"]:
             self.best = {"val_neg_elbo": value, "step": self.step}
             state = {
                 "kind": "best",
                 "step": self.step,
                 "val_neg_elbo": value,
+                "reference_neg_elbo": self.reference,
+                "run_id": self.run_id,
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
                 "x_dim": _x_dim_value(self.x_dim),
                 "model": self.model.state_dict(),
             }
             save_checkpoint(self.out / BEST, state)
         return value
+
+    def check_bound(self, value: float, what: str, step: int) -> None:
+        """The non-finite and divergence guards on a logged bound (:func:`nfvi.training.check_divergence`): more
+        than 10 nats per pixel above the -ELBO of the run's first update stops the run (exit 1); the last good
+        checkpoint is kept."""
+        check_divergence(value, self.reference, self.num_dims, step, self._kept, what=what)
 
     # -- loop ----------------------------------------------------------------------------------------------------------
     def fit(self) -> None:
@@ -290,6 +343,8 @@ class Trainer:
                 x = self.next_batch()
                 terms = free_energy_terms(self.model, x, num_samples=t.samples)
                 loss = annealed_loss(terms, beta, t.annealing).mean()
+                if self.reference is None:  # read once per run: the divergence guard's reference
+                    self.reference = -float(terms["elbo"].detach().mean())
                 loss_value = float(loss.detach())
                 check_finite(loss_value, self.step + 1, self._kept, what="the loss")
                 self.optimizer.zero_grad(set_to_none=True)
@@ -312,6 +367,7 @@ class Trainer:
                 do_val = self.step % t.val_every == 0 or last
                 if self.step % t.log_every == 0 or do_val or stop.signum is not None:
                     elapsed = time.time() - window["t0"]
+                    self.check_bound(window["neg_elbo"] / window["n"], "the training -ELBO", self.step)
                     row = {
                         "step": self.step,
                         "epoch": self.epoch,
@@ -370,9 +426,12 @@ def train(cfg: DictConfig, out: str | Path, device: torch.device | None = None) 
         return _train(cfg, run, device or run.device)
 
 
-def _checked_state(cfg: DictConfig, out: Path) -> dict:
-    """The checkpoint of ``out`` if ``cfg`` may continue it (one-line refusals naming the keys otherwise)."""
+def _checked_state(cfg: DictConfig, run: Run) -> dict:
+    """The checkpoint of the run folder if ``cfg`` may continue it (one-line refusals naming the keys otherwise):
+    of this folder's run (:func:`nfvi.vae.checkpoint.check_identity`) and with the same settings."""
+    out = run.out
     state = load_checkpoint(out / CHECKPOINT)
+    check_identity(out / CHECKPOINT, state, run.owner()[1], run.record_id())
     current = OmegaConf.to_container(cfg, resolve=True)
     diff = config_diff(state["config"], current)
     if diff:
@@ -409,7 +468,7 @@ def _train(cfg: DictConfig, run: Run, device: torch.device) -> dict:
                 f"{out} already holds a checkpoint; pass resume=true to continue it, overwrite=true to start afresh, "
                 f"or use a new run directory"
             )
-        state = _checked_state(cfg, out)
+        state = _checked_state(cfg, run)
     elif cfg.resume:
         log.info("resume=true: %s holds no checkpoint yet; starting a new run there", out)
     if state is None:
@@ -421,6 +480,7 @@ def _train(cfg: DictConfig, run: Run, device: torch.device) -> dict:
             return done
 
     trainer = Trainer(cfg, out, device, metrics=run.open_metrics())
+    trainer.run_id = run.run_id or run.record_id()
     if state is not None:
         trainer.restore(state)
         del state
