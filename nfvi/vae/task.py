@@ -45,9 +45,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from nfvi.data import binarize, load_dataset, split_generator
+from nfvi.data.resident import ResidentBatches
 from nfvi.errors import NfviError, NonFiniteLossError
+from nfvi.precision import set_precision
 from nfvi.runs import MetricsLog, Run, run_dir, seed_everything
-from nfvi.training import check_finite, cosine_factor, early_stop_due, optimizer_from_config
+from nfvi.training import LossWindow, check_finite, cosine_factor, early_stop_due, optimizer_from_config
 from nfvi.vae.checkpoint import BEST, CHECKPOINT, config_diff, load_checkpoint, save_checkpoint
 from nfvi.vae.config import TrainConfig, TrainerConfig
 from nfvi.vae.evaluate import evaluate_run, same_settings, summary_line
@@ -57,6 +59,20 @@ from nfvi.vae.objectives import annealed_loss, beta_schedule, free_energy_terms
 __all__ = ["TrainerConfig", "TrainConfig", "Trainer", "lr_factor", "train", "run"]
 
 RUN_CONFIG = "run_config.json"
+#: torch.compile's backend for trainer.compile=true (tests set "eager" to check the plumbing in seconds)
+COMPILE_BACKEND = "inductor"
+#: LossWindow's deferred checks: None = on any device but the CPU (tests set True to run the GPU's way on the CPU)
+DEFER_CHECKS: bool | None = None
+
+
+def data_on_device(device: torch.device) -> bool:
+    """Whether the training set lives on ``device`` (:class:`nfvi.data.resident.ResidentBatches`): on CUDA.
+
+    On the CPU the host path is the device path already; it keeps its own random stream (published runs).
+    """
+    return device.type == "cuda"
+
+
 log = logging.getLogger("nfvi.train")
 
 
@@ -149,8 +165,23 @@ class Trainer:
         self.data_gen = split_generator(int(cfg.seed), "train")
         self.step, self.epoch, self.pos = 0, 0, 0
         self.perm: torch.Tensor | None = None
+        self.resident: ResidentBatches | None = None  # the training set on the device (CUDA; data_on_device)
+        if data_on_device(device):
+            self.resident = ResidentBatches(
+                self.data.train,
+                self.t.batch_size,
+                self.data.dynamic,
+                device,
+                seed=int(self.data_gen.initial_seed()),
+                eight_bit=getattr(self.data, "kind", "binary") == "8bit",
+            )
+        set_precision(self.model, self.t.precision)
+        self._loss_fn = self._loss
+        if self.t.compile:
+            self._loss_fn = torch.compile(self._loss, backend=COMPILE_BACKEND)
         self.best: dict = {}
         self.train_time = 0.0
+        self.last_beta = float("nan")  # beta of the last update
         self.valid = self.data.valid
         if self.t.val_images and self.t.val_images < len(self.valid):
             gen = torch.Generator().manual_seed(int(cfg.seed))
@@ -171,7 +202,9 @@ class Trainer:
                 "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
                 "data": self.data_gen.get_state(),
             },
-            "data": {"perm": self.perm, "pos": self.pos},
+            "data": {"perm": self.perm, "pos": self.pos}
+            if self.resident is None
+            else {"resident": self.resident.state(), "perm": None, "pos": 0},
             "best": dict(self.best),
             "train_time_s": self.train_time,
             "torch_version": str(torch.__version__),
@@ -186,6 +219,15 @@ class Trainer:
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
             self.data_gen.set_state(state["rng"]["data"])
             self.perm, self.pos = state["data"]["perm"], int(state["data"]["pos"])
+            resident = state["data"].get("resident")
+            if (resident is None) != (self.resident is None):
+                where = ("with", "without") if resident is not None else ("without", "with")
+                raise NfviError(
+                    f"checkpoint {self.out / CHECKPOINT} was written {where[0]} the training set on the device and "
+                    f"this run has it {where[1]} (device={self.device}); resume it on the device it ran on"
+                )
+            if resident is not None:
+                self.resident.load_state(resident)
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise NfviError(f"checkpoint {self.out / CHECKPOINT} cannot be restored: {first[:200]}") from None
@@ -221,6 +263,11 @@ class Trainer:
 
     # -- data ----------------------------------------------------------------------------------------------------------
     def next_batch(self) -> torch.Tensor:
+        """The next training batch on the device (drawn there when the training set is resident)."""
+        if self.resident is not None:
+            x = self.resident.next()
+            self.epoch = self.resident.epoch
+            return x
         n, bs = len(self.data.train), self.t.batch_size
         if self.perm is None or self.pos + bs > n:  # a new epoch; the last incomplete batch is dropped
             if self.perm is not None:
@@ -241,9 +288,13 @@ class Trainer:
         if len(self.valid) == 0:
             return float("nan")
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(self.cfg.seed) + 1)
-            value = -float(elbo(self.model, self.valid, num_samples=1, batch_size=self.cfg.eval.batch_size).mean())
+        set_precision(self.model, "fp32")  # validation is float32, whatever trainer.precision is
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(int(self.cfg.seed) + 1)
+                value = -float(elbo(self.model, self.valid, num_samples=1, batch_size=self.cfg.eval.batch_size).mean())
+        finally:
+            set_precision(self.model, self.t.precision)
         check_finite(value, self.step, self._kept, what="the validation bound")
         if not self.best or value < self.best["val_neg_elbo"]:
             self.best = {"val_neg_elbo": value, "step": self.step}
@@ -259,11 +310,53 @@ class Trainer:
         return value
 
     # -- loop ----------------------------------------------------------------------------------------------------------
+    def _loss(self, x: torch.Tensor, beta) -> tuple[torch.Tensor, torch.Tensor]:
+        """The update's objective on batch ``x``: the mean annealed loss and the mean -ELBO (0-dim, float32)."""
+        terms = free_energy_terms(self.model, x, num_samples=self.t.samples)
+        loss = annealed_loss(terms, beta, self.t.annealing).mean()
+        return loss, -terms["elbo"].detach().mean()
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One parameter update (update ``self.step + 1``): the learning rate and beta of the schedule, a batch,
+        the loss, its gradient (clipped when ``trainer.grad_clip > 0``) and the optimizer's step.
+
+        Returns the update's ``loss``, ``neg_elbo`` and ``grad_norm`` as 0-dim tensors on the device: nothing here
+        reads a value back, so on a GPU the host never waits for the device (the loop checks them at log points,
+        :class:`nfvi.training.LossWindow`).
+        """
+        t = self.t
+        beta = beta_schedule(self.step, t.annealing, start=t.beta0, steps=t.anneal_steps)
+        factor = lr_factor(self.step, t.steps, t.lr_decay, t.lr_final_factor)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+        x = self.next_batch()
+        self.last_beta = beta
+        if t.compile:  # a tensor, so that a new beta does not recompile (a fill: no host-to-device copy)
+            beta = torch.full((), beta, device=self.device)
+        loss, neg_elbo = self._loss_fn(x, beta)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
+        else:  # the norm alone (clipping at inf multiplies every gradient by exactly 1)
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        self.optimizer.step()
+        self.step += 1
+        return {"loss": loss.detach(), "neg_elbo": neg_elbo, "grad_norm": grad_norm.detach()}
+
     def fit(self) -> None:
         t, steps = self.t, self.t.steps
         metrics = self.metrics
         metrics.truncate_after(self.step)
-        window = {"loss": 0.0, "neg_elbo": 0.0, "n": 0, "t0": time.time(), "grad_norm": 0.0}
+        window = LossWindow(
+            ("loss", "neg_elbo", "grad_norm"),
+            self.device,
+            labels={"loss": "the loss", "grad_norm": "the gradient norm"},
+            checked=("loss", "grad_norm"),
+            maximum=("grad_norm",),
+            where=self._kept,
+            defer=DEFER_CHECKS,
+        )
         bar = tqdm(
             total=steps,
             initial=self.step,
@@ -275,66 +368,62 @@ class Trainer:
             smoothing=0.05,
         )
         self.model.train()
-        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        clock = {"t0": time.time(), "busy": 0.0}  # training time of the window (validation and saving excluded)
+
+        def pause() -> None:  # fold the time since t0 into the training time (after a read: the device is done)
+            now = time.time()
+            clock["busy"] += now - clock["t0"]
+            self.train_time += now - clock["t0"]
+            clock["t0"] = now
+
         with _StopRequest() as stop, bar:
             while self.step < steps and not early_stop_due(self.step, self.best.get("step"), t):
-                tick = time.time()
-                beta = beta_schedule(self.step, t.annealing, start=t.beta0, steps=t.anneal_steps)
-                factor = lr_factor(self.step, steps, t.lr_decay, t.lr_final_factor)
-                for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-                    group["lr"] = base * factor
-                x = self.next_batch()
-                terms = free_energy_terms(self.model, x, num_samples=t.samples)
-                loss = annealed_loss(terms, beta, t.annealing).mean()
-                loss_value = float(loss.detach())
-                check_finite(loss_value, self.step + 1, self._kept, what="the loss")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-                check_finite(grad_norm, self.step + 1, self._kept, what="the gradient norm")
-                self.optimizer.step()
-                self.step += 1
-                self.train_time += time.time() - tick
-
-                window["loss"] += loss_value
-                window["neg_elbo"] += -float(terms["elbo"].detach().mean())
-                window["grad_norm"] = max(window["grad_norm"], grad_norm)
-                window["n"] += 1
+                window.add(self.step + 1, **self.train_step())
                 bar.update(1)
-                if self.step % 10 == 0 and not bar.disable:
-                    bar.set_postfix(loss=f"{window['loss'] / window['n']:.2f}", beta=f"{beta:.3f}", refresh=False)
 
                 last = self.step == steps
                 do_val = self.step % t.val_every == 0 or last
-                if self.step % t.log_every == 0 or do_val or stop.signum is not None:
-                    elapsed = time.time() - window["t0"]
+                logged = self.step % t.log_every == 0 or do_val or stop.signum is not None
+                if logged:
+                    n = window.n
+                    means = window.read()  # one read of the window's sums (and the non-finite guard)
+                    pause()
+                    beta = self.last_beta
                     row = {
                         "step": self.step,
                         "epoch": self.epoch,
                         "beta": beta,
                         "lr": self.optimizer.param_groups[0]["lr"],
-                        "loss": window["loss"] / window["n"],
-                        "train_neg_elbo": window["neg_elbo"] / window["n"],
-                        "grad_norm_max": window["grad_norm"],
-                        "updates_per_s": window["n"] / elapsed if elapsed > 0 else float("nan"),
+                        "loss": means["loss"],
+                        "train_neg_elbo": means["neg_elbo"],
+                        "grad_norm_max": means["grad_norm"],
+                        "updates_per_s": n / clock["busy"] if clock["busy"] > 0 else float("nan"),
                         "val_neg_elbo": self.validate() if do_val else "",
                         "train_time_s": round(self.train_time, 3),
                     }
+                    clock["busy"] = 0.0
                     metrics.log(**row)
+                    if not bar.disable:
+                        bar.set_postfix(loss=f"{row['loss']:.2f}", beta=f"{beta:.3f}", refresh=False)
                     if do_val or bar.disable:  # a step line per validation; per metrics row when there is no bar
                         val = f", val -ELBO {row['val_neg_elbo']:.2f}" if do_val else ""
                         line = f"step {self.step}/{steps}: train loss {row['loss']:.2f}{val}, beta {beta:.3f}"
                         line += f", {row['updates_per_s']:.1f} updates/s"
                         log.info(line)
-                    window = {"loss": 0.0, "neg_elbo": 0.0, "n": 0, "t0": time.time(), "grad_norm": 0.0}
                 stopping = do_val and not last and early_stop_due(self.step, self.best.get("step"), t)
                 if stopping:
                     log.info(
                         "early stopping at step %d: no better validation -ELBO in %d validations since step %d",
                         *(self.step, t.patience, self.best["step"]),
                     )
-                if self.step % t.ckpt_every == 0 or last or stopping or stop.signum is not None:
+                saving = self.step % t.ckpt_every == 0 or last or stopping or stop.signum is not None
+                if saving:
+                    window.check()  # only a state reached through finite losses is saved (deferred checks)
+                    if not logged:
+                        pause()
                     self.save()
+                if logged or saving:
+                    clock["t0"] = time.time()  # validation and saving are not training time
                 if stop.signum is not None and not last:
                     name = signal.Signals(stop.signum).name
                     bar.close()
