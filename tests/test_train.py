@@ -363,10 +363,12 @@ def test_resident_batches_binarize_on_the_device_generator():
     assert means.train.dtype == torch.float32  # not grey levels: kept exact
 
 
-def test_compile_runs_the_same_update(tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compile_runs_the_same_update(tmp_path, monkeypatch, precision):
     """trainer.compile=true takes the torch.compile path (the eager backend here: the plumbing in seconds)."""
     monkeypatch.setattr(train_mod, "COMPILE_BACKEND", "eager")
-    train_mod.train(cfg_of("trainer.steps=5", "trainer.compile=true"), tmp_path / "c")
-    train_mod.train(cfg_of("trainer.steps=5"), tmp_path / "e")
+    p = f"trainer.precision={precision}"
+    train_mod.train(cfg_of("trainer.steps=5", "trainer.compile=true", p), tmp_path / "c")
+    train_mod.train(cfg_of("trainer.steps=5", p), tmp_path / "e")
     a, b = (load_checkpoint(tmp_path / n / "checkpoint.pt")["model"] for n in ("c", "e"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

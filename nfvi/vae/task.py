@@ -23,12 +23,20 @@ Reproducibility: the parameters after N updates depend only on the config. The m
 the dynamic binarization come from one generator (``split_generator(seed, "train")``), the
 posterior samples from torch's global RNG, and validation/evaluation draw from forked, separately
 seeded streams. A checkpoint saves all of it (and the optimizer), so on the CPU a run interrupted
-at any update and resumed ends at the same parameters as an uninterrupted one.
+at any update and resumed ends at the same parameters as an uninterrupted one. On CUDA the training set is
+resident on the device and its batches come from a device generator (:mod:`nfvi.data.resident`; another stream,
+saved in the checkpoint too).
+
+Precision and speed (docs/performance.md): ``trainer.precision=bf16`` runs the networks under autocast (the
+log-densities and the loss stay float32; validation and evaluation are float32); ``trainer.compile=true`` compiles
+the update's forward and backward with ``torch.compile``. The update reads nothing back from the device: the
+losses are summed there and read every ``trainer.log_every`` updates (:class:`nfvi.training.LossWindow`).
 
 Stopping: SIGINT (Ctrl-C) or SIGTERM finishes the current update, saves ``checkpoint.pt`` and exits
 with status 130 or 143 (a second Ctrl-C aborts at once). A NaN/inf loss, gradient or validation
 bound stops the run with a one-line error naming the update; ``checkpoint.pt`` keeps the last good
-state (a state with non-finite parameters is never saved).
+state (a state with non-finite parameters is never saved). On a GPU the check runs at each log point and
+before each checkpoint (still naming the first bad update), so no state reached through a non-finite loss is saved.
 """
 
 from __future__ import annotations
