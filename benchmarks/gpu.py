@@ -50,7 +50,7 @@ from hydra import compose, initialize_config_dir
 import nfvi.vae.task as train_task
 from nfvi.cli import conf_dir
 from nfvi.data import ImageData, load_dataset
-from nfvi.estimators import log_marginal_likelihood
+from nfvi.estimators import default_batch_size, log_marginal_likelihood
 from nfvi.precision import set_precision
 from nfvi.runs import MetricsLog, select_device
 from nfvi.training import LossWindow
@@ -147,15 +147,17 @@ def time_updates(trainer, device, seconds: float, warmup: int, chunk: int) -> di
 
 
 def time_is(model, x: torch.Tensor, num_samples: int, seconds: float, device) -> dict:
-    """Images/s of ``log_marginal_likelihood`` at S=``num_samples`` (its default chunk for the device)."""
+    """Images/s of ``log_marginal_likelihood`` at S=``num_samples`` (its default chunk for the device), calls of
+    two chunks' worth of images until ``seconds`` have passed or ``x`` is used up."""
+    per_call = 2 * max(1, default_batch_size(device) // num_samples)
     log_marginal_likelihood(model, x[:1], num_samples)  # warm-up
     _reset_peak(device)
     done, t0 = 0, time.perf_counter()
     while done < len(x):
-        out = log_marginal_likelihood(model, x[done : done + 1], num_samples)
+        out = log_marginal_likelihood(model, x[done : done + per_call], num_samples)
         if not torch.isfinite(out).all():
             raise RuntimeError(f"importance sampling gave {out.tolist()}")
-        done += 1
+        done += len(out)
         if time.perf_counter() - t0 >= seconds:
             break
     return {"images_per_s": done / (time.perf_counter() - t0), "images": done, "peak_mb": _peak_mb(device)}

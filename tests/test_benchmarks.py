@@ -98,3 +98,13 @@ def test_gpu_benchmark_runs_on_the_cpu_at_toy_sizes(capsys):
         assert "random binary" in res["data"] and len(res["projections"]) == 2
     out = capsys.readouterr().out
     assert "Table 2 protocol" in out and "Sylvester protocol per run" in out
+
+
+def test_paired_eval_of_a_run_with_itself_is_zero(tmp_path):
+    from benchmarks import paired_eval
+    from nfvi.vae import task as train_mod
+    from tests.test_train import cfg_of
+
+    train_mod.train(cfg_of("trainer.steps=2", "trainer.val_every=2"), tmp_path / "a")
+    res = paired_eval.paired(tmp_path / "a", tmp_path / "a", images=10, num_samples=4)
+    assert res["images"] == 10 and res["b_minus_a"] == 0.0 and res["se"] == 0.0 and res["a"] > 0
