@@ -188,7 +188,10 @@ class LossWindow:
             self._values = {n: 0.0 for n in self.names}
 
     def add(self, step: int, **values) -> None:
-        """Record update ``step``'s values (0-dim tensors or floats, one per name)."""
+        """Record update ``step``'s values, one per name: 0-dim tensors on the device (floats too when not deferred).
+
+        Steps are consecutive within a window (the guard names ``first step + updates before the bad one``).
+        """
         if self.first_step is None:
             self.first_step = step
         self.n += 1
