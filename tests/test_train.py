@@ -336,7 +336,7 @@ def test_deferred_checks_log_the_same_rows_as_immediate_ones(tmp_path, monkeypat
     assert [r.split(",")[:4] for r in cut[0]] == [r.split(",")[:4] for r in cut[1]]
 
 
-def test_resident_training_set_resumes_exactly_and_is_refused_off_the_device(tmp_path, monkeypatch):
+def test_resident_training_set_resumes_exactly_and_continues_off_the_device(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(train_mod, "data_on_device", lambda device: True)
     monkeypatch.setattr(train_mod, "DEFER_CHECKS", True)
     straight = train_mod.train(cfg_of("trainer.steps=26"), tmp_path / "straight")
@@ -345,9 +345,9 @@ def test_resident_training_set_resumes_exactly_and_is_refused_off_the_device(tmp
     a, b = (load_checkpoint(tmp_path / n / "checkpoint.pt") for n in ("straight", "cut"))
     assert straight["steps"] == 26 and states_equal(a["model"], b["model"]) and a["epoch"] == b["epoch"] == 2
     assert a["data"]["resident"]["pos"] == b["data"]["resident"]["pos"] == 120
-    monkeypatch.setattr(train_mod, "data_on_device", lambda device: False)
-    with pytest.raises(NfviError, match="written with the training set on the device"):
-        train_mod.train(cfg_of("trainer.steps=30", "resume=true"), tmp_path / "cut")
+    monkeypatch.setattr(train_mod, "data_on_device", lambda device: False)  # moved to the CPU: the host stream
+    assert train_mod.train(cfg_of("trainer.steps=30", "resume=true"), tmp_path / "cut")["steps"] == 30
+    assert "draws its batches on the host, from a fresh epoch" in caplog.text
 
 
 def test_resident_batches_binarize_on_the_device_generator():

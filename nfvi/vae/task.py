@@ -25,7 +25,7 @@ posterior samples from torch's global RNG, and validation/evaluation draw from f
 seeded streams. A checkpoint saves all of it (and the optimizer), so on the CPU a run interrupted
 at any update and resumed ends at the same parameters as an uninterrupted one. On CUDA the training set is
 resident on the device and its batches come from a device generator (:mod:`nfvi.data.resident`; another stream,
-saved in the checkpoint too).
+saved in the checkpoint too; a run moved between CUDA and the CPU continues from a fresh epoch of the new stream).
 
 Precision and speed (docs/performance.md): ``trainer.precision=bf16`` runs the networks under autocast (the
 log-densities and the loss stay float32; validation and evaluation are float32); ``trainer.compile=true`` compiles
@@ -228,14 +228,17 @@ class Trainer:
             self.data_gen.set_state(state["rng"]["data"])
             self.perm, self.pos = state["data"]["perm"], int(state["data"]["pos"])
             resident = state["data"].get("resident")
-            if (resident is None) != (self.resident is None):
-                where = ("with", "without") if resident is not None else ("without", "with")
-                raise NfviError(
-                    f"checkpoint {self.out / CHECKPOINT} was written {where[0]} the training set on the device and "
-                    f"this run has it {where[1]} (device={self.device}); resume it on the device it ran on"
-                )
-            if resident is not None:
+            if resident is not None and self.resident is not None:
                 self.resident.load_state(resident)
+            elif (resident is None) != (self.resident is None):  # the device changed between CUDA and the CPU
+                log.warning(
+                    "%s was trained with the training set %s the device; this run (device=%s) draws its batches "
+                    "%s, from a fresh epoch: the batch order differs from an uninterrupted run",
+                    *(self.out, "on" if resident is not None else "off", self.device),
+                    "on the device" if self.resident is not None else "on the host",
+                )
+                if self.resident is not None:
+                    self.resident.epoch = int(state.get("epoch", 0))
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise NfviError(f"checkpoint {self.out / CHECKPOINT} cannot be restored: {first[:200]}") from None
