@@ -20,6 +20,7 @@ __all__ = [
     "beta_schedule",
     "DIVERGENCE_FACTOR",
     "check_divergence",
+    "LossWindow",
     "check_finite",
     "divergence_limit",
     "cosine_factor",
@@ -182,3 +183,98 @@ def check_divergence(value, reference, num_dims: int, step: int, where=None, wha
             f"at the start, {float(reference):.6g}, + {DIVERGENCE_FACTOR:g} x max(|that|, {num_dims} dims)); the "
             f"learning rate (optim.lr) may be too high; stopping{kept}"
         )
+
+
+class LossWindow:
+    """Per-update scalars (the loss, ...) summed between two log points, with the non-finite guard.
+
+    ``add(step, loss=..., grad_norm=...)`` once per update; ``read()`` at a log point returns each value's mean
+    (``maximum`` names: the maximum) over the updates since the last read, and starts a new window; ``check()``
+    runs the guard alone (before a checkpoint is written).
+
+    Reading a tensor's value makes the host wait for the device (a synchronisation per update on a GPU). So on
+    an accelerator (``defer=True``, the default for a non-CPU device) the sums stay on the device, in float64,
+    and the guard runs at ``read``/``check``: it raises :class:`NonFiniteLossError` naming the first update
+    whose value in ``checked`` was NaN or inf, so a loop that calls ``check`` before every checkpoint never
+    saves a state reached through a non-finite loss. On the CPU (``defer=False``) a read costs nothing: each
+    value is read and checked at its own update, and the loop stops there.
+
+    Args:
+        names: the values, in the order they are checked (the first non-finite one at the earliest step is named).
+        labels: what the error calls each name (``{"loss": "the loss"}``); default the name.
+        checked: the names the guard watches (default all).
+        maximum: the names reduced by their maximum instead of their mean.
+        device: where the values live.
+        where: what a stopped run keeps (a string or a function returning one), for the error message.
+    """
+
+    def __init__(self, names, device, *, labels=None, checked=None, maximum=(), where=None, defer=None):
+        self.names, self.labels = tuple(names), dict(labels or {})
+        self.checked = tuple(n for n in self.names if checked is None or n in checked)
+        self.maximum = set(maximum)
+        self.device, self.where = torch.device(device), where
+        self.defer = self.device.type != "cpu" if defer is None else bool(defer)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.n = 0
+        self.first_step = None  # the step of the window's first update
+        if self.defer:
+            size = len(self.names)
+            self._sum = torch.zeros(size, dtype=torch.float64, device=self.device)
+            self._max = torch.full((size,), -math.inf, dtype=torch.float64, device=self.device)
+            self._ok = torch.ones(size, dtype=torch.bool, device=self.device)
+            self._ok_count = torch.zeros(size, dtype=torch.int64, device=self.device)
+        else:
+            self._values = {n: 0.0 for n in self.names}
+
+    def add(self, step: int, **values) -> None:
+        """Record update ``step``'s values, one per name: 0-dim tensors on the device (floats too when not deferred).
+
+        Steps are consecutive within a window (the guard names ``first step + updates before the bad one``).
+        """
+        if self.first_step is None:
+            self.first_step = step
+        self.n += 1
+        if not self.defer:
+            for name in self.names:
+                value = float(values[name])
+                if name in self.checked:
+                    check_finite(value, step, self.where, what=self.labels.get(name, name))
+                if name in self.maximum:
+                    self._values[name] = value if self.n == 1 else max(self._values[name], value)
+                else:
+                    self._values[name] += value
+            return
+        v = torch.stack([values[n].detach().reshape(()) for n in self.names]).to(torch.float64)
+        self._sum += v
+        torch.maximum(self._max, v, out=self._max)
+        self._ok &= torch.isfinite(v)
+        self._ok_count += self._ok  # per name: the updates before its first non-finite value
+
+    def check(self) -> None:
+        """Raise :class:`NonFiniteLossError` if a checked value of this window was not finite (one host read)."""
+        if not self.defer or self.n == 0 or not self.checked:
+            return
+        counts = self._ok_count.tolist()
+        bad = [(counts[self.names.index(n)], j) for j, n in enumerate(self.checked)]
+        bad = [b for b in bad if b[0] < self.n]
+        if bad:
+            count, j = min(bad)
+            name = self.checked[j]
+            value = float(self._sum[self.names.index(name)])
+            value = value if not math.isfinite(value) else math.nan
+            check_finite(value, self.first_step + count, self.where, what=self.labels.get(name, name))
+
+    def read(self) -> dict[str, float]:
+        """The window's means (or maxima), after :meth:`check`; starts a new window. Empty window: NaNs."""
+        self.check()
+        n = self.n
+        if self.defer:
+            sums, maxima = self._sum.tolist(), self._max.tolist()
+            out = {k: (maxima[i] if k in self.maximum else sums[i] / n) if n else math.nan
+                   for i, k in enumerate(self.names)}  # fmt: skip
+        else:
+            out = {k: (v if k in self.maximum else v / n) if n else math.nan for k, v in self._values.items()}
+        self._reset()
+        return out

@@ -82,3 +82,29 @@ def test_nice_reference_computes_the_same_flow_and_the_benchmark_runs():
     assert torch.allclose(flow(z, h)[0], nice.RefNICE(flow)(z, h), atol=1e-12)
     rows = nice.bench_nice(2, repeats=1, number=1, batch=3, is_images=2, num_samples=3)
     assert [r["speedup_vs_ref"] > 0 for r in rows] == [True, True]
+
+
+def test_gpu_benchmark_runs_on_the_cpu_at_toy_sizes(capsys):
+    """benchmarks/gpu.py's code path (nfvi train's update, resident batches, bf16, IS) with --device cpu --tiny."""
+    from benchmarks import gpu
+
+    results = gpu.main(["--device", "cpu", "--tiny"])
+    assert [r["model"] for r in results] == ["table2_k80", "sylvester_osnf"]
+    for res in results:
+        assert [(r["precision"], r["updates_per_s"] > 0, r["is"]["images_per_s"] > 0) for r in res["rows"]] == [
+            ("fp32", True, True),
+            ("bf16", True, True),
+        ]
+        assert "random binary" in res["data"] and len(res["projections"]) == 2
+    out = capsys.readouterr().out
+    assert "Table 2 protocol" in out and "Sylvester protocol per run" in out
+
+
+def test_paired_eval_of_a_run_with_itself_is_zero(tmp_path):
+    from benchmarks import paired_eval
+    from nfvi.vae import task as train_mod
+    from tests.test_train import cfg_of
+
+    train_mod.train(cfg_of("trainer.steps=2", "trainer.val_every=2"), tmp_path / "a")
+    res = paired_eval.paired(tmp_path / "a", tmp_path / "a", images=10, num_samples=4)
+    assert res["images"] == 10 and res["b_minus_a"] == 0.0 and res["se"] == 0.0 and res["a"] > 0

@@ -132,7 +132,8 @@ def test_hand_run_profile_sweeps_do_not_collide(tmp_path):
     """Two hand-run sweeps of one profile that differ in an override each get their own folder (issue: the second
     was refused because both wrote into the folder ``make reproduce`` uses)."""
     fast = ["-m", "experiment=mnist_smoke", "dataset=fake", "posterior=planar_2", "eval.max_images=10",
-            "eval.num_samples=5", "trainer.val_images=20", "hydra/job_logging=none", "hydra/hydra_logging=none"]  # fmt: skip
+            "eval.num_samples=5", "trainer.val_images=20", "hydra/job_logging=none",
+            "hydra/hydra_logging=none"]  # fmt: skip
     for steps in (2, 3):
         proc = nfvi("train", *fast, f"trainer.steps={steps}", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]

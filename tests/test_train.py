@@ -299,3 +299,76 @@ def test_training_stops_early_and_reports_it(tmp_path):
                                               "trainer.patience=1", "trainer.annealing=none", "optim.lr=0.3",
                                               "resume=true"]), tmp_path)  # fmt: skip
     assert again["steps"] == results["steps"]  # a finished (early-stopped) run is not trained further
+
+
+# -- the device path, run on the CPU -------------------------------------------------------------------------------
+@pytest.mark.parametrize("log_every", [5, 25])
+def test_deferred_checks_stop_at_the_nan_step_and_never_checkpoint_after_it(tmp_path, monkeypatch, log_every):
+    """On a GPU the loss is read at log points only; a NaN must still name its update and never reach a checkpoint
+    (log_every=25: the checkpoint at update 20 comes before any read)."""
+    monkeypatch.setattr(train_mod, "DEFER_CHECKS", True)
+    calls = {"n": 0}
+    real = train_mod.annealed_loss
+
+    def poisoned(terms, beta, mode):
+        calls["n"] += 1
+        loss = real(terms, beta, mode)
+        return loss * float("nan") if calls["n"] == 15 else loss
+
+    monkeypatch.setattr(train_mod, "annealed_loss", poisoned)
+    with pytest.raises(NonFiniteLossError) as err:
+        train_mod.train(cfg_of("trainer.steps=30", f"trainer.log_every={log_every}"), tmp_path)
+    msg = str(err.value)
+    assert "loss became nan at step 15" in msg and "last good checkpoint (step 10)" in msg
+    assert calls["n"] == (15 if log_every == 5 else 20)  # the log point of update 15, or the checkpoint of 20
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 10
+
+
+def test_deferred_checks_log_the_same_rows_as_immediate_ones(tmp_path, monkeypatch):
+    train_mod.train(cfg_of("trainer.steps=12"), tmp_path / "now")
+    monkeypatch.setattr(train_mod, "DEFER_CHECKS", True)
+    train_mod.train(cfg_of("trainer.steps=12"), tmp_path / "later")
+    a, b = (load_checkpoint(tmp_path / n / "checkpoint.pt")["model"] for n in ("now", "later"))
+    assert states_equal(a, b)
+    rows = [(tmp_path / n / "metrics.csv").read_text().splitlines() for n in ("now", "later")]
+    cut = [[",".join(r.split(",")[:7]) for r in rs] for rs in rows]  # step .. grad_norm_max (not the timings)
+    assert rows[0][0] == rows[1][0] and len(rows[0]) == 4
+    assert [r.split(",")[:4] for r in cut[0]] == [r.split(",")[:4] for r in cut[1]]
+
+
+def test_resident_training_set_resumes_exactly_and_continues_off_the_device(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(train_mod, "data_on_device", lambda device: True)
+    monkeypatch.setattr(train_mod, "DEFER_CHECKS", True)
+    straight = train_mod.train(cfg_of("trainer.steps=26"), tmp_path / "straight")
+    train_mod.train(cfg_of("trainer.steps=13"), tmp_path / "cut")
+    train_mod.train(cfg_of("trainer.steps=26", "resume=true"), tmp_path / "cut")
+    a, b = (load_checkpoint(tmp_path / n / "checkpoint.pt") for n in ("straight", "cut"))
+    assert straight["steps"] == 26 and states_equal(a["model"], b["model"]) and a["epoch"] == b["epoch"] == 2
+    assert a["data"]["resident"]["pos"] == b["data"]["resident"]["pos"] == 120
+    monkeypatch.setattr(train_mod, "data_on_device", lambda device: False)  # moved to the CPU: the host stream
+    assert train_mod.train(cfg_of("trainer.steps=30", "resume=true"), tmp_path / "cut")["steps"] == 30
+    assert "draws its batches on the host, from a fresh epoch" in caplog.text
+
+
+def test_resident_batches_binarize_on_the_device_generator():
+    from nfvi.data.resident import ResidentBatches
+
+    grey = torch.randint(0, 256, (10, 784), dtype=torch.uint8).float().div(255.0)
+    b = ResidentBatches(grey, 4, dynamic=True, device="cpu", seed=3)
+    assert b.train.dtype == torch.uint8 and b.nbytes == 10 * 784
+    x = torch.cat([b.next(), b.next()])
+    assert x.dtype == torch.float32 and set(x.unique().tolist()) <= {0.0, 1.0}
+    assert b.epoch == 0 and b.next().shape == (4, 784) and b.epoch == 1  # 10 // 4 batches per epoch
+    means = ResidentBatches(torch.rand(10, 784), 4, dynamic=True, device="cpu", seed=3)
+    assert means.train.dtype == torch.float32  # not grey levels: kept exact
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compile_runs_the_same_update(tmp_path, monkeypatch, precision):
+    """trainer.compile=true takes the torch.compile path (the eager backend here: the plumbing in seconds)."""
+    monkeypatch.setattr(train_mod, "COMPILE_BACKEND", "eager")
+    p = f"trainer.precision={precision}"
+    train_mod.train(cfg_of("trainer.steps=5", "trainer.compile=true", p), tmp_path / "c")
+    train_mod.train(cfg_of("trainer.steps=5", p), tmp_path / "e")
+    a, b = (load_checkpoint(tmp_path / n / "checkpoint.pt")["model"] for n in ("c", "e"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

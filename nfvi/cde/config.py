@@ -13,6 +13,7 @@ from nfvi.cde.data import DATASETS
 from nfvi.cde.model import ACTIVATIONS, MODELS
 from nfvi.config import MAX_WIDTH, FlowConfig, OptimConfig, PathsConfig, store
 from nfvi.errors import NfviError, check_choice, check_int_range, check_range, check_seed
+from nfvi.precision import check_precision
 from nfvi.trackers import LoggerConfig
 
 __all__ = ["CDEConfig"]
@@ -59,6 +60,9 @@ class CDEConfig:
     #: torch CPU threads (small MLPs gain nothing from more; 0: torch's default)
     threads: int = 1
     device: str = "cpu"
+    #: fp32 | bf16: bf16 runs the MLPs' matrix products under autocast (bfloat16) during training; every
+    #: log-density and log-determinant stays float32, validation and test are float32 (nfvi/precision.py)
+    precision: str = "fp32"
     #: the run folder holds this run: a finished one with the same settings is returned as is, an unfinished one re-run
     resume: bool = False
     #: the run folder holds another run: remove its files and start afresh
@@ -89,6 +93,7 @@ class CDEConfig:
         check_int_range("lr_decay_patience", self.lr_decay_patience, 0, kind="a number of epochs (0: off)")
         check_range("grad_clip", self.grad_clip, 0.0, kind="a gradient-norm bound (0: off)")
         check_int_range("threads", self.threads, 0, 1024, kind="a number of threads (0: torch's default)")
+        check_precision("precision", self.precision)
 
 
 store("base_cde", CDEConfig)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from nfvi.cde.data import Split
 from nfvi.errors import check_range
+from nfvi.precision import set_precision
 from nfvi.runs import MetricsLog
 from nfvi.training import check_divergence, check_finite, optimizer_from_config
 
@@ -71,8 +72,13 @@ def fit(
     seed: int = 0,
     log: MetricsLog | None = None,
     desc: str = "",
+    precision: str = "fp32",
 ) -> FitResult:
-    """Train ``model`` (with ``log_prob(y, x)``) on ``split``; see the module docstring."""
+    """Train ``model`` (with ``log_prob(y, x)``) on ``split``; see the module docstring.
+
+    ``precision="bf16"`` runs the model's networks under autocast for the training updates only
+    (:func:`nfvi.precision.set_precision`); the validation and test NLLs are float32.
+    """
     check_range("batch_size", batch_size, low=1, kind="a positive batch size")
     check_range("max_epochs", max_epochs, low=1, kind="a positive number of epochs")
     check_range("patience", patience, low=1, kind="a positive number of epochs")
@@ -94,6 +100,7 @@ def fit(
     epoch = 0
     for epoch in bar:
         model.train()
+        set_precision(model, precision)
         perm = torch.randperm(n, generator=gen)
         total = 0.0
         for i in range(0, n, batch_size):
@@ -108,6 +115,7 @@ def fit(
             optimizer.step()
             total += loss.item() * len(idx)
         model.eval()
+        set_precision(model, "fp32")
         val = mean_nll(model, split.x_val, split.y_val)
         if scheduler is not None:
             scheduler.step(val)

@@ -95,6 +95,12 @@ class FlowCDE(nn.Module):
         z, ladj = self.flow(z, context=h if self.flow_is_amortized else None)
         return z, ladj - torch.log(s).sum(-1)
 
+    def autocast_modules(self) -> list[nn.Module]:
+        """The networks that ``precision=bf16`` runs under autocast: the context MLP, the affine head and an
+        amortized flow's parameter head (:mod:`nfvi.precision`); the flow's layers and log-densities stay float32."""
+        head = getattr(self.flow, "head", None)
+        return [self.context, self.affine, *([head] if isinstance(head, nn.Module) else [])]
+
     @property
     def flow_is_amortized(self) -> bool:
         return getattr(self.flow, "context_dim", 0) > 0
@@ -120,6 +126,10 @@ class MixtureDensityNetwork(nn.Module):
             c, d = components, y_dim
             self.head.bias[c : c + c * d] = torch.linspace(-1.0, 1.0, c).repeat_interleave(d) if c > 1 else 0.0
             self.head.bias[c + c * d :] = _inv_softplus(0.5)
+
+    def autocast_modules(self) -> list[nn.Module]:
+        """The networks that ``precision=bf16`` runs under autocast: the context MLP and the mixture head."""
+        return [self.context, self.head]
 
     def log_prob(self, y: Tensor, x: Tensor) -> Tensor:
         """``log p(y | x)``: ``(*sample, *batch)``."""

@@ -92,6 +92,7 @@ def _fit_seeds(cfg, run: Run) -> dict:
             seed=seed,
             log=run.metrics,
             desc=f"{cfg.dataset} {info['model_name']} seed {seed}",
+            precision=cfg.precision,
         )
         row = {"seed": int(seed), **{k: _round(v) for k, v in asdict(result).items()}}
         if table.true_log_prob is not None:  # the true density on the same test points
@@ -191,6 +192,7 @@ def _aggregate(cfg, table: Table, info: dict, per_seed: list[dict]) -> dict:
         "max_epochs": cfg.max_epochs,
         "patience": cfg.patience,
         "grad_clip": cfg.grad_clip,
+        "precision": cfg.precision,
         "lr_decay_patience": cfg.lr_decay_patience,
         "data_source": table.source,
         "data_file_sha256": table.file_sha256,

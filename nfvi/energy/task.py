@@ -57,7 +57,13 @@ from nfvi.energy.config import EnergyConfig
 from nfvi.energy.model import EnergyModel, log_density
 from nfvi.energy.plots import plot_density, save_density
 from nfvi.runs import MetricsLog, Run, atomic_torch_save, run_dir
-from nfvi.training import beta_schedule, check_finite, cosine_scheduler, flow_from_config, optimizer_from_config
+from nfvi.training import (
+    LossWindow,
+    beta_schedule,
+    cosine_scheduler,
+    flow_from_config,
+    optimizer_from_config,
+)
 
 __all__ = ["EnergyConfig", "KL_DEFINITION", "MASS_OUTSIDE_LIMIT", "UNITS", "beta_at", "fit", "evaluate", "run"]
 
@@ -96,8 +102,11 @@ def fit(model: EnergyModel, energy, cfg, metrics: MetricsLog | None = None, wher
     if t.lr_decay == "cosine":  # lr_t = final + (1 - final)(1 + cos(pi t / steps)) / 2 times optim.lr
         scheduler = cosine_scheduler(optimizer, t.steps, eta_min=cfg.optim.lr * t.lr_final_factor)
     started = time.time()
-    loss_sum = bound_sum = 0.0
-    n = 0
+    where = f"what the run wrote so far is kept in {where}" if where else None
+    # the sums stay on the device between log points (a read per update would wait for a GPU); on the CPU each
+    # loss is read and checked at once (nfvi.training.LossWindow)
+    window = LossWindow(("loss", "bound"), next(model.parameters()).device, checked=("loss",),
+                        labels={"loss": "the loss"}, where=where)  # fmt: skip
     last = float("nan")
     bar = tqdm(range(t.steps), desc=f"{cfg.target} {cfg.flow.kind} K={cfg.flow.length}", disable=None, leave=False)
     for step in bar:
@@ -105,7 +114,7 @@ def fit(model: EnergyModel, energy, cfg, metrics: MetricsLog | None = None, wher
         z_k, log_q = model(t.samples)
         u = energy(z_k)
         loss = (log_q + beta * u).mean()
-        check_finite(loss.detach(), step, f"what the run wrote so far is kept in {where}" if where else None)
+        window.add(step, loss=loss.detach(), bound=(log_q + u).detach().mean())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if t.clip_grad > 0:
@@ -113,16 +122,14 @@ def fit(model: EnergyModel, energy, cfg, metrics: MetricsLog | None = None, wher
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        loss_sum += float(loss.detach())
-        bound_sum += float((log_q + u).detach().mean())
-        n += 1
         if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-            last = loss_sum / n
+            means = window.read()
+            last = means["loss"]
             row = {
                 "step": step + 1,
                 "loss": last,
                 "beta": beta,
-                "bound": bound_sum / n,
+                "bound": means["bound"],
                 "lr": optimizer.param_groups[0]["lr"],
                 "elapsed_s": round(time.time() - started, 3),
             }
@@ -131,8 +138,6 @@ def fit(model: EnergyModel, energy, cfg, metrics: MetricsLog | None = None, wher
             bar.set_postfix(loss=f"{last:.3f}", beta=f"{beta:.2f}")
             if bar.disable:  # no bar (stderr is not a terminal): a progress line per metrics row instead
                 log.info("step %d/%d: loss %.4f, beta %.3f, lr %.3g", step + 1, t.steps, last, beta, row["lr"])
-            loss_sum = bound_sum = 0.0
-            n = 0
     return last
 
 

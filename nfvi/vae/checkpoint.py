@@ -74,6 +74,7 @@ RESUME_MAY_CHANGE = (
     "trainer.val_every",
     "trainer.ckpt_every",
     "trainer.progress",
+    "trainer.compile",  # speed only (torch.compile of the same update)
     "eval.*",
 )
 

@@ -12,6 +12,7 @@ from typing import Optional
 from nfvi.config import LR_DECAYS, FlowConfig, OptimConfig, PathsConfig, store
 from nfvi.data import COLOR_DATASETS, DatasetConfig
 from nfvi.errors import check_choice, check_int_range, check_range, check_seed
+from nfvi.precision import check_precision
 from nfvi.trackers import LoggerConfig
 from nfvi.vae.model import ModelConfig, check_likelihood_fits
 from nfvi.vae.objectives import ANNEALING
@@ -46,8 +47,13 @@ class TrainerConfig:
     #: early stopping: stop after this many validations (trainer.val_every updates each) without a better validation
     #: -ELBO, counted once beta has reached 1 (after trainer.anneal_steps); 0 = off (the 2015 fixed schedule)
     patience: int = 0
+    #: fp32 | bf16: bf16 runs the networks' matrix products and convolutions under autocast (bfloat16); every
+    #: log-density, log-determinant and loss stays float32 (nfvi/precision.py); validation and evaluation are fp32
+    precision: str = "fp32"
+    compile: bool = False  # torch.compile the update's forward and backward (minutes to compile; docs/performance.md)
 
     def __post_init__(self):
+        check_precision("trainer.precision", self.precision)
         for key in ("steps", "log_every", "val_every", "ckpt_every"):
             check_int_range(f"trainer.{key}", getattr(self, key), 1, kind="a positive whole number")
         most = MAX_SAMPLES_PER_UPDATE

@@ -257,6 +257,13 @@ class VAE(nn.Module):
     def device(self) -> torch.device:
         return self._zeros.device
 
+    def autocast_modules(self) -> list[nn.Module]:
+        """The networks that ``trainer.precision=bf16`` runs under autocast (:func:`nfvi.precision.set_precision`):
+        the encoder, q_0's Gaussian head, the decoder and an amortized flow's parameter head. The flow's layers,
+        the log-determinants and every log-density stay float32."""
+        head = getattr(self.flow, "head", None)
+        return [self.encoder, self.gaussian_head, self.decoder, *([head] if isinstance(head, nn.Module) else [])]
+
     @property
     def prior(self) -> Distribution:
         """``p(z) = N(0, I)`` over R^D, on the model's device and dtype."""

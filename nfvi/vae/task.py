@@ -23,7 +23,14 @@ Reproducibility: the parameters after N updates depend only on the config. The m
 the dynamic binarization come from one generator (``split_generator(seed, "train")``), the
 posterior samples from torch's global RNG, and validation/evaluation draw from forked, separately
 seeded streams. A checkpoint saves all of it (and the optimizer), so on the CPU a run interrupted
-at any update and resumed ends at the same parameters as an uninterrupted one.
+at any update and resumed ends at the same parameters as an uninterrupted one. On CUDA the training set is
+resident on the device and its batches come from a device generator (:mod:`nfvi.data.resident`; another stream,
+saved in the checkpoint too; a run moved between CUDA and the CPU continues from a fresh epoch of the new stream).
+
+Precision and speed (docs/performance.md): ``trainer.precision=bf16`` runs the networks under autocast (the
+log-densities and the loss stay float32; validation and evaluation are float32); ``trainer.compile=true`` compiles
+the update's forward and backward with ``torch.compile``. The update reads nothing back from the device: the
+losses are summed there and read every ``trainer.log_every`` updates (:class:`nfvi.training.LossWindow`).
 
 Stopping: SIGINT (Ctrl-C) or SIGTERM finishes the current update, saves ``checkpoint.pt`` and exits
 with status 130 or 143 (a second Ctrl-C aborts at once). A NaN/inf loss, gradient or validation
@@ -35,6 +42,8 @@ state (a state with non-finite parameters is never saved). So does divergence: a
 Identity: ``run_config.json`` records the run's ``run_id``; every checkpoint records it with the resolved config,
 and ``resume=true`` refuses a checkpoint of another run (:func:`nfvi.vae.checkpoint.check_identity`). Before the
 model is allocated, :mod:`nfvi.sizes` refuses a config that needs more memory than the device has.
+On a GPU the non-finite check runs at each log point and before each checkpoint (still naming the first bad
+update), so no state reached through a non-finite loss is saved.
 """
 
 from __future__ import annotations
@@ -52,9 +61,17 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from nfvi.data import binarize, load_dataset, split_generator
+from nfvi.data.resident import ResidentBatches
 from nfvi.errors import NfviError, NonFiniteLossError
+from nfvi.precision import set_precision
 from nfvi.runs import MetricsLog, Run, run_dir, seed_everything
-from nfvi.training import check_divergence, check_finite, cosine_factor, early_stop_due, optimizer_from_config
+from nfvi.training import (
+    LossWindow,
+    check_divergence,
+    cosine_factor,
+    early_stop_due,
+    optimizer_from_config,
+)
 from nfvi.vae.checkpoint import (
     BEST,
     CHECKPOINT,
@@ -72,6 +89,20 @@ from nfvi.vae.objectives import annealed_loss, beta_schedule, free_energy_terms
 __all__ = ["TrainerConfig", "TrainConfig", "Trainer", "lr_factor", "train", "run"]
 
 RUN_CONFIG = "run_config.json"
+#: torch.compile's backend for trainer.compile=true (tests set "eager" to check the plumbing in seconds)
+COMPILE_BACKEND = "inductor"
+#: LossWindow's deferred checks: None = on any device but the CPU (tests set True to run the GPU's way on the CPU)
+DEFER_CHECKS: bool | None = None
+
+
+def data_on_device(device: torch.device) -> bool:
+    """Whether the training set lives on ``device`` (:class:`nfvi.data.resident.ResidentBatches`): on CUDA.
+
+    On the CPU the host path is the device path already; it keeps its own random stream (published runs).
+    """
+    return device.type == "cuda"
+
+
 log = logging.getLogger("nfvi.train")
 
 
@@ -166,12 +197,27 @@ class Trainer:
         self.data_gen = split_generator(int(cfg.seed), "train")
         self.step, self.epoch, self.pos = 0, 0, 0
         self.perm: torch.Tensor | None = None
+        self.resident: ResidentBatches | None = None  # the training set on the device (CUDA; data_on_device)
+        if data_on_device(device):
+            self.resident = ResidentBatches(
+                self.data.train,
+                self.t.batch_size,
+                self.data.dynamic,
+                device,
+                seed=int(self.data_gen.initial_seed()),
+                eight_bit=getattr(self.data, "kind", "binary") == "8bit",
+            )
+        set_precision(self.model, self.t.precision)
+        self._loss_fn = self._loss
+        if self.t.compile:
+            self._loss_fn = torch.compile(self._loss, backend=COMPILE_BACKEND)
         self.best: dict = {}
         #: the training -ELBO of the run's first update: the divergence guard's reference (nfvi.training)
         self.reference: float | None = None
         #: the run's id (run_config.json), recorded in every checkpoint (nfvi.vae.checkpoint)
         self.run_id: str | None = None
         self.train_time = 0.0
+        self.last_beta = float("nan")  # beta of the last update
         self.valid = self.data.valid
         if self.t.val_images and self.t.val_images < len(self.valid):
             gen = torch.Generator().manual_seed(int(cfg.seed))
@@ -213,7 +259,9 @@ class Trainer:
                 "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
                 "data": self.data_gen.get_state(),
             },
-            "data": {"perm": self.perm, "pos": self.pos},
+            "data": {"perm": self.perm, "pos": self.pos}
+            if self.resident is None
+            else {"resident": self.resident.state(), "perm": None, "pos": 0},
             "best": dict(self.best),
             "reference_neg_elbo": self.reference,
             "run_id": self.run_id,
@@ -234,6 +282,18 @@ class Trainer:
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
             self.data_gen.set_state(state["rng"]["data"])
             self.perm, self.pos = state["data"]["perm"], int(state["data"]["pos"])
+            resident = state["data"].get("resident")
+            if resident is not None and self.resident is not None:
+                self.resident.load_state(resident)
+            elif (resident is None) != (self.resident is None):  # the device changed between CUDA and the CPU
+                log.warning(
+                    "%s was trained with the training set %s the device; this run (device=%s) draws its batches "
+                    "%s, from a fresh epoch: the batch order differs from an uninterrupted run",
+                    *(self.out, "on" if resident is not None else "off", self.device),
+                    "on the device" if self.resident is not None else "on the host",
+                )
+                if self.resident is not None:
+                    self.resident.epoch = int(state.get("epoch", 0))
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise NfviError(f"checkpoint {self.out / CHECKPOINT} cannot be restored: {first[:200]}") from None
@@ -270,6 +330,11 @@ class Trainer:
 
     # -- data ----------------------------------------------------------------------------------------------------------
     def next_batch(self) -> torch.Tensor:
+        """The next training batch on the device (drawn there when the training set is resident)."""
+        if self.resident is not None:
+            x = self.resident.next()
+            self.epoch = self.resident.epoch
+            return x
         n, bs = len(self.data.train), self.t.batch_size
         if self.perm is None or self.pos + bs > n:  # a new epoch; the last incomplete batch is dropped
             if self.perm is not None:
@@ -290,9 +355,13 @@ class Trainer:
         if len(self.valid) == 0:
             return float("nan")
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(self.cfg.seed) + 1)
-            value = -float(elbo(self.model, self.valid, num_samples=1, batch_size=self.cfg.eval.batch_size).mean())
+        set_precision(self.model, "fp32")  # validation is float32, whatever trainer.precision is
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(int(self.cfg.seed) + 1)
+                value = -float(elbo(self.model, self.valid, num_samples=1, batch_size=self.cfg.eval.batch_size).mean())
+        finally:
+            set_precision(self.model, self.t.precision)
         self.check_bound(value, "the validation -ELBO", self.step)  # before best.pt: a diverged state is never saved
         if not self.best or value < self.best["val_neg_elbo"]:
             self.best = {"val_neg_elbo": value, "step": self.step}
@@ -316,11 +385,55 @@ class Trainer:
         check_divergence(value, self.reference, self.num_dims, step, self._kept, what=what)
 
     # -- loop ----------------------------------------------------------------------------------------------------------
+    def _loss(self, x: torch.Tensor, beta) -> tuple[torch.Tensor, torch.Tensor]:
+        """The update's objective on batch ``x``: the mean annealed loss and the mean -ELBO (0-dim, float32)."""
+        terms = free_energy_terms(self.model, x, num_samples=self.t.samples)
+        loss = annealed_loss(terms, beta, self.t.annealing).mean()
+        return loss, -terms["elbo"].detach().mean()
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One parameter update (update ``self.step + 1``): the learning rate and beta of the schedule, a batch,
+        the loss, its gradient (clipped when ``trainer.grad_clip > 0``) and the optimizer's step.
+
+        Returns the update's ``loss``, ``neg_elbo`` and ``grad_norm`` as 0-dim tensors on the device: nothing here
+        reads a value back, so on a GPU the host never waits for the device (the loop checks them at log points,
+        :class:`nfvi.training.LossWindow`).
+        """
+        t = self.t
+        beta = beta_schedule(self.step, t.annealing, start=t.beta0, steps=t.anneal_steps)
+        factor = lr_factor(self.step, t.steps, t.lr_decay, t.lr_final_factor)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+        x = self.next_batch()
+        self.last_beta = beta
+        if t.compile:  # a tensor, so that a new beta does not recompile (a fill: no host-to-device copy)
+            beta = torch.full((), beta, device=self.device)
+        loss, neg_elbo = self._loss_fn(x, beta)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
+        elif hasattr(torch.nn.utils, "get_total_norm"):  # the norm alone (torch >= 2.6; no clipping to do)
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        else:  # clipping at inf multiplies every gradient by exactly 1
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, float("inf"))
+        self.optimizer.step()
+        self.step += 1
+        return {"loss": loss.detach(), "neg_elbo": neg_elbo, "grad_norm": grad_norm.detach()}
+
     def fit(self) -> None:
         t, steps = self.t, self.t.steps
         metrics = self.metrics
         metrics.truncate_after(self.step)
-        window = {"loss": 0.0, "neg_elbo": 0.0, "n": 0, "t0": time.time(), "grad_norm": 0.0}
+        window = LossWindow(
+            ("loss", "neg_elbo", "grad_norm"),
+            self.device,
+            labels={"loss": "the loss", "grad_norm": "the gradient norm"},
+            checked=("loss", "grad_norm"),
+            maximum=("grad_norm",),
+            where=self._kept,
+            defer=DEFER_CHECKS,
+        )
         bar = tqdm(
             total=steps,
             initial=self.step,
@@ -332,69 +445,66 @@ class Trainer:
             smoothing=0.05,
         )
         self.model.train()
-        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        clock = {"t0": time.time(), "busy": 0.0}  # training time of the window (validation and saving excluded)
+
+        def pause() -> None:  # fold the time since t0 into the training time (after a read: the device is done)
+            now = time.time()
+            clock["busy"] += now - clock["t0"]
+            self.train_time += now - clock["t0"]
+            clock["t0"] = now
+
         with _StopRequest() as stop, bar:
             while self.step < steps and not early_stop_due(self.step, self.best.get("step"), t):
-                tick = time.time()
-                beta = beta_schedule(self.step, t.annealing, start=t.beta0, steps=t.anneal_steps)
-                factor = lr_factor(self.step, steps, t.lr_decay, t.lr_final_factor)
-                for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-                    group["lr"] = base * factor
-                x = self.next_batch()
-                terms = free_energy_terms(self.model, x, num_samples=t.samples)
-                loss = annealed_loss(terms, beta, t.annealing).mean()
+                values = self.train_step()
                 if self.reference is None:  # read once per run: the divergence guard's reference
-                    self.reference = -float(terms["elbo"].detach().mean())
-                loss_value = float(loss.detach())
-                check_finite(loss_value, self.step + 1, self._kept, what="the loss")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-                check_finite(grad_norm, self.step + 1, self._kept, what="the gradient norm")
-                self.optimizer.step()
-                self.step += 1
-                self.train_time += time.time() - tick
-
-                window["loss"] += loss_value
-                window["neg_elbo"] += -float(terms["elbo"].detach().mean())
-                window["grad_norm"] = max(window["grad_norm"], grad_norm)
-                window["n"] += 1
+                    self.reference = float(values["neg_elbo"])
+                window.add(self.step, **values)
                 bar.update(1)
-                if self.step % 10 == 0 and not bar.disable:
-                    bar.set_postfix(loss=f"{window['loss'] / window['n']:.2f}", beta=f"{beta:.3f}", refresh=False)
 
                 last = self.step == steps
                 do_val = self.step % t.val_every == 0 or last
-                if self.step % t.log_every == 0 or do_val or stop.signum is not None:
-                    elapsed = time.time() - window["t0"]
-                    self.check_bound(window["neg_elbo"] / window["n"], "the training -ELBO", self.step)
+                logged = self.step % t.log_every == 0 or do_val or stop.signum is not None
+                if logged:
+                    n = window.n
+                    means = window.read()  # one read of the window's sums (and the non-finite guard)
+                    pause()
+                    beta = self.last_beta
+                    self.check_bound(means["neg_elbo"], "the training -ELBO", self.step)
                     row = {
                         "step": self.step,
                         "epoch": self.epoch,
                         "beta": beta,
                         "lr": self.optimizer.param_groups[0]["lr"],
-                        "loss": window["loss"] / window["n"],
-                        "train_neg_elbo": window["neg_elbo"] / window["n"],
-                        "grad_norm_max": window["grad_norm"],
-                        "updates_per_s": window["n"] / elapsed if elapsed > 0 else float("nan"),
+                        "loss": means["loss"],
+                        "train_neg_elbo": means["neg_elbo"],
+                        "grad_norm_max": means["grad_norm"],
+                        "updates_per_s": n / clock["busy"] if clock["busy"] > 0 else float("nan"),
                         "val_neg_elbo": self.validate() if do_val else "",
                         "train_time_s": round(self.train_time, 3),
                     }
+                    clock["busy"] = 0.0
                     metrics.log(**row)
+                    if not bar.disable:
+                        bar.set_postfix(loss=f"{row['loss']:.2f}", beta=f"{beta:.3f}", refresh=False)
                     if do_val or bar.disable:  # a step line per validation; per metrics row when there is no bar
                         val = f", val -ELBO {row['val_neg_elbo']:.2f}" if do_val else ""
                         line = f"step {self.step}/{steps}: train loss {row['loss']:.2f}{val}, beta {beta:.3f}"
                         line += f", {row['updates_per_s']:.1f} updates/s"
                         log.info(line)
-                    window = {"loss": 0.0, "neg_elbo": 0.0, "n": 0, "t0": time.time(), "grad_norm": 0.0}
                 stopping = do_val and not last and early_stop_due(self.step, self.best.get("step"), t)
                 if stopping:
                     log.info(
                         "early stopping at step %d: no better validation -ELBO in %d validations since step %d",
                         *(self.step, t.patience, self.best["step"]),
                     )
-                if self.step % t.ckpt_every == 0 or last or stopping or stop.signum is not None:
+                saving = self.step % t.ckpt_every == 0 or last or stopping or stop.signum is not None
+                if saving:
+                    window.check()  # only a state reached through finite losses is saved (deferred checks)
+                    if not logged:
+                        pause()
                     self.save()
+                if logged or saving:
+                    clock["t0"] = time.time()  # validation and saving are not training time
                 if stop.signum is not None and not last:
                     name = signal.Signals(stop.signum).name
                     bar.close()
