@@ -10,7 +10,7 @@ on, naming the keys of the largest part (the model, the flow, or the batch)::
                                                RMSprop's square average and momentum)
           + 2 x activations of one update      (the forward's outputs, kept for backward, and their gradients)
 
-Long flows are not built layer by layer: the model is built with the flow at length 0 and 2 and the count
+Long flows are not built layer by layer: the model is built with the flow at length 0, 1 and 2 and the count
 extrapolated linearly in ``flow.length`` (every flow's layers have the same size); the activations likewise in the
 batch (measured at one and two examples). Where a model cannot run on the meta device (a ``.item()`` inside its
 forward, e.g. the Sylvester flows), the activations are left out and the parameters alone are checked.
@@ -107,18 +107,20 @@ def estimate(make: Callable, length: int, batch: int, limit: float | None = None
     """Estimate an update of the model ``make(length) -> (module, forward)`` builds (``forward(n)`` runs one update's
     forward pass over ``n`` examples).
 
-    ``make`` is called on the meta device with ``length`` 0 and ``min(length, 2)`` (the flow's length), ``forward``
-    with 1 and 2 examples; parameters and activations are extrapolated linearly to ``length`` and ``batch``.
+    ``make`` is called on the meta device with the flow's length 0, 1 and 2 (at most ``length``), ``forward`` with 1
+    and 2 examples; parameters and activations are extrapolated linearly from one layer on to ``length`` layers
+    and to ``batch`` examples.
     ``limit``: bytes beyond which the parameters alone settle it (the forwards are then skipped: activations None).
     """
-    small = min(length, 2)
     built = {}
-    for k in sorted({0, small}):
+    for k in sorted({0, min(length, 1), min(length, 2)}):
         with torch.device("meta"):
             built[k] = make(k)
 
-    def at_length(values: dict[int, float]) -> float:  # linear in the flow's length
-        return values[0] if small == 0 else values[0] + (values[small] - values[0]) * length / small
+    def at_length(values: dict[int, float]) -> float:  # linear in the flow's length from one layer on (a flow may
+        if length <= 1:  # hold parts shared by all its layers, e.g. the amortized IAF's context layer)
+            return values[length]
+        return values[1] + (values[2] - values[1]) * (length - 1)
 
     params = {k: sum(p.numel() for p in module.parameters()) for k, (module, _) in built.items()}
     itemsize = torch.get_default_dtype().itemsize
