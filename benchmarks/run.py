@@ -23,7 +23,7 @@ from torch import nn
 
 from nfvi.config import FlowConfig, OptimConfig
 from nfvi.estimators import default_batch_size, log_marginal_likelihood
-from nfvi.training import optimizer_from_config
+from nfvi.training import clip_gradients, optimizer_from_config
 from nfvi.vae.model import ModelConfig, build_model
 from nfvi.vae.objectives import annealed_loss, beta_schedule, free_energy_terms
 
@@ -114,11 +114,33 @@ def make_nfvi_step(k: int, batch: int = BATCH, seed: int = 0):
         float(loss.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+        float(clip_gradients(params, float("inf")))
         opt.step()
         state["step"] += 1
 
     return step
+
+
+def make_prev_step(k: int, batch: int = BATCH, seed: int = 0):
+    """The same update on the previous code path (benchmarks/reference_update.py: the planar chain, clipping and
+    optimizer as of c11e01b), to measure the change in the same run."""
+    from benchmarks.reference_update import reference_optimizer, reference_step, use_reference_flow
+
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(), FlowConfig(kind="planar" if k else "none", length=k), X_DIM)
+    if k:
+        use_reference_flow(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = reference_step(model, params, reference_optimizer("rmsprop", params, lr=1e-5, momentum=0.9))
+    x = (torch.rand(batch, X_DIM) < 0.3).float()
+    model.train()
+    state = {"step": 0}
+
+    def run():
+        step(x, beta_schedule(state["step"], "eq20"))
+        state["step"] += 1
+
+    return run
 
 
 class NaiveVAE(nn.Module):
@@ -175,7 +197,8 @@ def make_naive_step(k: int, batch: int = BATCH, seed: int = 0):
 def bench_training(ks, rate: float, repeats: int, number: int) -> list[dict]:
     rows = []
     for k in ks:
-        sec = interleaved({"nfvi": make_nfvi_step(k), "naive": make_naive_step(k)}, repeats, number)
+        fns = {"nfvi": make_nfvi_step(k), "naive": make_naive_step(k), "prev": make_prev_step(k)}
+        sec = interleaved(fns, repeats, number)
         floor = 3 * forward_flops_vae(BATCH, k) / (rate * 1e9)
         rows.append(
             {
@@ -185,6 +208,9 @@ def bench_training(ks, rate: float, repeats: int, number: int) -> list[dict]:
                 "speedup_vs_ref": sec["naive"] / sec["nfvi"],
                 "floor_per_s": 1 / floor,
                 "time_over_floor": sec["nfvi"] / floor,
+                "prev_per_s": 1 / sec["prev"],
+                "speedup_vs_prev": sec["prev"] / sec["nfvi"],
+                "prev_over_floor": sec["prev"] / floor,
             }
         )
     return rows

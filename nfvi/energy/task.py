@@ -45,7 +45,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from nfvi import energies
@@ -53,7 +52,14 @@ from nfvi.energy.config import EnergyConfig
 from nfvi.energy.model import EnergyModel, log_density
 from nfvi.energy.plots import plot_density, save_density
 from nfvi.runs import MetricsLog, Run, atomic_torch_save, run_dir
-from nfvi.training import beta_schedule, check_finite, cosine_scheduler, flow_from_config, optimizer_from_config
+from nfvi.training import (
+    beta_schedule,
+    check_finite,
+    clip_gradients,
+    cosine_scheduler,
+    flow_from_config,
+    optimizer_from_config,
+)
 
 __all__ = ["EnergyConfig", "KL_DEFINITION", "UNITS", "beta_at", "fit", "evaluate", "run"]
 
@@ -100,7 +106,7 @@ def fit(model: EnergyModel, energy, cfg, metrics: MetricsLog | None = None, wher
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if t.clip_grad > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+            clip_gradients(model.parameters(), t.clip_grad)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from nfvi.data import binarize, load_dataset, split_generator
 from nfvi.errors import NfviError, NonFiniteLossError
 from nfvi.runs import MetricsLog, Run, run_dir, seed_everything
-from nfvi.training import check_finite, cosine_factor, early_stop_due, optimizer_from_config
+from nfvi.training import check_finite, clip_gradients, cosine_factor, early_stop_due, optimizer_from_config
 from nfvi.vae.checkpoint import BEST, CHECKPOINT, config_diff, load_checkpoint, save_checkpoint
 from nfvi.vae.config import TrainConfig, TrainerConfig
 from nfvi.vae.evaluate import evaluate_run, same_settings, summary_line
@@ -290,7 +290,7 @@ class Trainer:
                 check_finite(loss_value, self.step + 1, self._kept, what="the loss")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+                grad_norm = float(clip_gradients(self.params, max_norm))
                 check_finite(grad_norm, self.step + 1, self._kept, what="the gradient norm")
                 self.optimizer.step()
                 self.step += 1
