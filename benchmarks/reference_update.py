@@ -1,18 +1,20 @@
-"""The previous training update, frozen as a reference: nfvi's planar chain and update path as of c11e01b.
+"""The previous training update and model code, frozen as a reference: nfvi as of c11e01b.
 
 Before issue 18 the amortized planar flow ran the K layers as one autograd node with a per-layer loop of
 about 17 small operations (forward and backward), the reparameterisation of ``u`` and the log-determinants
 (with a ``1e-30`` clamp on ``tanh^2``) under autograd, gradients clipped with the per-tensor
-``clip_grad_norm_``, and RMSprop/Adamax on torch's default (per-tensor) path. This module keeps that code,
+``clip_grad_norm_``, RMSprop/Adamax on torch's default (per-tensor) path, the maxout max over windows of 4
+consecutive values and the Bernoulli likelihood through ``torch.distributions``. This module keeps that code,
 verbatim, so that
 
-- ``benchmarks.run`` times the current update against it in the same run (``prev_per_s``, ``speedup_vs_prev``);
+- ``benchmarks.run`` times the current update and importance sampling against it in the same run (``prev_*``
+  and ``speedup_vs_prev`` columns);
 - ``tests/test_benchmarks.py`` checks that 200 fixed-seed updates end with the same parameters (to float32
   rounding) on both paths.
 
 ::
 
-    use_reference_flow(model)                  # model.flow (a PlanarFlow) now runs the frozen chain
+    use_reference_code(model)                  # its planar flow, maxout layers and likelihood run the frozen code
     step = reference_step(model, params, opt)  # one update as Trainer.fit did it
 """
 
@@ -25,7 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["RefPlanarChain", "ref_planar_forward", "reference_optimizer", "reference_step", "use_reference_flow"]
+__all__ = [
+    "RefPlanarChain",
+    "ref_log_likelihood",
+    "ref_maxout_forward",
+    "ref_planar_forward",
+    "reference_optimizer",
+    "reference_step",
+    "use_reference_code",
+]
 
 
 def _log_softplus(x: Tensor) -> Tensor:
@@ -104,9 +114,29 @@ def ref_planar_forward(flow, z: Tensor, context: Tensor | None = None) -> tuple[
     return z, ref_planar_ladj(pre, torch.tanh(pre), (w * u).sum(-1)).sum(-1)
 
 
-def use_reference_flow(model) -> None:
-    """Make ``model.flow`` (a :class:`nfvi.flows.PlanarFlow`) run :func:`ref_planar_forward`."""
-    model.flow.forward = types.MethodType(ref_planar_forward, model.flow)
+def ref_maxout_forward(self, x: Tensor) -> Tensor:
+    """The previous ``nfvi.vae.model.Maxout.forward``."""
+    return self.linear(x).unflatten(-1, (-1, self.window)).amax(-1)
+
+
+def ref_log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
+    """The previous ``VAE.log_likelihood``: ``torch.distributions`` (``Independent(Bernoulli(logits))``)."""
+    return self.decode(z).log_prob(self.prepare(x))
+
+
+def use_reference_code(model) -> None:
+    """Make ``model`` (a :class:`nfvi.vae.model.VAE`) run the previous code: its planar flow (if any) runs
+    :func:`ref_planar_forward`, its maxout layers :func:`ref_maxout_forward`, its likelihood
+    :func:`ref_log_likelihood`."""
+    from nfvi.flows import PlanarFlow
+    from nfvi.vae.model import Maxout
+
+    if isinstance(model.flow, PlanarFlow):
+        model.flow.forward = types.MethodType(ref_planar_forward, model.flow)
+    for module in model.modules():
+        if isinstance(module, Maxout):
+            module.forward = types.MethodType(ref_maxout_forward, module)
+    model.log_likelihood = types.MethodType(ref_log_likelihood, model)
 
 
 def reference_optimizer(name: str, params, lr: float, momentum: float = 0.0, eps: float = 1e-8):

@@ -124,12 +124,11 @@ def make_nfvi_step(k: int, batch: int = BATCH, seed: int = 0):
 def make_prev_step(k: int, batch: int = BATCH, seed: int = 0):
     """The same update on the previous code path (benchmarks/reference_update.py: the planar chain, clipping and
     optimizer as of c11e01b), to measure the change in the same run."""
-    from benchmarks.reference_update import reference_optimizer, reference_step, use_reference_flow
+    from benchmarks.reference_update import reference_optimizer, reference_step, use_reference_code
 
     torch.manual_seed(seed)
     model = build_model(ModelConfig(), FlowConfig(kind="planar" if k else "none", length=k), X_DIM)
-    if k:
-        use_reference_flow(model)
+    use_reference_code(model)
     params = [p for p in model.parameters() if p.requires_grad]
     step = reference_step(model, params, reference_optimizer("rmsprop", params, lr=1e-5, momentum=0.9))
     x = (torch.rand(batch, X_DIM) < 0.3).float()
@@ -242,10 +241,22 @@ def bench_is(
 ) -> list[dict]:
     """nfvi.evaluate.log_marginal_likelihood at each chunk size (``batch_size``; None = ``nfvi evaluate``'s
     default, :func:`nfvi.evaluate.default_batch_size`) beside the one-image-at-a-time loop in chunks of 1000."""
+    import copy
+
+    from benchmarks.reference_update import use_reference_code
+
     model = _is_model()
+    prev = copy.deepcopy(model)  # the same weights on the previous code (benchmarks/reference_update.py)
+    use_reference_code(prev)
     x = (torch.rand(num_images, X_DIM) < 0.3).float()
     fns = {f"nfvi_{c}": (lambda c=c: log_marginal_likelihood(model, x, num_samples, batch_size=c)) for c in chunks}
     fns["naive"] = lambda: naive_log_px(model, x, num_samples)
+    fns["prev"] = lambda: log_marginal_likelihood(prev, x, num_samples)
+    diffs = []
+    for m in (model, prev):  # same seed, same draws: the estimates agree to float32 rounding
+        torch.manual_seed(0)
+        diffs.append(log_marginal_likelihood(m, x, num_samples))
+    max_diff = float((diffs[0] - diffs[1]).abs().max())
     sec = interleaved(fns, repeats, 1, warmup=1)
     flops = forward_flops_vae(1, 10, num_samples) * num_images
     ref_mem = peak_rss_mb("naive", num_images, num_samples, 1000) if memory else float("nan")
@@ -263,6 +274,9 @@ def bench_is(
                 "ref_frac_of_matmul": flops / sec["naive"] / 1e9 / rate,
                 "peak_mb": peak_rss_mb("nfvi", num_images, num_samples, c) if memory else float("nan"),
                 "ref_peak_mb": ref_mem,
+                "prev_frac_of_matmul": flops / sec["prev"] / 1e9 / rate,
+                "speedup_vs_prev": sec["prev"] / t,
+                "max_diff_vs_prev_nats": max_diff,
             }
         )
     return rows
