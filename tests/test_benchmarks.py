@@ -89,7 +89,7 @@ def test_update_ends_where_the_previous_code_ends_after_200_updates(optim):
     """200 fixed-seed updates of a small amortized-planar VAE: the current update (planar_chain_ladj,
     clip_gradients, optimizer_from_config) and the frozen previous one (benchmarks/reference_update.py) end
     with the same parameters to float32 rounding."""
-    from benchmarks.reference_update import reference_optimizer, reference_step, use_reference_flow
+    from benchmarks.reference_update import reference_optimizer, reference_step, use_reference_code
     from nfvi.config import FlowConfig, OptimConfig
     from nfvi.training import clip_gradients, optimizer_from_config
     from nfvi.vae.model import ModelConfig, build_model
@@ -109,7 +109,7 @@ def test_update_ends_where_the_previous_code_ends_after_200_updates(optim):
         params = [p for p in model.parameters() if p.requires_grad]
         initial = {k: p.detach().clone() for k, p in model.named_parameters()}
         if previous:
-            use_reference_flow(model)
+            use_reference_code(model)
             step = reference_step(model, params, reference_optimizer(optim, params, lr, momentum, eps=1e-8))
         else:
             opt = optimizer_from_config(OptimConfig(name=optim, lr=lr, momentum=momentum, eps=1e-8), params)
@@ -130,3 +130,23 @@ def test_update_ends_where_the_previous_code_ends_after_200_updates(optim):
     assert moved > 1e-2, moved  # the updates did move the parameters
     for name, p in new.items():
         torch.testing.assert_close(p, old[name], rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_importance_sampling_gives_the_previous_codes_numbers():
+    """log_marginal_likelihood on the current model code and on the previous one (benchmarks/reference_update.py:
+    torch.distributions' Bernoulli, maxout over windows, the previous planar chain), same weights and seed."""
+    import copy
+
+    from benchmarks.reference_update import use_reference_code
+
+    torch.manual_seed(0)
+    model = bench._is_model(k=3)
+    prev = copy.deepcopy(model)
+    use_reference_code(prev)
+    x = (torch.rand(3, bench.X_DIM) < 0.3).float()
+    for batch_size in (40, 100):  # several images per chunk, and one image in chunks
+        out = []
+        for m in (model, prev):
+            torch.manual_seed(1)
+            out.append(bench.log_marginal_likelihood(m, x, 50, batch_size=batch_size))
+        torch.testing.assert_close(out[0], out[1], rtol=1e-6, atol=2e-4)
