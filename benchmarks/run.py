@@ -23,11 +23,14 @@ from torch import nn
 
 from nfvi.config import FlowConfig, OptimConfig
 from nfvi.estimators import default_batch_size, log_marginal_likelihood
-from nfvi.training import optimizer_from_config
+from nfvi.training import clip_gradients, optimizer_from_config
 from nfvi.vae.model import ModelConfig, build_model
 from nfvi.vae.objectives import annealed_loss, beta_schedule, free_energy_terms
 
 RESULTS = Path(__file__).parent / "results"
+#: the clock of every timing (``--clock``): wall time, or this process's CPU time (``time.process_time``), which on
+#: a shared machine leaves out the time the process waited for a core (meaningful with one torch thread only)
+CLOCK = {"clock": time.perf_counter}
 X_DIM, Z_DIM, HIDDEN, WINDOW, BATCH = 784, 40, 400, 4, 100
 
 
@@ -52,12 +55,12 @@ def machine_facts() -> dict:
 
 def _timeit(fn, repeats: int, number: int) -> list[float]:
     """Seconds per call of ``fn``, one figure per repeat (``number`` calls each)."""
-    out = []
+    out, clock = [], CLOCK["clock"]
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(number):
             fn()
-        out.append((time.perf_counter() - t0) / number)
+        out.append((clock() - t0) / number)
     return out
 
 
@@ -114,11 +117,32 @@ def make_nfvi_step(k: int, batch: int = BATCH, seed: int = 0):
         float(loss.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+        float(clip_gradients(params, float("inf")))
         opt.step()
         state["step"] += 1
 
     return step
+
+
+def make_prev_step(k: int, batch: int = BATCH, seed: int = 0):
+    """The same update on the previous code path (benchmarks/reference_update.py: the planar chain, clipping and
+    optimizer as of c11e01b), to measure the change in the same run."""
+    from benchmarks.reference_update import reference_optimizer, reference_step, use_reference_code
+
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(), FlowConfig(kind="planar" if k else "none", length=k), X_DIM)
+    use_reference_code(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = reference_step(model, params, reference_optimizer("rmsprop", params, lr=1e-5, momentum=0.9))
+    x = (torch.rand(batch, X_DIM) < 0.3).float()
+    model.train()
+    state = {"step": 0}
+
+    def run():
+        step(x, beta_schedule(state["step"], "eq20"))
+        state["step"] += 1
+
+    return run
 
 
 class NaiveVAE(nn.Module):
@@ -175,7 +199,8 @@ def make_naive_step(k: int, batch: int = BATCH, seed: int = 0):
 def bench_training(ks, rate: float, repeats: int, number: int) -> list[dict]:
     rows = []
     for k in ks:
-        sec = interleaved({"nfvi": make_nfvi_step(k), "naive": make_naive_step(k)}, repeats, number)
+        fns = {"nfvi": make_nfvi_step(k), "naive": make_naive_step(k), "prev": make_prev_step(k)}
+        sec = interleaved(fns, repeats, number)
         floor = 3 * forward_flops_vae(BATCH, k) / (rate * 1e9)
         rows.append(
             {
@@ -185,6 +210,9 @@ def bench_training(ks, rate: float, repeats: int, number: int) -> list[dict]:
                 "speedup_vs_ref": sec["naive"] / sec["nfvi"],
                 "floor_per_s": 1 / floor,
                 "time_over_floor": sec["nfvi"] / floor,
+                "prev_per_s": 1 / sec["prev"],
+                "speedup_vs_prev": sec["prev"] / sec["nfvi"],
+                "prev_over_floor": sec["prev"] / floor,
             }
         )
     return rows
@@ -216,10 +244,22 @@ def bench_is(
 ) -> list[dict]:
     """nfvi.evaluate.log_marginal_likelihood at each chunk size (``batch_size``; None = ``nfvi evaluate``'s
     default, :func:`nfvi.evaluate.default_batch_size`) beside the one-image-at-a-time loop in chunks of 1000."""
+    import copy
+
+    from benchmarks.reference_update import use_reference_code
+
     model = _is_model()
+    prev = copy.deepcopy(model)  # the same weights on the previous code (benchmarks/reference_update.py)
+    use_reference_code(prev)
     x = (torch.rand(num_images, X_DIM) < 0.3).float()
     fns = {f"nfvi_{c}": (lambda c=c: log_marginal_likelihood(model, x, num_samples, batch_size=c)) for c in chunks}
     fns["naive"] = lambda: naive_log_px(model, x, num_samples)
+    fns["prev"] = lambda: log_marginal_likelihood(prev, x, num_samples)
+    diffs = []
+    for m in (model, prev):  # same seed, same draws: the estimates agree to float32 rounding
+        torch.manual_seed(0)
+        diffs.append(log_marginal_likelihood(m, x, num_samples))
+    max_diff = float((diffs[0] - diffs[1]).abs().max())
     sec = interleaved(fns, repeats, 1, warmup=1)
     flops = forward_flops_vae(1, 10, num_samples) * num_images
     ref_mem = peak_rss_mb("naive", num_images, num_samples, 1000) if memory else float("nan")
@@ -237,6 +277,9 @@ def bench_is(
                 "ref_frac_of_matmul": flops / sec["naive"] / 1e9 / rate,
                 "peak_mb": peak_rss_mb("nfvi", num_images, num_samples, c) if memory else float("nan"),
                 "ref_peak_mb": ref_mem,
+                "prev_frac_of_matmul": flops / sec["prev"] / 1e9 / rate,
+                "speedup_vs_prev": sec["prev"] / t,
+                "max_diff_vs_prev_nats": max_diff,
             }
         )
     return rows
@@ -431,12 +474,23 @@ def main(argv=None) -> None:
     p.add_argument(
         "--only", default="train,is,nice,energy,sylvester", help="comma list of train, is, nice, energy, sylvester"
     )
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or the process's CPU time (robust on a shared machine; with --threads 1 only)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if torch.get_num_threads() != 1:
+            p.error("--clock cpu needs --threads 1 (CPU time adds up over threads)")
+        CLOCK["clock"] = time.process_time
     only = set(args.only.split(","))
     q = args.quick
     facts = machine_facts()
+    facts["clock"] = args.clock
     rate = matmul_rate(3 if q else 5)
     facts["matmul_gflops"] = rate
     print(f"matmul {rate:.1f} GFLOP/s", flush=True)

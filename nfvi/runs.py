@@ -40,7 +40,9 @@ import torch
 from nfvi.errors import NfviError
 
 __all__ = [
+    "DEFAULT_THREADS",
     "LOCK",
+    "apply_threads",
     "RUN_RECORD",
     "RUN_FILES",
     "Run",
@@ -406,6 +408,19 @@ class console_logging:
         return False
 
 
+#: every command's default ``threads``: one torch thread per process (docs/performance.md). Two threads made small
+#: runs 8-17x slower on a 2-core machine shared with other jobs, and several jobs side by side (joblib) each
+#: want one; pass ``threads=N`` (or ``threads=0``, torch's own choice: all cores) on a machine of your own.
+DEFAULT_THREADS = 1
+
+
+def apply_threads(threads: int) -> None:
+    """``threads=N`` of every command: torch's intra-op CPU threads (N >= 1); 0 leaves torch's default
+    (``OMP_NUM_THREADS`` if set, else one per core)."""
+    if threads and int(threads) > 0:
+        torch.set_num_threads(int(threads))
+
+
 class Run:
     """One command's run in one folder, as a context manager::
 
@@ -483,8 +498,8 @@ class Run:
         cfg = self.cfg
         if cfg is None:
             return
-        if "threads" in cfg and cfg.threads and cfg.threads > 0:
-            torch.set_num_threads(int(cfg.threads))
+        if "threads" in cfg:
+            apply_threads(cfg.threads)
         if "device" in cfg:
             self.device = select_device(cfg.device)
         if "seed" in cfg:

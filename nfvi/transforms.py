@@ -39,6 +39,7 @@ __all__ = [
     "coupling_chain",
     "coupling_context_terms",
     "planar_chain",
+    "planar_chain_ladj",
     "log_softplus",
     "log1p_tanh_product",
     "log1p_scaled_sech2",
@@ -112,67 +113,194 @@ def planar_ladj(a: Tensor, h: Tensor, wu: Tensor) -> Tensor:
     return torch.logaddexp(log_h2, log_sech2(a) + log_softplus(wu))
 
 
-def _chain(z: Tensor, w: Tensor, u_hat: Tensor, b: Tensor, inputs=None, activations=None) -> tuple[Tensor, Tensor]:
-    """The K updates ``a_k = w_k.z + b_k``, ``z <- z + u_k tanh(a_k)``: ``(z_K, a)``; optionally collects each
-    layer's input z and ``tanh(a_k)`` into the lists ``inputs`` and ``activations`` (for the backward pass)."""
-    pre = []
-    for w_k, u_k, b_k in zip(w.unbind(-2), u_hat.unbind(-2), b.unbind(-1), strict=True):
-        if inputs is not None:
-            inputs.append(z)
-        a = (z * w_k).sum(-1) + b_k
-        h = torch.tanh(a)
-        z = torch.addcmul(z, u_k, h.unsqueeze(-1))
-        pre.append(a)
-        if activations is not None:
-            activations.append(h)
-    return z, torch.stack(pre, -1)
+def _log_abs_tanh(a: Tensor) -> Tensor:
+    """``log|tanh a|`` without underflow: ``log|a| - a^2 / 3`` where ``|a| < 1e-3`` (error < 1e-13); ``-inf`` at 0."""
+    small = a.abs() < 1e-3
+    return torch.where(small, a.abs().log() - a * a / 3.0, torch.tanh(torch.where(small, 1.0, a)).abs().log())
+
+
+def _log_softplus(x: Tensor) -> Tensor:
+    """``log softplus(x)``, exact to rounding for every finite x: ``x - exp(x) / 2`` below -20 (error < 1e-18)."""
+    low = x < -20.0
+    return torch.where(
+        low, x - 0.5 * torch.exp(torch.clamp(x, max=-20.0)), torch.log(F.softplus(torch.clamp(x, min=-20.0)))
+    )
+
+
+def _planar_log_factor(a: Tensor, wu: Tensor) -> Tensor:
+    """``log|1 + u_hat^T psi|`` of a planar layer (Eq. 11-12) from ``a = w^T z + b`` and ``wu = w^T u`` (raw u).
+
+    The factor is ``tanh^2(a) + sech^2(a) softplus(wu)`` (both terms >= 0, see :class:`PlanarTransform`), so
+    ``log factor = logaddexp(2 log|tanh a|, log sech^2 a + log softplus(wu))`` with each log taken without
+    underflow: exact (to rounding) wherever the factor is representable, and finite beyond (no clamp).
+    Elementwise and broadcasting; forward only (the chain's backward uses :func:`_planar_log_factor_grads`).
+    """
+    return torch.logaddexp(2.0 * _log_abs_tanh(a), log_sech2(a) + _log_softplus(wu))
+
+
+def _planar_log_factor_grads(a: Tensor, h: Tensor, wu: Tensor, log_f: Tensor) -> tuple[Tensor, Tensor]:
+    """``d log_f / d a`` and ``d log_f / d wu`` of :func:`_planar_log_factor` (``h = tanh a``), finite everywhere.
+
+    With ``f = h^2 + s sp`` (``s = sech^2 a``, ``sp = softplus(wu)``): ``df/da = 2 h s (1 - sp)`` and
+    ``df/dwu = s sigmoid(wu)``; both are divided by ``f = exp(log_f)`` in log space (exponents <= ~0).
+    """
+    log_s = log_sech2(a)
+    d_a = 2.0 * torch.sign(h) * (1.0 - F.softplus(wu)) * torch.exp(_log_abs_tanh(a) + log_s - log_f)
+    d_wu = torch.exp(log_s + F.logsigmoid(wu) - log_f)
+    return d_a, d_wu
+
+
+def _chain_forward(z0: Tensor, W: Tensor, U: Tensor, B: Tensor, keep: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """K planar updates in the chain's layout: ``z0 (N, S, D)``, layer-major ``W``, ``U`` ``(K, N, 1, D)`` and
+    ``B (K, N, 1, 1)``. Returns ``z_K (N, S, D)``, ``a`` and ``h = tanh a`` ``(K, N, S, 1)``, and every layer's
+    input ``z_k`` in one buffer ``(K + 1, N, S, D)`` (``keep``; otherwise two buffers in turn).
+
+    Five small kernels per layer, each writing into a preallocated buffer (no allocation, no autograd):
+    ``a_k = sum(z_k * w_k) + b_k``, ``h_k = tanh a_k``, ``z_{k+1} = z_k + u_k h_k``.
+    """
+    k, (n, s, d) = W.shape[0], z0.shape
+    if torch.jit.is_tracing():  # out= kernels do not trace with gradients: the same arithmetic, allocating
+        zl, al, hl = [z0], [], []
+        for w_k, u_k, b_k in zip(W.unbind(0), U.unbind(0), B.unbind(0), strict=True):
+            al.append((zl[-1] * w_k).sum(-1, keepdim=True) + b_k)
+            hl.append(torch.tanh(al[-1]))
+            zl.append(zl[-1] + u_k * hl[-1])
+        return zl[-1], torch.stack(al), torch.stack(hl), torch.stack(zl)
+    opts = {"dtype": z0.dtype, "device": z0.device}
+    a, h = torch.empty(k, n, s, 1, **opts), torch.empty(k, n, s, 1, **opts)
+    zs = torch.empty(k + 1 if keep else 2, n, s, d, **opts)
+    zs[0] = z0
+    prod = torch.empty(n, s, d, **opts)
+    zl, wl, ul, bl, al, hl = (t.unbind(0) for t in (zs, W, U, B, a, h))
+    for i in range(k):
+        z, nxt = (zl[i], zl[i + 1]) if keep else (zl[i % 2], zl[1 - i % 2])
+        torch.sum(torch.mul(z, wl[i], out=prod), -1, keepdim=True, out=al[i]).add_(bl[i])
+        torch.addcmul(z, ul[i], torch.tanh(al[i], out=hl[i]), out=nxt)
+    return zl[k if keep else k % 2], a, h, zs
+
+
+def _chain_outputs(z: Tensor, w: Tensor, u: Tensor, b: Tensor, ladj: bool, keep: bool = False):
+    """``(z_K, second, saved, (batch, full))`` for :func:`planar_chain` (``ladj`` False: ``u`` is ``u_hat``,
+    ``second`` is ``a``) and :func:`planar_chain_ladj` (``ladj`` True: ``u`` is the raw u, reparameterised here,
+    ``second`` is the summed log-determinant). ``saved``: what the backward pass needs."""
+    batch = torch.broadcast_shapes(w.shape[:-2], u.shape[:-2], b.shape[:-1])
+    k, d = w.shape[-2:]
+    full = torch.broadcast_shapes(z.shape[:-1], batch)
+    sample = full[: len(full) - len(batch)]
+    n, s = math.prod(batch), math.prod(sample)
+    w3, u3 = (t.expand(*batch, k, d).reshape(n, k, d) for t in (w, u))
+    B = b.expand(*batch, k).reshape(n, k).T.reshape(k, n, 1, 1)
+    rep = ()
+    u_hat = u3
+    if ladj:  # Appendix A.1: u_hat = u + (softplus(-w.u) - 1) w / |w|^2 (as planar_u_hat)
+        wu, q = (w3 * u3).sum(-1), (w3 * w3).sum(-1)
+        c = F.softplus(-wu) - 1.0
+        r = c / q
+        u_hat = torch.addcmul(u3, r.unsqueeze(-1), w3)
+        rep = (u3, wu, q, c, r)
+    W, U = (t.unsqueeze(2).transpose(0, 1) for t in (w3, u_hat))
+    z0 = z.expand(*full, d).reshape(s, n, d).transpose(0, 1)
+    z_k, a, h, zs = _chain_forward(z0, W, U, B, keep)
+    if ladj:
+        log_f = _planar_log_factor(a, rep[1].T.reshape(k, n, 1, 1))  # (K, N, S, 1)
+        second = log_f.sum(0).view(n, s).T.reshape(full)
+        rep = (*rep, log_f)
+    else:
+        second = a.view(k, n, s).permute(2, 1, 0).reshape(*sample, *batch, k)
+    z_k = z_k.transpose(0, 1).reshape(*full, d)
+    return z_k, second, (W, U, a, h, zs, *rep), (batch, full)
 
 
 class _PlanarChain(torch.autograd.Function):
-    """K planar updates ``a_k = w_k.z + b_k``, ``z <- z + u_k tanh(a_k)`` with a hand-written backward.
+    """The K planar layers of :func:`planar_chain` / :func:`planar_chain_ladj` as one autograd node with a
+    hand-written backward.
 
-    One autograd node for the whole chain instead of ~6 per layer: the per-layer tensors are small
-    (e.g. 100 x 40), so the time is in per-operation overhead, not arithmetic. First-order only.
+    Backward, from the last layer down, five small kernels per layer: ``g_a_k = (1 - h_k^2) u_k^T g_{z_{k+1}} + e_k``
+    (``e_k`` from the second output) and ``g_{z_k} = g_{z_{k+1}} + g_a_k w_k``, each ``g_z`` kept in one buffer;
+    then the gradients of all ``w``, ``u`` and ``b`` (through the reparameterisation of ``u`` when ``ladj``) in
+    a few batched operations. First-order only.
     """
 
     @staticmethod
-    def forward(ctx, z, w, u_hat, b):
-        zs, act = [], []
-        z_k, pre = _chain(z, w, u_hat, b, inputs=zs, activations=act)
-        ctx.save_for_backward(w, u_hat, torch.stack(act, -1), *zs)
-        ctx.shapes = (zs[0].shape, b.shape[:-1])
-        return z_k, pre
+    def forward(ctx, z, w, u, b, ladj):
+        z_k, second, saved, (batch, full) = _chain_outputs(z, w, u, b, ladj, keep=True)
+        ctx.save_for_backward(*saved)
+        ctx.meta = (z.shape, w.shape, u.shape, b.shape, batch, full, ladj)
+        return z_k, second
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_z, g_pre):
-        w, u_hat, h_all, *zs = ctx.saved_tensors
-        z_shape, b_shape = ctx.shapes
-        out_shape = torch.broadcast_shapes(zs[-1].shape, u_hat.shape[:-2] + u_hat.shape[-1:])
-        g_z = torch.zeros(out_shape, dtype=w.dtype, device=w.device) if g_z is None else g_z
-        num = h_all.shape[-1]
-        g_w, g_u, g_b = [None] * num, [None] * num, [None] * num
-        for k in reversed(range(num)):
-            h, u_k, w_k = h_all[..., k], u_hat[..., k, :], w[..., k, :]
-            g_u[k] = (g_z * h.unsqueeze(-1)).sum_to_size(u_k.shape)
-            g_a = (g_z * u_k).sum(-1) * (1.0 - h * h)
-            if g_pre is not None:
-                g_a = g_a + g_pre[..., k]
-            g_w[k] = (g_a.unsqueeze(-1) * zs[k]).sum_to_size(w_k.shape)
-            g_b[k] = g_a.sum_to_size(b_shape)
-            g_z = torch.addcmul(g_z, g_a.unsqueeze(-1), w_k)
-        return g_z.sum_to_size(z_shape), torch.stack(g_w, -2), torch.stack(g_u, -2), torch.stack(g_b, -1)
+    def backward(ctx, g_zk, g_second):
+        W, U, a, h, zs, *rep = ctx.saved_tensors
+        z_shape, w_shape, u_shape, b_shape, batch, full, ladj = ctx.meta
+        k, n, s, d = zs.shape[0] - 1, *zs.shape[1:]
+        gz = torch.empty_like(zs)  # gz[j] = dL/dz_j (gz[k]: at z_K)
+        if g_zk is None:
+            gz[k].zero_()
+        else:
+            gz[k] = g_zk.reshape(s, n, d).transpose(0, 1)
+        extra = g_wu = None
+        if g_second is not None and not ladj:
+            extra = g_second.reshape(s, n, k).permute(2, 1, 0).unsqueeze(-1)  # (K, N, S, 1)
+        elif g_second is not None:
+            g_l = g_second.reshape(s, n).T.unsqueeze(-1)  # (N, S, 1)
+            d_a, d_wu = _planar_log_factor_grads(a, h, rep[1].T.reshape(k, n, 1, 1), rep[-1])
+            extra = g_l * d_a
+            g_wu = (g_l * d_wu).sum((2, 3)).T  # (N, K)
+        dh = 1.0 - h * h
+        g_a = torch.empty_like(h)
+        prod = torch.empty(n, s, d, dtype=h.dtype, device=h.device)
+        gzl, wl, ul, gal, dhl = (t.unbind(0) for t in (gz, W, U, g_a, dh))
+        el = extra.unbind(0) if extra is not None else None
+        for j in reversed(range(k)):
+            torch.sum(torch.mul(gzl[j + 1], ul[j], out=prod), -1, keepdim=True, out=gal[j])
+            if el is None:
+                gal[j].mul_(dhl[j])
+            else:
+                torch.addcmul(el[j], gal[j], dhl[j], out=gal[j])
+            torch.addcmul(gzl[j + 1], wl[j], gal[j], out=gzl[j])
+        g_w = (g_a * zs[:k]).sum(2).transpose(0, 1)  # (N, K, D)
+        g_u = (h * gz[1:]).sum(2).transpose(0, 1)  # d/du_hat
+        if ladj:  # back through u_hat = u + r w, r = c(w.u) / |w|^2, and the log-det's own w.u
+            u3, wu, q, c, r, _ = rep
+            w3 = W.squeeze(2).transpose(0, 1)
+            t = (g_u * w3).sum(-1)
+            alpha = (g_wu if g_wu is not None else 0.0) - t * torch.sigmoid(-wu) / q
+            g_w = g_w.addcmul_(r.unsqueeze(-1), g_u).addcmul_(alpha.unsqueeze(-1), u3)
+            g_w = g_w.addcmul_((-2.0 * t * c / (q * q)).unsqueeze(-1), w3)
+            g_u = torch.addcmul(g_u, alpha.unsqueeze(-1), w3)
+        return (
+            gz[0].transpose(0, 1).reshape(*full, d).sum_to_size(z_shape),
+            g_w.reshape(*batch, k, d).sum_to_size(w_shape),
+            g_u.reshape(*batch, k, d).sum_to_size(u_shape),
+            g_a.sum((2, 3)).T.reshape(*batch, k).sum_to_size(b_shape),
+            None,
+        )
 
 
 def planar_chain(z: Tensor, w: Tensor, u_hat: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Apply K planar layers in turn: ``(z_K, a)`` with ``a = (a_1..a_K)`` of shape ``(*sample, *batch, K)``.
 
-    ``w``, ``u_hat``: ``(*batch, K, D)`` (``u_hat`` already reparameterised), ``b``: ``(*batch, K)``.
-    With gradients on, one autograd node (:class:`_PlanarChain`); otherwise a plain loop.
+    ``w``, ``u_hat``: ``(*batch, K, D)`` (``u_hat`` already reparameterised), ``b``: ``(*batch, K)``; ``z``:
+    ``(*sample, *batch, D)``, broadcasting against the batch. With gradients on, one autograd node
+    (:class:`_PlanarChain`); otherwise the same arithmetic without saving anything.
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (z, w, u_hat, b)):
-        return _PlanarChain.apply(z, w, u_hat, b)
-    return _chain(z, w, u_hat, b)
+        return _PlanarChain.apply(z, w, u_hat, b, False)
+    return _chain_outputs(z, w, u_hat, b, False)[:2]
+
+
+def planar_chain_ladj(z: Tensor, w: Tensor, u: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """K planar layers from their raw parameters: ``(z_K, log_det)``, ``log_det = sum_k log|1 + u_hat_k^T psi_k|``
+    ``(*sample, *batch)`` (Eq. 11-12) with ``u_hat`` as :func:`planar_u_hat` (Appendix A.1).
+
+    The same maths as chaining :class:`PlanarTransform`, in one autograd node (reparameterisation, the K layers
+    and all log-determinants, :class:`_PlanarChain`), and with each log-determinant in the exact form of
+    :func:`_planar_log_factor` (no clamp). Shapes as :func:`planar_chain`, ``u`` raw ``(*batch, K, D)``.
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (z, w, u, b)):
+        return _PlanarChain.apply(z, w, u, b, True)
+    return _chain_outputs(z, w, u, b, True)[:2]
 
 
 def coupling_context_terms(context: Tensor, params, splits) -> tuple[Tensor, tuple[Tensor, ...]]:

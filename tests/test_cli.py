@@ -52,8 +52,7 @@ def test_help_and_cfg_job_and_launcher_choice_work(tmp_path):
     helped = nfvi("cde", "--help", cwd=tmp_path)
     assert helped.returncode == 0 and "dataset: air, bimodal, concrete" in helped.stdout, helped.stderr
     assert (
-        "optim: adam, adam_fast, adamax, rmsprop" in helped.stdout
-        and "flow: householder, iaf, nice" in helped.stdout
+        "optim: adam, adam_fast, adamax, rmsprop" in helped.stdout and "flow: householder, iaf, nice" in helped.stdout
     )
     job = nfvi("train", "experiment=mnist_smoke", "hydra/launcher=joblib", "--cfg", "hydra", cwd=tmp_path)
     assert job.returncode == 0 and "JoblibLauncher" in job.stdout, job.stderr

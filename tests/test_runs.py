@@ -380,3 +380,37 @@ def test_one_beta_schedule_and_one_cosine_for_both_commands():
         assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * cosine_factor(step, steps, final), rel=1e-9)
         opt.step()
         scheduler.step()
+
+
+@pytest.mark.parametrize("command", ["train", "energy", "cde", "evaluate"])
+def test_every_computing_command_takes_threads_and_defaults_to_one(command):
+    """``threads=N`` composes for every command that computes (``nfvi energy threads=1`` was refused), the default is
+    one thread (docs/performance.md), and a bad value is one line naming the key."""
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    from nfvi.errors import NfviError
+    from nfvi.runs import DEFAULT_THREADS
+    from tests.conftest import compose
+
+    extra = ["dataset=fake"] if command == "train" else []
+    assert compose(command, extra).threads == DEFAULT_THREADS == 1
+    cfg = compose(command, [*extra, "threads=2"])
+    assert cfg.threads == 2
+    with pytest.raises((NfviError, HydraException, ValueError), match="threads"):
+        OmegaConf.to_object(compose(command, [*extra, "threads=-1"]))
+
+
+def test_apply_threads_sets_torch_and_zero_leaves_it(monkeypatch):
+    import torch
+
+    from nfvi.runs import apply_threads
+
+    old = torch.get_num_threads()
+    try:
+        apply_threads(1)
+        assert torch.get_num_threads() == 1
+        apply_threads(0)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(old)

@@ -27,7 +27,7 @@ from nfvi.cde.data import Split
 from nfvi.errors import check_range
 from nfvi.precision import set_precision
 from nfvi.runs import MetricsLog
-from nfvi.training import check_divergence, check_finite, optimizer_from_config
+from nfvi.training import check_divergence, check_finite, clip_gradients, optimizer_from_config
 
 __all__ = ["FitResult", "fit", "mean_nll", "per_point_nll"]
 logger = logging.getLogger("nfvi.cde")
@@ -111,7 +111,7 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                clip_gradients(model.parameters(), grad_clip)
             optimizer.step()
             total += loss.item() * len(idx)
         model.eval()

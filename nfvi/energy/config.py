@@ -63,6 +63,8 @@ class EnergyConfig:
     wall: float = 0.1
     seed: int = 0
     device: str = "auto"
+    #: torch CPU threads; 0 = torch's default (OMP_NUM_THREADS, else all cores); docs/performance.md
+    threads: int = 1
     #: the run folder holds this run: a finished one with the same settings is returned as is, an unfinished one re-run
     resume: bool = False
     #: the run folder holds another run: remove its files and start afresh
@@ -78,6 +80,7 @@ class EnergyConfig:
         check_choice("target", self.target, energies.ENERGIES)
         check_range("wall", self.wall, 0.0, 1000.0, kind="a width >= 0 (0 = off)")
         check_seed("seed", self.seed)
+        check_int_range("threads", self.threads, 0, 1024, kind="a whole number (0 = torch's default)")
         if self.flow.kind == "sylvester" and self.flow.length > 0:
             raise NfviError(
                 "flow=sylvester is not allowed in nfvi energy: it has no inverse, and the KL on the box needs q_K's "

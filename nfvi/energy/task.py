@@ -49,7 +49,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from nfvi import energies
@@ -60,6 +59,7 @@ from nfvi.runs import MetricsLog, Run, atomic_torch_save, run_dir
 from nfvi.training import (
     LossWindow,
     beta_schedule,
+    clip_gradients,
     cosine_scheduler,
     flow_from_config,
     optimizer_from_config,
@@ -118,7 +118,7 @@ def fit(model: EnergyModel, energy, cfg, metrics: MetricsLog | None = None, wher
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if t.clip_grad > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+            clip_gradients(model.parameters(), t.clip_grad)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()

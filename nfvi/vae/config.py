@@ -103,10 +103,14 @@ class EvaluateConfig:
 
     run_dir: str = ""  # a run folder, or a sweep folder whose runs lie one level below it (required)
     device: str = "auto"
+    threads: int = 1  # torch CPU threads; 0 = torch's default (OMP_NUM_THREADS, else all cores); docs/performance.md
     resume: bool = False  # an evaluation with these settings exists (evaluations/<name>.json): return it as is
     overwrite: bool = False  # ... evaluate again and replace it
     eval: EvalConfig = field(default_factory=EvalConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def __post_init__(self):
+        check_int_range("threads", self.threads, 0, 1024, kind="a whole number (0 = torch's default)")
 
 
 store("base_evaluate", EvaluateConfig)
@@ -118,7 +122,7 @@ class TrainConfig:
 
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 0  # torch CPU threads; 0 = torch's default (OMP_NUM_THREADS, else all cores)
+    threads: int = 1  # torch CPU threads; 0 = torch's default (OMP_NUM_THREADS, else all cores); docs/performance.md
     resume: bool = False  # continue the checkpoint of the run folder (run_dir, hydra.run.dir or the sweep job's)
     overwrite: bool = False  # the run folder holds a run: remove its files and start afresh
     run_dir: str = ""  # the run directory (default: a new one from Hydra)

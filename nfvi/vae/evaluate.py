@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nfvi.data import load_dataset
 from nfvi.errors import NfviError
-from nfvi.runs import Run, console_logging, run_metadata, select_device
+from nfvi.runs import DEFAULT_THREADS, Run, apply_threads, console_logging, run_metadata, select_device
 from nfvi.training import check_divergence, early_stop_due, flow_options
 from nfvi.vae.checkpoint import BEST, CHECKPOINT, check_identity, flatten, load_checkpoint, model_from_state
 from nfvi.vae.config import EvalConfig, EvaluateConfig
@@ -322,6 +322,7 @@ def find_runs(root: str | Path) -> list[Path]:
 def run(cfg: DictConfig) -> dict:
     """``nfvi evaluate``: evaluate every run found by :func:`find_runs`; returns ``{run_dir: results}``."""
     runs = find_runs(cfg.run_dir)
+    apply_threads(cfg.get("threads", DEFAULT_THREADS))
     device = select_device(cfg.device)
     with console_logging():
         return _evaluate_runs(cfg, runs, device)

@@ -68,6 +68,7 @@ from nfvi.runs import MetricsLog, Run, run_dir, seed_everything
 from nfvi.training import (
     LossWindow,
     check_divergence,
+    clip_gradients,
     cosine_factor,
     early_stop_due,
     optimizer_from_config,
@@ -411,12 +412,7 @@ class Trainer:
         loss, neg_elbo = self._loss_fn(x, beta)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if t.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
-        elif hasattr(torch.nn.utils, "get_total_norm"):  # the norm alone (torch >= 2.6; no clipping to do)
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        else:  # clipping at inf multiplies every gradient by exactly 1
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, float("inf"))
+        grad_norm = clip_gradients(self.params, t.grad_clip if t.grad_clip > 0 else float("inf"))  # foreach path
         self.optimizer.step()
         self.step += 1
         return {"loss": loss.detach(), "neg_elbo": neg_elbo, "grad_norm": grad_norm.detach()}
