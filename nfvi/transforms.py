@@ -109,8 +109,7 @@ def planar_ladj(a: Tensor, h: Tensor, wu: Tensor) -> Tensor:
 
     Elementwise, so it also takes every layer at once (``a``, ``h``: ``(..., K)``; ``wu``: ``(*batch, K)``).
     """
-    log_h2 = torch.log(torch.clamp(h * h, min=1e-30))
-    return torch.logaddexp(log_h2, log_sech2(a) + log_softplus(wu))
+    return log1p_scaled_sech2(a, h, log_softplus(wu))  # 1 + u_hat^T psi = 1 + (softplus(wu) - 1) sech^2(a); no clamp
 
 
 def _log_abs_tanh(a: Tensor) -> Tensor:

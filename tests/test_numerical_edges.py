@@ -164,3 +164,19 @@ def test_planar_inverse_jacobian_is_the_inverse_of_the_forward_jacobian_in_3d():
     y = torch.randn(3, dtype=torch.float64)
     x = t.inv(y)
     assert torch.allclose(jacobian(t.inv, y), torch.linalg.inv(jacobian(t, x)), rtol=1e-10, atol=1e-12)
+
+
+def test_per_layer_planar_log_det_is_exact_below_1e30():
+    """PlanarTransform's log-det (planar_ladj) has no 1e-30 floor: at a = 1e-20 with u_hat^T w = -1 + 1e-40 the
+    factor tanh^2 a + sech^2 a (1 + u_hat^T w) = ~1e-40 + 1e-40 (float64, analytic)."""
+    import math
+
+    import torch
+
+    from nfvi.transforms import planar_ladj
+
+    a = torch.tensor([1e-20], dtype=torch.float64)
+    wu = torch.tensor([math.log(math.expm1(1e-40))], dtype=torch.float64)  # softplus(wu) = 1e-40
+    got = planar_ladj(a, torch.tanh(a), wu)
+    want = math.log(math.tanh(1e-20) ** 2 + (1 - math.tanh(1e-20) ** 2) * 1e-40)
+    assert abs(float(got) - want) < 1e-9
