@@ -21,6 +21,12 @@ class NfviError(ValueError):
     """
 
 
+class RunRefused(NfviError):
+    """A run folder was refused as it is (in use by another process, another command's run, a run that exists and
+    was neither resumed nor overwritten): the launch changed nothing in it (no ``error.txt``, no log, nothing
+    removed)."""
+
+
 class NonFiniteLossError(NfviError):
     """The loss became NaN or inf; the run stops and keeps what it wrote so far."""
 
