@@ -290,14 +290,18 @@ def _job(command: str, task, debug: bool):
                 raise
             return None
         remove = False
-        with held, _sigterm_ends_job():
-            try:
-                validate(cfg)  # every config value, once, before the task writes anything
-                return task(cfg)
-            except Exception as exc:
-                remove = failed(exc, held=claim)
-                if debug:
-                    raise
+        _job_running(True)
+        try:
+            with held, _sigterm_ends_job():
+                try:
+                    validate(cfg)  # every config value, once, before the task writes anything
+                    return task(cfg)
+                except Exception as exc:
+                    remove = failed(exc, held=claim)
+                    if debug:
+                        raise
+        finally:
+            _job_running(False)
         if remove:
             _remove_created()
         return None
@@ -351,13 +355,25 @@ def _end_with_launcher() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(30.0)
+        for _ in range(300):  # the job winds down (a worker may catch its SystemExit and wait for more work)
+            if not _in_job:
+                break
+            time.sleep(0.1)
         os._exit(128 + signal.SIGTERM)
 
     threading.Thread(target=watch, name="nfvi-end-with-launcher", daemon=True).start()
 
 
 _watching = False
+#: whether a job is running in this process (:func:`_end_with_launcher` waits for it to end)
+_in_job = False
+
+
+def _job_running(flag: bool) -> None:
+    """Set :data:`_in_job`. A module-level function: a sweep's job function reaches a worker by value (cloudpickle,
+    with copies of the globals it names), so it must change this module's state through a function of the module."""
+    global _in_job
+    _in_job = flag
 
 
 def _is_job_folder(folder: Path) -> bool:

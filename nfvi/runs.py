@@ -569,7 +569,8 @@ def claim_folder(folder: str | Path, command: str, overwrite: bool = False):
             print(f"nfvi {command}: {notice}", file=sys.stderr)
         raise
     if notice:
-        logging.getLogger(f"nfvi.{command}").warning(notice)
+        with console_logging():
+            logging.getLogger(f"nfvi.{command}").warning(notice)
     try:
         yield folder
     finally:
