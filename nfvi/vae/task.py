@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import shlex
 import signal
 import threading
@@ -353,7 +354,8 @@ _RESUME_DROPS = ("resume", "overwrite", "run_dir")
 def resume_command(out: str | Path) -> str:
     """The shell command that continues the run in ``out``: ``nfvi train``, the launch's own overrides (Hydra's
     ``overrides.task``: those that made this config, so the resumed config matches the checkpoint's) but
-    ``resume``/``overwrite``/``run_dir``, then ``resume=true run_dir=<out>``; each word shell-quoted."""
+    ``resume``/``overwrite``/``run_dir``, then ``resume=true run_dir=<out>`` (``out`` quoted for Hydra where needed);
+    each word shell-quoted."""
     overrides: list[str] = []
     with contextlib.suppress(ValueError, ImportError):
         from hydra.core.hydra_config import HydraConfig
@@ -361,7 +363,15 @@ def resume_command(out: str | Path) -> str:
         if HydraConfig.initialized():
             overrides = [str(o) for o in HydraConfig.get().overrides.task]
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in _RESUME_DROPS]
-    return shlex.join(["nfvi", "train", *kept, "resume=true", f"run_dir={out}"])
+    return shlex.join(["nfvi", "train", *kept, "resume=true", f"run_dir={_override_value(str(out))}"])
+
+
+def _override_value(value: str) -> str:
+    """``value`` as Hydra's override grammar reads it back: quoted where it holds characters the grammar would parse
+    (brackets, commas, spaces, quotes, ...)."""
+    if re.fullmatch(r"[\w/.\-:~+@%]*", value):
+        return value
+    return "'" + value.replace("'", "\\'") + "'"
 
 
 def _trained(t, state: dict) -> bool:
