@@ -145,6 +145,7 @@ RACER = """
 import os, sys, time
 import nfvi.cli, nfvi.energy.task
 go = sys.argv[1]
+open(f"{go}.ready-{os.getpid()}", "w").close()
 while not os.path.exists(go):
     time.sleep(0.001)
 nfvi.cli.main(sys.argv[2:])
@@ -168,9 +169,7 @@ def test_1_two_launches_of_one_folder_at_the_same_instant_one_runs_the_other_exi
         )  # fmt: skip
         for _ in range(2)
     ]
-    time.sleep(0.5)
-    wait_for(lambda: all(r.poll() is None for r in racers), what="the racers")
-    time.sleep(8.0)  # both have imported nfvi and wait for the barrier
+    wait_for(lambda: len(list(tmp_path.glob("go.ready-*"))) == 2, what="both racers at the barrier")
     go.write_text("go")
     results = [(r.wait(timeout=300), r.stderr.read()) for r in racers]
     assert sorted(code for code, _ in results) == [0, 2], results
@@ -273,6 +272,7 @@ import os, sys, time
 from nfvi.errors import RunRefused
 from nfvi.runs import acquire_lock, release_lock
 folder, go = sys.argv[1], sys.argv[2]
+open(f"{go}.ready-{os.getpid()}", "w").close()
 while not os.path.exists(go):
     time.sleep(0.0005)
 try:
@@ -296,7 +296,7 @@ def test_2_racing_processes_never_both_take_the_lock(stale, tmp_path):
         subprocess.Popen([sys.executable, "-c", CONTENDER, str(folder), str(go)], env=ENV, stderr=subprocess.PIPE)
         for _ in range(4)
     ]
-    time.sleep(6.0)  # all have imported nfvi.runs
+    wait_for(lambda: len(list(tmp_path.glob("go.ready-*"))) == 4, what="all contenders at the barrier")
     go.write_text("go")
     codes = sorted(c.wait(timeout=120) for c in contenders)
     assert codes == [0, 2, 2, 2], [c.stderr.read() for c in contenders]
