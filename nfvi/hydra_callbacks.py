@@ -87,7 +87,8 @@ class SweepFailures(Callback):
         SweepFailures.failed = lines
         if lines:
             print(*lines, sep="\n", file=sys.stderr)
-            print(f"{prefix}{len(lines)} job(s) of the sweep failed (error.txt in each job's folder)", file=sys.stderr)
+            print(f"{prefix}{len(lines)} job(s) of the sweep failed (error.txt in the folder of each that ran)",
+                  file=sys.stderr)  # fmt: skip
 
 
 class RunFolder(Callback):

@@ -2,7 +2,8 @@
 ``results.json`` with provenance.
 
 Every command writes into Hydra's output directory (``hydra.job.chdir=false``; ``run_dir=`` for train):
-``.hydra/`` (Hydra's record of the latest launch into the folder), ``run.json`` (``run_config.json`` for
+``.hydra/`` (Hydra's record of the latest launch admitted into the folder, written by :mod:`nfvi.cli` through
+:func:`on_admission`), ``run.json`` (``run_config.json`` for
 train: the command and resolved config of the run's first launch, what later launches are compared
 with), ``<command>.log``, ``metrics.csv`` (one row per logged step), ``results.json`` (final numbers,
 each with its unit, plus :func:`run_metadata` and :func:`provenance`), and figures or checkpoints.
