@@ -7,8 +7,10 @@ uses are in ``nfvi/conf/shared/``, on each root's search path.
 User errors (bad config values, missing data, ...) end in one line on stderr and exit status 2; any other failure
 in one line naming the exception and ``<run folder>/error.txt`` (the line, then the traceback), exit status 1.
 Each job runs exactly once; a sweep goes on past a failed job and exits 1 at the end
-(:class:`nfvi.hydra_callbacks.SweepFailures`). A job returns its command's headline number (:data:`HEADLINES`) to
-Hydra, so that optimising sweepers (``hydra/sweeper=optuna``) can minimise it; a failed job returns None.
+(:class:`nfvi.hydra_callbacks.SweepFailures`). A job's folder is claimed before anything is written into it; a
+refused launch changes nothing there (:func:`_job`). Ctrl-C ends every command in one line, exit status 130.
+A job returns its command's headline number (:data:`HEADLINES`) to Hydra, so that optimising sweepers
+(``hydra/sweeper=optuna``) can minimise it; a failed job returns None.
 """
 
 from __future__ import annotations
@@ -143,56 +145,97 @@ def _hydra_raises():
             os.environ["HYDRA_FULL_ERROR"] = old
 
 
+#: commands whose job folder (Hydra's output directory) is their run folder: claimed before the task writes there
+CLAIMING = ("train", "energy", "cde")
+#: Hydra's record of a launch in its job folder, written by nfvi once the launch is admitted (:func:`_save_launch`)
+HYDRA_SUBDIR = ".hydra"
+#: the process that launched the command (a sweep's jobs under joblib or submitit run in other processes)
+_LAUNCHER_PID: int | None = None
+
+
 def _own_files(folder: Path) -> list[str]:
     """What a job folder holds besides Hydra's files (``.hydra/``, the job log), :data:`ERROR_FILE` and the run's
     bookkeeping (:mod:`nfvi.runs`: its lock and its config record)."""
     from hydra.core.hydra_config import HydraConfig
 
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name not in _bookkeeping(HydraConfig.get().job.name))
+
+
+def _bookkeeping(job_name: str) -> set[str]:
     from nfvi.runs import ERROR_FILE, LOCK, RUN_RECORD
 
-    hydra_cfg = HydraConfig.get()
-    subdir = Path(str(hydra_cfg.output_subdir)).parts[0]  # ".hydra" (also for evaluate's .hydra/evaluate-<time>)
-    hydra_files = {subdir, f"{hydra_cfg.job.name}.log", ERROR_FILE, LOCK, RUN_RECORD, "run_config.json"}
-    return sorted(p.name for p in folder.iterdir() if p.name not in hydra_files) if folder.is_dir() else []
+    return {HYDRA_SUBDIR, f"{job_name}.log", ERROR_FILE, LOCK, RUN_RECORD, "run_config.json"}
 
 
-def _remove_run_folder(folder: Path, output_dir: str | None) -> None:
-    """Delete a job folder, then the folders above it that are left empty, up to (not including) ``output_dir``."""
+def _save_launch(folder: Path, cfg) -> None:
+    """Hydra's record of this launch (``.hydra/config.yaml``, ``hydra.yaml``, ``overrides.yaml``, as Hydra writes
+    them), and no ``error.txt`` of an earlier attempt: called once the run is admitted (:func:`nfvi.runs.on_admission`).
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from nfvi.runs import ERROR_FILE, atomic_write_text
+
+    hydra_cfg = HydraConfig.instance().cfg
+    record = folder / HYDRA_SUBDIR
+    overrides = hydra_cfg.hydra.overrides.task
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg), ("overrides.yaml", overrides)):
+        atomic_write_text(record / name, OmegaConf.to_yaml(node))
+    (folder / ERROR_FILE).unlink(missing_ok=True)
+
+
+def _remove_bookkeeping(folder: Path) -> None:
+    """Remove what this launch wrote into a folder it created (``.hydra/``, its log, its config record); the lock is
+    released afterwards and :func:`_remove_created` removes the folder if it is then empty."""
     import shutil
 
-    shutil.rmtree(folder, ignore_errors=True)
-    if output_dir is None:
-        return
-    top = Path(output_dir).resolve()
-    parent = folder.resolve().parent
-    while top in parent.parents and not any(parent.iterdir()):
-        parent.rmdir()
-        parent = parent.parent
+    from hydra.core.hydra_config import HydraConfig
+
+    from nfvi.runs import LOCK
+
+    for name in _bookkeeping(HydraConfig.get().job.name) - {LOCK}:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
-def _job_failed(command: str, exc: Exception, folder: Path, *, user: bool, remove: bool, output_dir=None) -> int:
-    """Report a failed job in one line on stderr and in ``<folder>/error.txt`` (with the traceback).
+def _remove_created() -> None:
+    """Remove the folders this launch created (:class:`nfvi.hydra_callbacks.RunFolder`), deepest first, each only
+    if it is empty (another process may have started to use it)."""
+    from nfvi.hydra_callbacks import RunFolder
 
-    ``remove``: delete the folder (and the folders above it left empty, up to ``output_dir``) instead: a refused
-    config or data file, the job wrote nothing of its own. A command that runs in the working directory
-    (``nfvi report``) gets no ``error.txt`` there: the traceback of an unexpected error goes to stderr.
-    Returns the exit status: 2 user error, 1 anything else (or the error's own ``exit_status``: 1 for a diverged
-    run, :class:`nfvi.errors.DivergenceError`, reported in one line like a user error).
+    for folder in reversed(RunFolder.created):
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+    RunFolder.created = []
+
+
+def _job_failed(command: str, exc: Exception, folder: Path, *, user: bool, write: bool) -> tuple[int, str]:
+    """Report a failed job in one line on stderr and, when ``write`` (the job held its folder and was not refused),
+    in ``<folder>/error.txt`` with the traceback. Otherwise the traceback of an unexpected error goes to stderr.
+
+    Returns ``(exit status, the error without its prefix)``: 2 user error, 1 anything else (or the error's own
+    ``exit_status``: 1 for a diverged run, :class:`nfvi.errors.DivergenceError`, reported in one line like a user
+    error).
     """
     import traceback
 
     from nfvi.runs import ERROR_FILE, atomic_write_text
 
-    status = getattr(exc, "exit_status", 2) if user else 1
     error_file = folder / ERROR_FILE
     if user:
-        line = f"nfvi {command}: error: {one_line(exc)}"
+        error = one_line(exc)
     else:
         first = next(iter(str(exc).splitlines()), "")
-        line = f"nfvi {command}: error: {type(exc).__name__}{': ' if first else ''}{first}"
-    if remove:
-        _remove_run_folder(folder, output_dir)
-    elif _is_job_folder(folder):
+        error = f"{type(exc).__name__}{': ' if first else ''}{first}"
+    line = f"nfvi {command}: error: {error}"
+    if write:
         try:
             saved = f"{line} (traceback saved in {error_file})" if not user else line
             atomic_write_text(error_file, saved + "\n" + "".join(traceback.format_exception(exc)))
@@ -204,47 +247,153 @@ def _job_failed(command: str, exc: Exception, folder: Path, *, user: bool, remov
         traceback.print_exception(exc)
         line += " (traceback above)"
     print(line, file=sys.stderr)
-    return status
+    return (getattr(exc, "exit_status", 2) if user else 1), error
 
 
 def _job(command: str, task, debug: bool):
-    """Wrap ``task`` so that it runs exactly once and every failure ends in one line and ``error.txt``.
+    """Wrap ``task`` so that it runs exactly once, in a folder it holds, and every failure ends in one line.
+
+    The job's folder (:data:`CLAIMING` commands) is claimed first (:func:`nfvi.runs.claim_folder`: its lock, another
+    command's run refused): a refused launch writes nothing there (Hydra writes only the folder itself: its log
+    opens at its first line, and ``.hydra/`` is written here once the run is admitted). A failure of a job that
+    held its folder leaves ``error.txt``; a user error in a folder this launch created, before it wrote anything of
+    its own, removes the folder again.
 
     Single run: sets :data:`_run_status` (2 user error, 1 other). Sweep: the job returns normally so the others go
-    on; :class:`nfvi.hydra_callbacks.SweepFailures` reports it at the end. ``debug`` (``HYDRA_FULL_ERROR=1``):
-    re-raise after reporting.
+    on; it records its failure for :class:`nfvi.hydra_callbacks.SweepFailures` (found wherever the job folders lie),
+    and a job in a process of its own ends with the launcher. ``debug`` (``HYDRA_FULL_ERROR=1``): re-raise after
+    reporting.
     """
     user_errors = _user_error_types()
 
     @functools.wraps(task)
     def task_function(cfg):
-        global _run_status
         from omegaconf import OmegaConf
 
         from nfvi.config import validate
-        from nfvi.runs import ERROR_FILE, run_dir
+        from nfvi.errors import RunRefused
+        from nfvi.hydra_callbacks import record_failure
+        from nfvi.runs import claim_folder, on_admission, run_dir
 
         folder = run_dir()
-        fresh = not _own_files(folder)  # nothing but Hydra's files: this job made the folder
-        if _is_job_folder(folder):
-            (folder / ERROR_FILE).unlink(missing_ok=True)  # from an earlier attempt
-        try:
-            validate(cfg)  # every config value, once, before the task writes anything
-            return headline(command, task(cfg))
-        except Exception as exc:
+        multirun = _is_multirun()
+        if multirun and os.getpid() != _LAUNCHER_PID:
+            _end_with_launcher()
+
+        def failed(exc: Exception, held: bool) -> bool:
+            global _run_status
             user = isinstance(exc, user_errors)
-            multirun = _is_multirun()
-            refused = user and getattr(exc, "exit_status", 2) == 2  # not a diverged run: that keeps its folder
-            remove = refused and fresh and not multirun and not _own_files(folder) and _is_job_folder(folder)
-            output_dir = OmegaConf.select(cfg, "paths.output_dir")
-            status = _job_failed(command, exc, folder, user=user, remove=remove, output_dir=output_dir)
+            refused = isinstance(exc, RunRefused) or not held
+            diverged = getattr(exc, "exit_status", 2) != 2  # a failed run (nfvi.errors.DivergenceError): kept
+            remove = held and user and not refused and not diverged and not multirun and not _own_files(folder)
+            remove = remove and folder.resolve() in [p.resolve() for p in _created()]
+            if remove:
+                _remove_bookkeeping(folder)
+            status, error = _job_failed(command, exc, folder, user=user, write=held and not refused and not remove)
+            if multirun:
+                record_failure(folder, error)
+            else:
+                _run_status = status
+            return remove
+
+        held = contextlib.ExitStack()
+        claim = command in CLAIMING and _is_job_folder(folder)
+        try:
+            if claim:
+                overwrite = bool(OmegaConf.select(cfg, "overwrite", default=False))
+                held.enter_context(claim_folder(folder, command, overwrite=overwrite))
+                held.enter_context(on_admission(folder, functools.partial(_save_launch, folder, cfg)))
+        except Exception as exc:  # refused: this launch changed nothing in the folder
+            held.close()
+            failed(exc, held=False)
             if debug:
                 raise
-            if not multirun:
-                _run_status = status
             return None
+        remove = False
+        _job_running(True)
+        try:
+            with held, _sigterm_ends_job():
+                try:
+                    validate(cfg)  # every config value, once, before the task writes anything
+                    return headline(command, task(cfg))
+                except Exception as exc:
+                    remove = failed(exc, held=claim)
+                    if debug:
+                        raise
+        finally:
+            _job_running(False)
+        if remove:
+            _remove_created()
+        return None
 
     return task_function
+
+
+@contextlib.contextmanager
+def _sigterm_ends_job():
+    """SIGTERM raises ``SystemExit(143)`` during the job (where nothing else handles it), so that its claim of the
+    folder is released (:func:`_end_with_launcher` ends a sweep's worker so)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _created() -> list[Path]:
+    from nfvi.hydra_callbacks import RunFolder
+
+    return list(RunFolder.created)
+
+
+def _end_with_launcher() -> None:
+    """In a sweep job running in a process of its own (joblib's loky workers, submitit's local jobs): end this process
+    when its parent (the launcher) is gone, even after a SIGKILL of the launcher, by polling the parent's pid once a
+    second (portable, unlike Linux's ``PR_SET_PDEATHSIG``). It sends itself SIGTERM (a run stops as after ``kill``:
+    train saves its checkpoint, every Run releases its lock), then exits at the latest 30 s later."""
+    import signal
+    import threading
+    import time
+
+    global _watching
+    if _watching:
+        return
+    _watching = True
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(300):  # the job winds down (a worker may catch its SystemExit and wait for more work)
+            if not _in_job:
+                break
+            time.sleep(0.1)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="nfvi-end-with-launcher", daemon=True).start()
+
+
+_watching = False
+#: whether a job is running in this process (:func:`_end_with_launcher` waits for it to end)
+_in_job = False
+
+
+def _job_running(flag: bool) -> None:
+    """Set :data:`_in_job`. A module-level function: a sweep's job function reaches a worker by value (cloudpickle,
+    with copies of the globals it names), so it must change this module's state through a function of the module."""
+    global _in_job
+    _in_job = flag
 
 
 def _is_job_folder(folder: Path) -> bool:
@@ -257,8 +406,7 @@ def _is_job_folder(folder: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point ``nfvi``."""
-    global _run_status
+    """Console entry point ``nfvi``. Ctrl-C (SIGINT) ends any command in one line, exit status 130."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -282,17 +430,30 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         print(f"nfvi: error: unknown command {command!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
+    try:
+        _main(command, rest)
+    except KeyboardInterrupt:  # Ctrl-C: every run's lock was released on the way out (its context managers)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"nfvi {command}: interrupted (Ctrl-C); what was written so far is kept", file=sys.stderr)
+        sys.exit(130)
+
+
+def _main(command: str, rest: list[str]) -> None:
+    global _run_status, _LAUNCHER_PID
     module_name, function_name, _ = COMMANDS[command]
     module = importlib.import_module(module_name)
     task = getattr(module, function_name)
 
     import hydra
 
-    from nfvi.hydra_callbacks import SweepFailures
+    from nfvi.hydra_callbacks import RunFolder, SweepFailures
 
     debug = os.environ.get("HYDRA_FULL_ERROR") == "1"
     _run_status = 0
+    _LAUNCHER_PID = os.getpid()
     SweepFailures.failed = []
+    RunFolder.created = []
     sys.argv = [f"nfvi-{command}", *rest]
     listing = {"--help", "-h", "-sc", "--shell-completion"} & set(rest)
     with _hydra_raises(), schemas_hidden() if listing else contextlib.nullcontext():

@@ -21,6 +21,12 @@ class NfviError(ValueError):
     """
 
 
+class RunRefused(NfviError):
+    """A run folder was refused as it is (in use by another process, another command's run, a run that exists and
+    was neither resumed nor overwritten): the launch changed nothing in it (no ``error.txt``, no log, nothing
+    removed)."""
+
+
 class DivergenceError(NfviError):
     """The run's loss or headline metric left its plausible range (:func:`nfvi.training.check_divergence`).
 

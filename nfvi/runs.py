@@ -2,13 +2,16 @@
 ``results.json`` with provenance.
 
 Every command writes into Hydra's output directory (``hydra.job.chdir=false``; ``run_dir=`` for train):
-``.hydra/`` (Hydra's record of the latest launch into the folder), ``run.json`` (``run_config.json`` for
+``.hydra/`` (Hydra's record of the latest launch admitted into the folder, written by :mod:`nfvi.cli` through
+:func:`on_admission`), ``run.json`` (``run_config.json`` for
 train: the command and resolved config of the run's first launch, what later launches are compared
 with), ``<command>.log``, ``metrics.csv`` (one row per logged step), ``results.json`` (final numbers,
 each with its unit, plus :func:`run_metadata` and :func:`provenance`), and figures or checkpoints.
 
 A folder belongs to one run. While a command runs, ``.nfvi.lock`` (pid, host, command, start time) keeps
-other writers out; a lock whose process is gone (same host) is taken over. A folder holding another
+other writers out (:func:`acquire_lock`: created whole and atomically); a lock that does not parse or names no live
+process of this host is stale and taken over with a one-line notice, one from another host is refused. A launch
+that is refused (:class:`~nfvi.errors.RunRefused`) changes nothing in the folder. A folder holding another
 command's run, an unfinished run or a finished run is refused in one line unless ``resume=true`` (train:
 continue the checkpoint; the others: a finished run with the same settings is returned as it is, an
 unfinished one is run again) or ``overwrite=true`` (remove that run's files and start afresh).
@@ -16,6 +19,7 @@ unfinished one is run again) or ``overwrite=true`` (remove that run's files and 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import io
@@ -24,6 +28,7 @@ import logging
 import math
 import os
 import platform
+import secrets
 import shutil
 import signal
 import socket
@@ -37,12 +42,18 @@ from pathlib import Path
 
 import torch
 
-from nfvi.errors import NfviError
+from nfvi.errors import NfviError, RunRefused
 
 __all__ = [
     "DEFAULT_THREADS",
     "LOCK",
     "apply_threads",
+    "acquire_lock",
+    "release_lock",
+    "read_lock",
+    "claim_folder",
+    "on_admission",
+    "folder_owner",
     "RUN_RECORD",
     "RUN_FILES",
     "Run",
@@ -371,9 +382,244 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return True
     return True
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The lock of a run folder
+
+#: the locks this process holds: real path of the folder -> [token, depth] (a Run inside nfvi.cli's claim re-enters)
+_HELD: dict[str, list] = {}
+
+
+def _key(folder: str | Path) -> str:
+    return os.path.realpath(folder)
+
+
+def read_lock(folder: str | Path) -> tuple[dict | None, str | None]:
+    """``folder``'s lock as ``(holder, why_stale)``, read defensively.
+
+    ``(None, None)``: no lock. ``(holder, None)``: held, by a live process of this host or by a process of another
+    host (``holder["host"]``). ``(holder, why)``: stale, with the reason: the file does not parse as a JSON object
+    (garbage, empty: a kill between create and write, ``[]``), names no process id, or names a process of this host
+    that is gone. A lock that cannot be read at all (permissions) is an :class:`~nfvi.errors.NfviError`.
+    """
+    path = Path(folder) / LOCK
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        raise NfviError(f"cannot read the lock {path} ({exc.strerror or exc}); remove it if no nfvi process uses "
+                        f"{folder}") from None  # fmt: skip
+    try:
+        info = json.loads(text)
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        return {}, "it does not parse" if text.strip() else "it is empty"
+    pid = info.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return info, f"it names no process id (pid {pid!r})"
+    host = info.get("host")
+    if isinstance(host, str) and host and host != socket.gethostname():
+        return info, None
+    if not _pid_alive(pid):
+        return info, f"its process {pid} is gone"
+    return info, None
+
+
+def _held_message(folder: Path, holder: dict) -> str:
+    pid, host = holder.get("pid", "?"), holder.get("host", "?")
+    what = f"nfvi {holder.get('command', '?')}, since {holder.get('started_at', '?')}"
+    if isinstance(host, str) and host and host != socket.gethostname():
+        return (
+            f"{folder} is locked by pid {pid} on host {host} ({what}); if no nfvi process on {host} uses it any "
+            f"more, remove {folder / LOCK} and launch again"
+        )
+    return f"{folder} is in use by another run (pid {pid} on {host}, {what}); wait for it to end or use another folder"
+
+
+@contextlib.contextmanager
+def _guard(folder: Path):
+    """Serialise the taking of ``folder``'s lock among this host's processes: an exclusive ``flock`` on the folder
+    itself (no file is created); a no-op where ``flock`` is not available."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        fd = None
+    try:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the flock
+
+
+def _create_lock(path: Path, text: str) -> bool:
+    """Create ``path`` holding ``text``, whole and atomically: a temporary file hard-linked to ``path`` (refused
+    if ``path`` exists). False if it exists. Where hard links are not supported, an exclusive create."""
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, new_file_mode())
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS):
+            raise
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, new_file_mode())
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def acquire_lock(folder: str | Path, command: str) -> str | None:
+    """Take ``folder``'s lock for ``command`` (re-entrant within this process); returns the one-line notice of a
+    stale lock taken over, or None.
+
+    A live holder of this host or a holder on another host: :class:`~nfvi.errors.RunRefused` naming it (and, for
+    another host, how to clear the lock after checking). File-system errors: one-line :class:`NfviError`.
+    """
+    folder = Path(folder)
+    key = _key(folder)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return None
+    path = folder / LOCK
+    token = secrets.token_hex(8)
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "token": token,
+    }
+    notice = None
+    try:
+        with _guard(folder):
+            for _ in range(3):
+                holder, stale = read_lock(folder)
+                if holder is not None and stale is None:
+                    raise RunRefused(_held_message(folder, holder))
+                if stale is not None:
+                    path.unlink(missing_ok=True)
+                    notice = f"taking over the stale lock {path} ({stale})"
+                if _create_lock(path, json.dumps(info) + "\n"):
+                    _HELD[key] = [token, 1]
+                    return notice
+    except OSError as exc:
+        raise NfviError(environment_fault(exc, folder) or str(exc)) from None
+    raise RunRefused(f"cannot take the lock {path}; remove it if no nfvi process uses {folder}")
+
+
+def release_lock(folder: str | Path) -> None:
+    """Release this process's lock of ``folder`` (the file is removed only if it is still this process's)."""
+    key = _key(folder)
+    held = _HELD.get(key)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] > 0:
+        return
+    del _HELD[key]
+    path = Path(folder) / LOCK
+    with contextlib.suppress(OSError, ValueError):
+        info = json.loads(path.read_text())
+        if isinstance(info, dict) and info.get("token") == held[0]:
+            path.unlink()
+
+
+def folder_owner(folder: str | Path) -> tuple[str | None, dict | None]:
+    """The command and first config of the run ``folder`` holds: ``(None, None)`` for a folder without a run,
+    ``("unknown", None)`` for an unreadable record."""
+    folder = Path(folder)
+    for name in (RUN_RECORD, "run_config.json"):
+        path = folder / name
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return "unknown", None
+            if not isinstance(saved, dict):
+                return "unknown", None
+            if name == RUN_RECORD:
+                return str(saved.get("command", "unknown")), saved.get("config")
+            return "train", {k: v for k, v in saved.items() if k != "run_id"}  # the config, less the run's id
+    results = _read_json(folder / "results.json")
+    if isinstance(results, dict):  # a run from before run.json existed
+        return _TASK_COMMAND.get(results.get("task"), "unknown"), None
+    return None, None
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _other_command_message(folder: Path, command: str, other: str) -> str:
+    return f"{folder} holds a run of nfvi {other}; use another folder, or overwrite=true to replace that run"
+
+
+@contextlib.contextmanager
+def claim_folder(folder: str | Path, command: str, overwrite: bool = False):
+    """Hold ``folder`` for a launch of ``command`` before anything is written into it (:mod:`nfvi.cli` claims each
+    job's folder before the task starts): its lock, and a refusal of another command's run unless ``overwrite``
+    (the task's :class:`Run` then replaces it). Raises :class:`~nfvi.errors.RunRefused` (nothing changed) or a
+    one-line :class:`NfviError`; the notice of a stale lock taken over is logged once the claim holds."""
+    folder = Path(folder)
+    notice = acquire_lock(folder, command)
+    try:
+        other, _ = folder_owner(folder)
+        if other is not None and other != command and not overwrite:
+            raise RunRefused(_other_command_message(folder, command, other))
+    except BaseException:
+        release_lock(folder)
+        if notice:
+            print(f"nfvi {command}: {notice}", file=sys.stderr)
+        raise
+    if notice:
+        with console_logging():
+            logging.getLogger(f"nfvi.{command}").warning(notice)
+    try:
+        yield folder
+    finally:
+        release_lock(folder)
+
+
+#: what to do when a run is admitted into a folder (:meth:`Run.admit`): real path -> callback (:func:`on_admission`)
+_ADMISSION: dict[str, object] = {}
+
+
+@contextlib.contextmanager
+def on_admission(folder: str | Path, callback):
+    """Call ``callback()`` once when a :class:`Run` is admitted into ``folder`` (:meth:`Run.admit`: its checks passed
+    and it starts writing), within this block. :mod:`nfvi.cli` writes Hydra's record of the launch (``.hydra/``)
+    then, so that a refused launch leaves no trace."""
+    key = _key(folder)
+    _ADMISSION[key] = callback
+    try:
+        yield
+    finally:
+        _ADMISSION.pop(key, None)
 
 
 class console_logging:
@@ -523,56 +769,21 @@ class Run:
 
     @staticmethod
     def holder(folder: str | Path) -> dict | None:
-        """The live lock holder of ``folder`` (``{"pid", "host", "command", "started_at"}``), or None."""
-        path = Path(folder) / LOCK
-        try:
-            info = json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {"pid": "?", "host": "?", "command": "?", "started_at": "?"}  # being written: held
-        if info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1))):
-            return None
-        return info
+        """The holder of ``folder``'s lock (``{"pid", "host", "command", "started_at"}``): a live process of this
+        host or a process of another host; None without a lock or for a stale one (:func:`read_lock`)."""
+        holder, stale = read_lock(folder)
+        return holder if stale is None else None
 
     def _lock(self) -> None:
-        info = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "command": self.command,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        for _ in range(3):
-            try:
-                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, new_file_mode())
-            except FileExistsError:
-                holder = self.holder(self.out)
-                if holder is not None:
-                    raise NfviError(
-                        f"{self.out} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
-                        f"nfvi {holder.get('command')}, since {holder.get('started_at')}); wait for it to end or "
-                        f"use another folder"
-                    ) from None
-                self.log.warning("taking over the stale lock %s (its process is gone)", self.lock_path)
-                self.lock_path.unlink(missing_ok=True)
-                continue
-            except OSError as exc:
-                raise NfviError(environment_fault(exc, self.out) or str(exc)) from None
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(json.dumps(info) + "\n")
-            except OSError as exc:
-                self.lock_path.unlink(missing_ok=True)
-                raise NfviError(environment_fault(exc, self.lock_path) or str(exc)) from None
-            self._locked = True
-            return
-        raise NfviError(f"cannot take the lock {self.lock_path}; remove it if no nfvi process uses {self.out}")
+        notice = acquire_lock(self.out, self.command)
+        self._locked = True
+        if notice:
+            self.log.warning(notice)
 
     def _unlock(self) -> None:
         if self._locked:
             self._locked = False
-            with _suppress_os_error():
-                self.lock_path.unlink(missing_ok=True)
+            release_lock(self.out)
 
     # -- logging -------------------------------------------------------------------------------------------------------
     def _start_logging(self) -> None:
@@ -583,7 +794,7 @@ class Run:
         chain = [*nfvi_log.handlers, *logging.getLogger().handlers]
         log_file = Path(os.path.abspath(self.out / f"{self.command}.log"))  # as logging.FileHandler names it
         if not any(getattr(h, "baseFilename", None) == str(log_file) for h in chain):
-            file = logging.FileHandler(log_file, encoding="utf-8")
+            file = logging.FileHandler(log_file, encoding="utf-8", delay=True)  # no log file before a line
             file.setFormatter(logging.Formatter(LOG_FORMAT))
             self._handlers.append(file)
         for handler in self._handlers:
@@ -601,31 +812,18 @@ class Run:
     # -- who owns the folder -------------------------------------------------------------------------------------------
     def owner(self) -> tuple[str | None, dict | None]:
         """The command and first config of the run this folder holds: ``(None, None)`` for an empty folder."""
-        for name in (RUN_RECORD, "run_config.json"):
-            path = self.out / name
-            if path.is_file():
-                try:
-                    saved = json.loads(path.read_text())
-                except ValueError:
-                    return "unknown", None
-                if not isinstance(saved, dict):
-                    return "unknown", None
-                if name == RUN_RECORD:
-                    return saved.get("command", "unknown"), saved.get("config")
-                return "train", {k: v for k, v in saved.items() if k != "run_id"}
-        results = self.read_results()
-        if results is not None:  # a run from before run.json existed
-            return _TASK_COMMAND.get(results.get("task"), "unknown"), None
-        return None, None
+        return folder_owner(self.out)
 
     def read_results(self) -> dict | None:
-        path = self.out / "results.json"
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except ValueError:
-            return None
+        results = _read_json(self.out / "results.json")
+        return results if isinstance(results, dict) else None
+
+    def admit(self) -> None:
+        """This launch's checks passed and it starts writing into the folder: run the folder's admission callback
+        (:func:`on_admission`; :mod:`nfvi.cli` writes ``.hydra/`` then). Idempotent."""
+        callback = _ADMISSION.pop(_key(self.out), None)
+        if callback is not None:
+            callback()
 
     def clear(self) -> None:
         """Remove the files of the run this folder holds (:data:`RUN_FILES`); ``.hydra/`` and logs stay."""
@@ -663,12 +861,11 @@ class Run:
         if command is None or command == self.command:
             return
         if self.cfg is not None and self.cfg.get("overwrite", False):
+            self.admit()
             self.log.info("overwrite=true: removing the nfvi %s run in %s", command, self.out)
             self.clear()
             return
-        raise NfviError(
-            f"{self.out} holds a run of nfvi {command}; use another folder, or overwrite=true to replace that run"
-        )
+        raise RunRefused(_other_command_message(self.out, self.command, command))
 
     def begin(self) -> dict | None:
         """The resume/overwrite policy of energy and cde. Returns the finished run's results when there is nothing
@@ -677,6 +874,7 @@ class Run:
         command, saved = self.owner()
         overwrite, resume = bool(self.cfg.get("overwrite", False)), bool(self.cfg.get("resume", False))
         if command is not None and overwrite:
+            self.admit()
             self.log.info("overwrite=true: starting %s afresh", self.out)
             self.clear()
         elif command is not None:
@@ -686,20 +884,22 @@ class Run:
             what = "a finished run" if results is not None else "an unfinished run"
             if changes:
                 shown = ", ".join(changes[:6]) + (f" and {len(changes) - 6} more" if len(changes) > 6 else "")
-                raise NfviError(
+                raise RunRefused(
                     f"{self.out} holds {what} with other settings ({shown}); use another folder, or overwrite=true "
                     f"to replace it"
                 )
             if not resume:
-                raise NfviError(
+                raise RunRefused(
                     f"{self.out} holds {what} with these settings; resume=true keeps it (a finished run) or runs it "
                     f"again (an unfinished one), overwrite=true starts it afresh"
                 )
             if results is not None:
                 self.log.info("%s is complete (resume=true); nothing to do", self.out)
                 return results
+            self.admit()
             self.log.info("resume=true: %s holds an unfinished run; running it again", self.out)
             self.clear()
+        self.admit()
         self.save_record()
         self.open_metrics()
         return None

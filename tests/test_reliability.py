@@ -170,16 +170,19 @@ def evaluate(run_dir, *overrides):
 
 
 def test_evaluate_a_sweep_one_level_deep_skipping_a_run_in_training(sweep, caplog):
+    """A run in training is named in one line and left out, the others are evaluated, then the command fails
+    (issue 21 point 5: it used to exit 0 after "skipping")."""
     busy = sweep / "1_k1"
     lock = {"pid": os.getpid(), "host": socket.gethostname(), "command": "train", "started_at": "now"}
     (busy / ".nfvi.lock").write_text(json.dumps(lock))
     try:
-        out = evaluate(sweep, "overwrite=true")
+        with pytest.raises(NfviError, match=rf"1 of 2 runs were not evaluated \(each named above\): {busy};"):
+            evaluate(sweep, "overwrite=true")
     finally:
         (busy / ".nfvi.lock").unlink()
-    assert sorted(out) == [str(sweep / "0_k0")]
-    assert f"skipping {busy}: in use by pid {os.getpid()} (nfvi train)" in caplog.text
-    assert "evaluating 2 run(s)" in caplog.text and "deeper" not in caplog.text
+    assert (sweep / "0_k0" / "evaluations").is_dir() and not (busy / "evaluations").exists()
+    assert f"not evaluated: {busy}: {busy} is in use by another run (pid {os.getpid()}" in caplog.text
+    assert "nfvi train" in caplog.text and "evaluating 2 run(s)" in caplog.text and "deeper" not in caplog.text
 
 
 def test_evaluate_writes_evaluations_and_results_only_when_asked(sweep):
@@ -280,7 +283,7 @@ def test_train_sweep_with_a_bad_seed_runs_each_job_once_and_exits_non_zero(tmp_p
     err = capsys.readouterr().err
     assert err.count("nfvi train: error: job 1: seed=-1 is not allowed") == 1 and "Traceback" not in err
     assert "1 job(s) of the sweep failed" in err
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]  # one sweep, not two
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name[0] != ".") == ["0", "1"]  # not two sweeps
     assert json.loads((sweep / "0" / "results.json").read_text())["seed"] == 0
     assert (sweep / "1" / "error.txt").read_text().count("Traceback") == 1
 

@@ -140,16 +140,16 @@ def test_composition_error_is_one_line_exit_2_and_restores_hydra_full_error(fake
     assert not (tmp_path / "out").exists()
 
 
-def test_sweep_failures_ignores_error_txt_of_an_earlier_sweep(tmp_path, capsys):
-    old = tmp_path / "0_a=1"
-    old.mkdir()
-    (old / "error.txt").write_text("nfvi energy: error: old failure\n")
+def test_sweep_failures_ignores_the_failures_of_an_earlier_sweep(tmp_path, capsys):
+    import json
+
+    records = tmp_path / ".nfvi_failures"
+    records.mkdir()
+    (records / "0.json").write_text(json.dumps({"folder": str(tmp_path / "0_a=1"), "error": "old failure"}))
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}, "job": {"name": "energy"}}})
     callback = SweepFailures()
     callback.on_multirun_start(config)
-    new = tmp_path / "1_a=2"
-    new.mkdir()
-    (new / "error.txt").write_text("nfvi energy: error: new failure\nTraceback ...\n")
+    (records / "1.json").write_text(json.dumps({"folder": str(tmp_path / "1_a=2"), "error": "new failure"}))
     callback.on_multirun_end(config)
     assert SweepFailures.failed == ["nfvi energy: error: job 1_a=2: new failure"]
     assert "old failure" not in capsys.readouterr().err

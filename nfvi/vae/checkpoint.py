@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nfvi.errors import NfviError
+from nfvi.errors import NfviError, RunRefused
 from nfvi.runs import atomic_torch_save, select_device
 
 __all__ = [
@@ -226,13 +226,13 @@ def check_identity(path: str | Path, state: dict, record: dict | None, record_id
         if diff:
             key, saved, ours = diff[0], flatten(state.get("config") or {}), flatten(record)
             more = f" (and {len(diff) - 1} more keys)" if len(diff) > 1 else ""
-            raise NfviError(
+            raise RunRefused(
                 f"{path} is not of the run of this folder: its weights were trained with {key}={saved[key]!r} but "
                 f"the run's record (run_config.json) has {key}={ours[key]!r}{more}; evaluate it in its own folder, "
                 f"or remove it"
             )
     if run_id is not None and record_id is not None and run_id != record_id:
-        raise NfviError(
+        raise RunRefused(
             f"{path} holds the weights of another run (run id {run_id}; the run of this folder is {record_id}): "
             f"it was copied or moved here; evaluate it in its own folder, or remove it"
         )

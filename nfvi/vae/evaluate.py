@@ -23,7 +23,8 @@ Each evaluation is written to ``<run>/evaluations/<name>.json`` (the name from i
 ``S200_n1000_best.json``). It also becomes ``<run>/results.json`` (the run's headline numbers) when the run has
 none yet, when it has the same settings as the run's results.json, or with ``eval.update_results=true``;
 otherwise results.json is left as it was, and ``nfvi report`` shows the evaluation as a row of its own setting
-(e.g. ``num_importance_samples=5000``). A run being trained (locked) is skipped with a line. Evaluation draws
+(e.g. ``num_importance_samples=5000``). A run that cannot be evaluated (in use by a run in training, a bad
+checkpoint) is named in one line, the others are evaluated, and the command fails at the end. Evaluation draws
 from its own seeded random stream (``eval.seed``), so the same checkpoint and settings give the same numbers on
 the CPU.
 """
@@ -329,27 +330,46 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _evaluate_runs(cfg: DictConfig, runs: list[Path], device: torch.device) -> dict:
+    """Evaluate each run; a run that cannot be evaluated (in use, a bad checkpoint, ...) is reported in one line and
+    the others go on, then one :class:`NfviError` names the runs left out (``nfvi evaluate`` exits non-zero). A
+    single run's error is raised as it is."""
     log.info("evaluating %d run(s): %s", len(runs), ", ".join(str(p) for p in runs))
     out = {}
     cache: dict[str, object] = {}
+    failed: list[str] = []
     for path in runs:
-        holder = Run.holder(path)
-        if holder is not None:
-            log.warning("skipping %s: in use by pid %s (nfvi %s)", path, holder.get("pid"), holder.get("command"))
-            continue
-        with Run(path, command="evaluate", claim=False) as evaluation:
-            done = _existing(cfg, path)
-            if done is not None:
-                out[str(path)] = done
-                continue
-            state_cfg = OmegaConf.create(load_checkpoint(path / CHECKPOINT)["config"])
-            key = OmegaConf.to_yaml(state_cfg.dataset)
-            if key not in cache:
-                cache = {key: load_dataset(state_cfg.dataset, root=cfg.paths.data_dir)}  # keep one dataset in memory
-            res = evaluate_run(path, cfg.eval, cfg.paths.data_dir, device, data=cache[key], run=evaluation)
-            log.info("%s: %s", path, summary_line(res))
-            out[str(path)] = res
+        try:
+            out[str(path)] = _evaluate_one(cfg, path, device, cache)
+        except Exception as exc:  # KeyboardInterrupt ends the whole command
+            if len(runs) == 1:
+                raise
+            from nfvi.cli import one_line
+
+            what = one_line(exc) if isinstance(exc, NfviError) else f"{type(exc).__name__}: {exc}".splitlines()[0]
+            log.error("not evaluated: %s: %s", path, what)
+            failed.append(str(path))
+    if failed:
+        raise NfviError(
+            f"{len(failed)} of {len(runs)} runs were not evaluated (each named above): {', '.join(failed)}; the "
+            f"others were"
+        )
     return out
+
+
+def _evaluate_one(cfg: DictConfig, path: Path, device: torch.device, cache: dict) -> dict:
+    """Evaluate the run in ``path`` under its lock (a run in use is refused: :class:`~nfvi.errors.RunRefused`)."""
+    with Run(path, command="evaluate", claim=False) as evaluation:
+        done = _existing(cfg, path)
+        if done is not None:
+            return done
+        state_cfg = OmegaConf.create(load_checkpoint(path / CHECKPOINT)["config"])
+        key = OmegaConf.to_yaml(state_cfg.dataset)
+        if key not in cache:
+            cache.clear()  # keep one dataset in memory
+            cache[key] = load_dataset(state_cfg.dataset, root=cfg.paths.data_dir)
+        res = evaluate_run(path, cfg.eval, cfg.paths.data_dir, device, data=cache[key], run=evaluation)
+        log.info("%s: %s", path, summary_line(res))
+        return res
 
 
 def _existing(cfg, path: Path) -> dict | None:

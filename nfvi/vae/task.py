@@ -51,6 +51,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
+import shlex
 import signal
 import threading
 import time
@@ -62,7 +64,7 @@ from tqdm.auto import tqdm
 
 from nfvi.data import binarize, load_dataset, split_generator
 from nfvi.data.resident import ResidentBatches
-from nfvi.errors import NfviError, NonFiniteLossError
+from nfvi.errors import NfviError, NonFiniteLossError, RunRefused
 from nfvi.precision import set_precision
 from nfvi.runs import MetricsLog, Run, run_dir, seed_everything
 from nfvi.training import (
@@ -87,7 +89,7 @@ from nfvi.vae.evaluate import evaluate_run, same_settings, summary_line
 from nfvi.vae.model import build_model, check_likelihood_fits, model_input_shape
 from nfvi.vae.objectives import annealed_loss, beta_schedule, free_energy_terms
 
-__all__ = ["TrainerConfig", "TrainConfig", "Trainer", "lr_factor", "train", "run"]
+__all__ = ["TrainerConfig", "TrainConfig", "Trainer", "lr_factor", "resume_command", "train", "run"]
 
 RUN_CONFIG = "run_config.json"
 #: torch.compile's backend for trainer.compile=true (tests set "eager" to check the plumbing in seconds)
@@ -505,10 +507,37 @@ class Trainer:
                     name = signal.Signals(stop.signum).name
                     bar.close()
                     log.warning(
-                        "%s at step %d: checkpoint saved in %s; continue with: nfvi train resume=true run_dir=%s",
-                        *(name, self.step, self.out / CHECKPOINT, self.out),
+                        "%s at step %d: checkpoint saved in %s; continue with: %s",
+                        *(name, self.step, self.out / CHECKPOINT, resume_command(self.out)),
                     )
                     raise SystemExit(128 + stop.signum)
+
+
+#: overrides a resume command leaves out: it sets them itself (``overwrite=true`` would start afresh)
+_RESUME_DROPS = ("resume", "overwrite", "run_dir")
+
+
+def resume_command(out: str | Path) -> str:
+    """The shell command that continues the run in ``out``: ``nfvi train``, the launch's own overrides (Hydra's
+    ``overrides.task``: those that made this config, so the resumed config matches the checkpoint's) but
+    ``resume``/``overwrite``/``run_dir``, then ``resume=true run_dir=<out>`` (``out`` quoted for Hydra where needed);
+    each word shell-quoted."""
+    overrides: list[str] = []
+    with contextlib.suppress(ValueError, ImportError):
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            overrides = [str(o) for o in HydraConfig.get().overrides.task]
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in _RESUME_DROPS]
+    return shlex.join(["nfvi", "train", *kept, "resume=true", f"run_dir={_override_value(str(out))}"])
+
+
+def _override_value(value: str) -> str:
+    """``value`` as Hydra's override grammar reads it back: quoted where it holds characters the grammar would parse
+    (brackets, commas, spaces, quotes, ...)."""
+    if re.fullmatch(r"[\w/.\-:~+@%]*", value):
+        return value
+    return "'" + value.replace("'", "\\'") + "'"
 
 
 def _trained(t, state: dict) -> bool:
@@ -544,18 +573,18 @@ def _checked_state(cfg: DictConfig, run: Run) -> dict:
         saved = OmegaConf.create(state["config"])
         shown = ", ".join(f"{k} ({OmegaConf.select(saved, k)} -> {OmegaConf.select(cfg, k)})" for k in diff[:8])
         more = f" and {len(diff) - 8} more" if len(diff) > 8 else ""
-        raise NfviError(
+        raise RunRefused(
             f"cannot resume {out}: the config differs from the checkpoint's in {shown}{more}; "
             f"restore those values, use another folder, or overwrite=true to start afresh"
         )
     saved_t = state["config"]["trainer"]
     if saved_t["lr_decay"] != "none" and saved_t["steps"] != cfg.trainer.steps:
-        raise NfviError(
+        raise RunRefused(
             f"cannot resume {out} with trainer.steps={cfg.trainer.steps}: its learning rate decays over "
             f"trainer.steps={saved_t['steps']} (trainer.lr_decay={saved_t['lr_decay']})"
         )
     if int(state["step"]) > cfg.trainer.steps:
-        raise NfviError(
+        raise RunRefused(
             f"cannot resume {out} with trainer.steps={cfg.trainer.steps}: the checkpoint is at step {state['step']}"
         )
     return state
@@ -565,25 +594,27 @@ def _train(cfg: DictConfig, run: Run, device: torch.device) -> dict:
     out = run.out
     run.refuse_other_command()  # another command's run: refused, or removed with overwrite=true
     if cfg.overwrite and run.owner()[0] is not None:
+        run.admit()
         log.info("overwrite=true: starting %s afresh", out)
         run.clear()
     state = None
     if (out / CHECKPOINT).is_file():
         if not cfg.resume:
-            raise NfviError(
+            raise RunRefused(
                 f"{out} already holds a checkpoint; pass resume=true to continue it, overwrite=true to start afresh, "
                 f"or use a new run directory"
             )
         state = _checked_state(cfg, run)
-    elif cfg.resume:
-        log.info("resume=true: %s holds no checkpoint yet; starting a new run there", out)
-    if state is None:
-        run.save_record()  # the first launch's config; a resumed run keeps it (.hydra/ records the latest launch)
-    elif _trained(cfg.trainer, state) and (out / "results.json").is_file():
+    if state is not None and _trained(cfg.trainer, state) and (out / "results.json").is_file():
         done = run.read_results() or {}
         if not cfg.eval.at_end or _same_evaluation(done, cfg.eval, int(state["step"]), out):
             log.info("%s is complete (step %s); nothing to do", out, state["step"])
             return done
+    run.admit()  # the checks passed: this launch writes into the folder
+    if state is None:
+        if cfg.resume:
+            log.info("resume=true: %s holds no checkpoint yet; starting a new run there", out)
+        run.save_record()  # the first launch's config; a resumed run keeps it (.hydra/ records the latest launch)
 
     trainer = Trainer(cfg, out, device, metrics=run.open_metrics())
     trainer.run_id = run.run_id or run.record_id()
@@ -616,7 +647,7 @@ def _train(cfg: DictConfig, run: Run, device: torch.device) -> dict:
         log.warning(
             "interrupted during the test evaluation; training is complete and saved; evaluate with: "
             "nfvi evaluate run_dir=%s",
-            out,
+            shlex.quote(str(out)),
         )
         raise SystemExit(130) from None
     log.info("%s: %s", out, summary_line(results))
