@@ -398,13 +398,35 @@ def _key(folder: str | Path) -> str:
     return os.path.realpath(folder)
 
 
+def _slurm_job() -> tuple[str | None, int]:
+    """This process's SLURM job id and restart count (``SLURM_JOB_ID``, ``SLURM_RESTART_COUNT``), or ``(None, 0)``."""
+    try:
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        restart = 0
+    return os.environ.get("SLURM_JOB_ID") or None, restart
+
+
+def _slurm_restart_of(info: dict) -> str | None:
+    """Why a lock taken by an earlier attempt of this very SLURM job is stale (a requeued job may run again on
+    another node, after its first attempt was killed without releasing the lock); None otherwise. SLURM runs a job
+    once at a time, so a lock of the same job id and a lower restart count belongs to an attempt that is over."""
+    job, restart = _slurm_job()
+    held = info.get("slurm_job")
+    held_restart = info.get("slurm_restart", 0)
+    if job is None or held != job or not isinstance(held_restart, int) or held_restart >= restart:
+        return None
+    return f"it was taken by attempt {held_restart} of SLURM job {job}, now at attempt {restart}"
+
+
 def read_lock(folder: str | Path) -> tuple[dict | None, str | None]:
     """``folder``'s lock as ``(holder, why_stale)``, read defensively.
 
     ``(None, None)``: no lock. ``(holder, None)``: held, by a live process of this host or by a process of another
     host (``holder["host"]``). ``(holder, why)``: stale, with the reason: the file does not parse as a JSON object
-    (garbage, empty: a kill between create and write, ``[]``), names no process id, or names a process of this host
-    that is gone. A lock that cannot be read at all (permissions) is an :class:`~nfvi.errors.NfviError`.
+    (garbage, empty: a kill between create and write, ``[]``), names no process id, names a process of this host
+    that is gone, or was taken by an earlier attempt of this process's SLURM job (a requeued job, on any node).
+    A lock that cannot be read at all (permissions) is an :class:`~nfvi.errors.NfviError`.
     """
     path = Path(folder) / LOCK
     try:
@@ -423,6 +445,9 @@ def read_lock(folder: str | Path) -> tuple[dict | None, str | None]:
     pid = info.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return info, f"it names no process id (pid {pid!r})"
+    restarted = _slurm_restart_of(info)
+    if restarted:
+        return info, restarted
     host = info.get("host")
     if isinstance(host, str) and host and host != socket.gethostname():
         return info, None
@@ -509,6 +534,9 @@ def acquire_lock(folder: str | Path, command: str) -> str | None:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "token": token,
     }
+    job, restart = _slurm_job()
+    if job is not None:  # a requeued attempt of the same job takes the lock over (:func:`_slurm_restart_of`)
+        info.update(slurm_job=job, slurm_restart=restart)
     notice = None
     try:
         with _guard(folder):

@@ -341,3 +341,23 @@ def test_a_job_killed_hard_fails_the_sweep_in_bounded_time(slurm_cluster, tmp_pa
     assert line.startswith(f"nfvi train: error: SLURM job {job_id} ended without a result"), line
     assert f"nfvi train: error: job planar_K2_seed0: SLURM job {job_id} ended without a result" in stderr
     assert final_state(job_id)["JobState"] in FINISHED_STATES
+
+
+def test_a_requeued_slurm_job_takes_over_the_lock_of_its_killed_attempt_on_another_node(tmp_path, monkeypatch):
+    """A job killed hard on one node (its lock left behind) and requeued onto another finds a lock of another host:
+    the same SLURM job id at a lower restart count is an attempt that is over, so the lock is stale."""
+    import json
+
+    from nfvi.runs import LOCK, read_lock
+
+    lock = {"pid": 4242, "host": "node-that-died", "command": "train", "slurm_job": "77", "slurm_restart": 0}
+    (tmp_path / LOCK).write_text(json.dumps(lock))
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    holder, why = read_lock(tmp_path)
+    assert holder["host"] == "node-that-died" and "attempt 0 of SLURM job 77" in why
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # the same attempt (or another job): held by the other host
+    assert read_lock(tmp_path)[1] is None
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "5")
+    assert read_lock(tmp_path)[1] is None
