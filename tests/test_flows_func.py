@@ -115,3 +115,65 @@ def test_jit_trace(kind):
     z2 = torch.randn(4, D, dtype=torch.float64)
     for got, want in zip(traced(z2), flow(z2), strict=True):
         torch.testing.assert_close(got, want)
+
+
+# --- FlowDistribution: broadcasting, expand, entropy, repr -------------------------------------------------------
+
+
+def _base(*batch):
+    from torch.distributions import Independent, Normal
+
+    return Independent(Normal(torch.zeros(*batch, 2), 1.0), 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unbatched_base_broadcasts_against_a_batched_context(kind):
+    from nfvi.distributions import FlowDistribution
+
+    torch.manual_seed(0)
+    q = FlowDistribution(_base(), build_flow(kind, 2, 3, context_dim=4), torch.randn(5, 4))
+    assert q.batch_shape == (5,)
+    z, lp = q.rsample_and_log_prob((7,))
+    assert z.shape == (7, 5, 2) and lp.shape == (7, 5)
+    assert q.rsample((7,)).shape == (7, 5, 2)
+    assert torch.isfinite(lp).all()
+    assert not torch.equal(z[:, 0], z[:, 1])  # one z_0 per context row, not one shared draw
+    if kind != "sylvester":
+        torch.testing.assert_close(q.log_prob(z), lp, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("context_dim", [0, 4])
+@pytest.mark.parametrize("kind", KINDS)
+def test_expand(kind, context_dim):
+    from nfvi.distributions import FlowDistribution
+
+    torch.manual_seed(0)
+    ctx = torch.randn(5, 4) if context_dim else None
+    q = FlowDistribution(_base(5), build_flow(kind, 2, 3, context_dim=context_dim), ctx)
+    e = q.expand((3, 5))
+    assert e.batch_shape == (3, 5) and e.event_shape == (2,)
+    z, lp = e.rsample_and_log_prob((4,))
+    assert z.shape == (4, 3, 5, 2) and lp.shape == (4, 3, 5)
+    with pytest.raises(ValueError, match=r"does not broadcast to \(4,\)"):
+        q.expand((4,))
+
+
+def test_entropy_says_how_to_estimate_it():
+    from nfvi.distributions import FlowDistribution
+
+    q = FlowDistribution(_base(), build_flow("planar", 2, 3))
+    with pytest.raises(NotImplementedError, match="Monte Carlo"):
+        q.entropy()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_repr_names_kind_dim_length_and_context(kind):
+    from nfvi.distributions import FlowDistribution
+
+    for context_dim in (0, 4):
+        first = repr(build_flow(kind, 2, 3, context_dim)).splitlines()
+        text = " ".join(line.strip() for line in first[:2])
+        assert f"dim=2, length=3, context_dim={context_dim}" in text and kind in text.lower()
+    assert repr(build_flow("planar", 2, 3)) == "PlanarFlow(dim=2, length=3, context_dim=0)"
+    q = FlowDistribution(_base(), build_flow(kind, 2, 3))
+    assert "length=3" in repr(q) and "event_shape=(2,)" in repr(q)
