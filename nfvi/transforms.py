@@ -741,15 +741,27 @@ class SylvesterTransform(FlowTransform):
     representable, and finite even where ``p`` rounds to -1 (the positive combination
     ``tanh^2(a) + sech^2(a) (1 + p)`` in log space, no clamp).
 
-    There is no closed-form inverse; ``_inverse`` raises.
+    There is no closed-form inverse. The transform caches its last forward pass (``cache_size=1``, in the
+    ``torch.distributions.Transform`` sense): ``t.inv(y)`` of the very tensor ``y = t(x)`` it returned last gives
+    back ``x``, so ``TransformedDistribution`` (and a pyro guide) can score the sample it just drew; at any other
+    point ``_inverse`` raises.
 
     Args:
         q: ``(*batch, D, M)``; r, r_tilde: ``(*batch, M, M)`` upper triangular; b: ``(*batch, M)``;
         log1p_diag: ``(*batch, M)`` ``log(1 + R_ii R~_ii)``; if None, ``log1p`` of the product.
+        cache_size: 1 (default) to remember the last ``(x, y)``; 0 for none.
     """
 
-    def __init__(self, q: Tensor, r: Tensor, r_tilde: Tensor, b: Tensor, log1p_diag: Tensor | None = None):
-        super().__init__()
+    def __init__(
+        self,
+        q: Tensor,
+        r: Tensor,
+        r_tilde: Tensor,
+        b: Tensor,
+        log1p_diag: Tensor | None = None,
+        cache_size: int = 1,
+    ):
+        super().__init__(cache_size=cache_size)
         self.q, self.r, self.r_tilde, self.b = q, r, r_tilde, b
         if log1p_diag is None:
             diag = torch.diagonal(r, dim1=-2, dim2=-1) * torch.diagonal(r_tilde, dim1=-2, dim2=-1)
@@ -764,5 +776,13 @@ class SylvesterTransform(FlowTransform):
         z_new = z + (rh.unsqueeze(-2) @ self.q.transpose(-1, -2)).squeeze(-2)
         return z_new, log1p_scaled_sech2(a, h, self.log1p_diag).sum(-1)
 
+    def with_cache(self, cache_size: int = 1) -> SylvesterTransform:
+        if self._cache_size == cache_size:
+            return self
+        return SylvesterTransform(self.q, self.r, self.r_tilde, self.b, self.log1p_diag, cache_size=cache_size)
+
     def _inverse(self, y: Tensor) -> Tensor:
-        raise NotImplementedError("sylvester flows have no inverse; use rsample_and_log_prob")
+        raise NotImplementedError(
+            "sylvester flows have no inverse; use rsample_and_log_prob (a SylvesterTransform with cache_size=1 "
+            "inverts only the very tensor it returned last, e.g. a TransformedDistribution's own sample)"
+        )

@@ -177,3 +177,30 @@ def test_repr_names_kind_dim_length_and_context(kind):
     assert repr(build_flow("planar", 2, 3)) == "PlanarFlow(dim=2, length=3, context_dim=0)"
     q = FlowDistribution(_base(), build_flow(kind, 2, 3))
     assert "length=3" in repr(q) and "event_shape=(2,)" in repr(q)
+
+
+# --- TransformedDistribution: every kind scores its own sample; Sylvester through its cache ------------------------
+
+
+@pytest.mark.parametrize("context_dim", [0, 4])
+@pytest.mark.parametrize("kind", KINDS)
+def test_transformed_distribution_scores_its_own_sample(kind, context_dim):
+    from torch.distributions import TransformedDistribution
+
+    torch.manual_seed(0)
+    flow = build_flow(kind, 2, 3, context_dim).double()
+    ctx = torch.randn(5, 4, dtype=torch.float64) if context_dim else None
+    base = _base(5)
+    base = type(base)(type(base.base_dist)(base.base_dist.loc.double(), 1.0), 1)
+    td = TransformedDistribution(base, flow.transforms(ctx))
+    torch.manual_seed(1)
+    z = td.rsample((7,))
+    torch.manual_seed(1)
+    z0 = base.rsample((7,))
+    z_k, log_det = flow(z0, ctx)
+    torch.testing.assert_close(z, z_k)
+    torch.testing.assert_close(td.log_prob(z), base.log_prob(z0) - log_det, atol=1e-6, rtol=1e-6)
+    if kind == "sylvester":  # no inverse: only the cached sample can be scored
+        with pytest.raises(NotImplementedError, match="cache_size=1"):
+            td.log_prob(z.clone())
+        assert flow.transforms(ctx)[0].with_cache(0)._cache_size == 0
