@@ -12,6 +12,7 @@ every kind but Sylvester supports. Re-exported from :mod:`nfvi.flows`.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,7 @@ class FlowDistribution(Distribution):
     unbatched base against a batched context is expanded to the broadcast batch shape (one independent ``z_0`` per
     context row). :meth:`expand` gives the same flow over a larger batch shape. :meth:`entropy` raises: a flow's
     entropy has no closed form; ``-q.rsample_and_log_prob((n,))[1].mean(0)`` is its Monte Carlo estimate.
-    Use :func:`nfvi.pyro.to_pyro` to pass one to ``pyro.sample``.
+    ``q.to_pyro()`` (:func:`nfvi.pyro.to_pyro`, needs pyro-ppl) is the same ``q_K`` for ``pyro.sample``.
 
     Args:
         base: a distribution with event shape ``(D,)``, e.g. ``Independent(Normal(mu, sigma), 1)``.
@@ -91,6 +92,14 @@ class FlowDistribution(Distribution):
             context = context.expand(*batch_shape, context.shape[-1])
         return type(self)(self._base.expand(batch_shape), self.flow, context, validate_args=self._validate_args)
 
+    def to_pyro(self) -> FlowDistribution:
+        """This distribution for ``pyro.sample`` (:class:`nfvi.pyro.PyroFlowDistribution`; needs pyro-ppl): the same
+        base, flow and context, nothing copied."""
+        cls = pyro_flow_distribution()
+        if isinstance(self, cls):
+            return self
+        return cls(self.base, self.flow, self.context, validate_args=self._validate_args)
+
     def entropy(self) -> Tensor:
         raise NotImplementedError(
             "FlowDistribution has no closed-form entropy; estimate it by Monte Carlo as "
@@ -141,3 +150,36 @@ class FlowDistribution(Distribution):
             base_lp = self._base.log_prob(z0)
         _, log_det = self.flow(torch.where(far.unsqueeze(-1), 0.0, z0), self.context)
         return torch.where(far, -math.inf, base_lp - log_det)
+
+
+@functools.cache
+def pyro_flow_distribution() -> type:
+    """The class :class:`nfvi.pyro.PyroFlowDistribution`, made on first use (pyro-ppl is optional): a
+    :class:`FlowDistribution` with pyro's ``TorchDistributionMixin`` that remembers its last sample's ``log q_K``."""
+    try:
+        from pyro.distributions.torch_distribution import TorchDistributionMixin
+    except ImportError as error:
+        raise ImportError("nfvi's pyro adapter needs pyro-ppl: pip install 'nfvi[pyro]'") from error
+
+    class PyroFlowDistribution(FlowDistribution, TorchDistributionMixin):
+        """A :class:`FlowDistribution` that ``pyro.sample`` accepts (same arguments and shapes).
+
+        It remembers its last sample and that sample's ``log q_K`` (exact, along the sampling path, Eq. 7), so
+        ``log_prob`` of the very tensor it just drew (what ``Trace_ELBO`` scores in a guide) needs no inverse: a
+        Sylvester flow works as a guide too. Any other point goes through :meth:`FlowDistribution.log_prob`.
+        """
+
+        _last: tuple[Tensor, Tensor] | None = None
+
+        def rsample_and_log_prob(self, sample_shape: torch.Size | tuple = ()) -> tuple[Tensor, Tensor]:
+            z, log_q = super().rsample_and_log_prob(sample_shape)
+            self._last = (z, log_q)
+            return z, log_q
+
+        def log_prob(self, value: Tensor) -> Tensor:
+            if self._last is not None and value is self._last[0]:
+                return self._last[1]
+            return super().log_prob(value)
+
+    PyroFlowDistribution.__module__ = "nfvi.pyro"
+    return PyroFlowDistribution
