@@ -10,8 +10,11 @@ broadcasts against ``z`` from the right, so global parameters are simply ``(P,)`
 
 Inverses (``t.inv(y)``) are computed afresh at any point, never through a cache: planar by a
 monotone 1-D root search, radial in closed form, NICE and Householder exactly, IAF by D sequential
-passes. Sylvester layers have none (their ``_inverse`` raises); compute their log q_K along the
-sampling path (Eq. 7).
+passes. Sylvester layers have none (their ``_inverse`` raises; they cache their last forward pass, so
+``TransformedDistribution`` can score its own sample); compute their log q_K along the sampling path (Eq. 7).
+
+The fused planar and NICE chains (one autograd node for K layers) fall back to plain torch ops under
+``torch.func`` transforms and ``torch.jit.trace``, and recompute differentiably under ``create_graph=True``.
 """
 
 from __future__ import annotations
