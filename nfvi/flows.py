@@ -83,6 +83,18 @@ class Flow(nn.Module):
 
     length: int
 
+    def extra_repr(self) -> str:
+        """``dim=D, length=K, context_dim=C`` and the kind's options, so ``repr(build_flow("planar", 2, 3))`` is
+        ``PlanarFlow(dim=2, length=3, context_dim=0)`` (the class names the kind)."""
+        text = f"dim={self.dim}, length={self.length}, context_dim={getattr(self, 'context_dim', 0)}"
+        names = {"orthogonal": ("num_vectors",), "householder": ("num_householder",)}.get(
+            getattr(self, "variant", ""), ()
+        )
+        for name in ("mix", "variant", *names, "w_floor"):
+            if getattr(self, name, None) is not None:
+                text += f", {name}={getattr(self, name)!r}"
+        return text
+
     def transforms(self, context: Tensor | None = None) -> list[FlowTransform]:
         """The K layers' transforms, built from the current (or context-computed) parameters."""
         raise NotImplementedError

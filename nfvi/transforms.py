@@ -10,8 +10,11 @@ broadcasts against ``z`` from the right, so global parameters are simply ``(P,)`
 
 Inverses (``t.inv(y)``) are computed afresh at any point, never through a cache: planar by a
 monotone 1-D root search, radial in closed form, NICE and Householder exactly, IAF by D sequential
-passes. Sylvester layers have none (their ``_inverse`` raises); compute their log q_K along the
-sampling path (Eq. 7).
+passes. Sylvester layers have none (their ``_inverse`` raises; they cache their last forward pass, so
+``TransformedDistribution`` can score its own sample); compute their log q_K along the sampling path (Eq. 7).
+
+The fused planar and NICE chains (one autograd node for K layers) fall back to plain torch ops under
+``torch.func`` transforms and ``torch.jit.trace``, and recompute differentiably under ``create_graph=True``.
 """
 
 from __future__ import annotations
@@ -149,6 +152,13 @@ def _planar_log_factor_grads(a: Tensor, h: Tensor, wu: Tensor, log_f: Tensor) ->
     return d_a, d_wu
 
 
+def _plain() -> bool:
+    """True where the fused chains must run as plain differentiable torch ops: inside a ``torch.func`` transform
+    (vmap, grad, jacrev, ...) or ``torch.jit.trace``, which a hand-written autograd node with ``out=`` buffers
+    does not support. The plain path is the same arithmetic (the same numbers), recorded op by op."""
+    return torch._C._are_functorch_transforms_active() or torch.jit.is_tracing()
+
+
 def _chain_forward(z0: Tensor, W: Tensor, U: Tensor, B: Tensor, keep: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """K planar updates in the chain's layout: ``z0 (N, S, D)``, layer-major ``W``, ``U`` ``(K, N, 1, D)`` and
     ``B (K, N, 1, 1)``. Returns ``z_K (N, S, D)``, ``a`` and ``h = tanh a`` ``(K, N, S, 1)``, and every layer's
@@ -158,7 +168,8 @@ def _chain_forward(z0: Tensor, W: Tensor, U: Tensor, B: Tensor, keep: bool) -> t
     ``a_k = sum(z_k * w_k) + b_k``, ``h_k = tanh a_k``, ``z_{k+1} = z_k + u_k h_k``.
     """
     k, (n, s, d) = W.shape[0], z0.shape
-    if torch.jit.is_tracing():  # out= kernels do not trace with gradients: the same arithmetic, allocating
+    if _plain() or (torch.is_grad_enabled() and any(t.requires_grad for t in (z0, W, U, B))):
+        # out= kernels record no gradients: the same arithmetic, allocating
         zl, al, hl = [z0], [], []
         for w_k, u_k, b_k in zip(W.unbind(0), U.unbind(0), B.unbind(0), strict=True):
             al.append((zl[-1] * w_k).sum(-1, keepdim=True) + b_k)
@@ -217,20 +228,26 @@ class _PlanarChain(torch.autograd.Function):
     Backward, from the last layer down, five small kernels per layer: ``g_a_k = (1 - h_k^2) u_k^T g_{z_{k+1}} + e_k``
     (``e_k`` from the second output) and ``g_{z_k} = g_{z_{k+1}} + g_a_k w_k``, each ``g_z`` kept in one buffer;
     then the gradients of all ``w``, ``u`` and ``b`` (through the reparameterisation of ``u`` when ``ladj``) in
-    a few batched operations. First-order only.
+    a few batched operations. Under ``create_graph=True`` (double backward) the backward instead recomputes the
+    chain as plain differentiable ops and differentiates that (:func:`_recompute_grads`), so higher derivatives
+    are exact and the first-order pass keeps its speed.
     """
 
     @staticmethod
     def forward(ctx, z, w, u, b, ladj):
-        z_k, second, saved, (batch, full) = _chain_outputs(z, w, u, b, ladj, keep=True)
-        ctx.save_for_backward(*saved)
+        with torch.no_grad():
+            z_k, second, saved, (batch, full) = _chain_outputs(z, w, u, b, ladj, keep=True)
+        ctx.save_for_backward(z, w, u, b, *saved)
         ctx.meta = (z.shape, w.shape, u.shape, b.shape, batch, full, ladj)
         return z_k, second
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g_zk, g_second):
-        W, U, a, h, zs, *rep = ctx.saved_tensors
+        inputs, (W, U, a, h, zs, *rep) = ctx.saved_tensors[:4], ctx.saved_tensors[4:]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain recomputation instead
+            ladj = ctx.meta[-1]
+            grads = _recompute_grads(lambda *t: _chain_outputs(*t, ladj)[:2], inputs, (g_zk, g_second))
+            return (*grads, None)
         z_shape, w_shape, u_shape, b_shape, batch, full, ladj = ctx.meta
         k, n, s, d = zs.shape[0] - 1, *zs.shape[1:]
         gz = torch.empty_like(zs)  # gz[j] = dL/dz_j (gz[k]: at z_K)
@@ -277,6 +294,28 @@ class _PlanarChain(torch.autograd.Function):
         )
 
 
+def _recompute_grads(fn, inputs: tuple, grad_outputs: tuple) -> list:
+    """The vector-Jacobian product of ``fn(*inputs)`` with ``grad_outputs``, recorded for higher derivatives
+    (``create_graph=True``): the double-backward path of the fused chains. ``None`` for inputs needing no gradient."""
+    with torch.enable_grad():
+        outs = fn(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(o, g) for o, g in zip(outs, grad_outputs, strict=True) if g is not None and o.requires_grad]
+        wanted = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad]
+        grads = [None] * len(inputs)
+        if pairs and wanted:
+            found = torch.autograd.grad(
+                [o for o, _ in pairs],
+                [inputs[i] for i in wanted],
+                [g for _, g in pairs],
+                create_graph=True,
+                allow_unused=True,
+            )
+            for i, g in zip(wanted, found, strict=True):
+                grads[i] = g
+        return grads
+
+
 def planar_chain(z: Tensor, w: Tensor, u_hat: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Apply K planar layers in turn: ``(z_K, a)`` with ``a = (a_1..a_K)`` of shape ``(*sample, *batch, K)``.
 
@@ -284,7 +323,7 @@ def planar_chain(z: Tensor, w: Tensor, u_hat: Tensor, b: Tensor) -> tuple[Tensor
     ``(*sample, *batch, D)``, broadcasting against the batch. With gradients on, one autograd node
     (:class:`_PlanarChain`); otherwise the same arithmetic without saving anything.
     """
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (z, w, u_hat, b)):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (z, w, u_hat, b)) and not _plain():
         return _PlanarChain.apply(z, w, u_hat, b, False)
     return _chain_outputs(z, w, u_hat, b, False)[:2]
 
@@ -297,7 +336,7 @@ def planar_chain_ladj(z: Tensor, w: Tensor, u: Tensor, b: Tensor) -> tuple[Tenso
     and all log-determinants, :class:`_PlanarChain`), and with each log-determinant in the exact form of
     :func:`_planar_log_factor` (no clamp). Shapes as :func:`planar_chain`, ``u`` raw ``(*batch, K, D)``.
     """
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (z, w, u, b)):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (z, w, u, b)) and not _plain():
         return _PlanarChain.apply(z, w, u, b, True)
     return _chain_outputs(z, w, u, b, True)[:2]
 
@@ -313,13 +352,16 @@ def coupling_context_terms(context: Tensor, params, splits) -> tuple[Tensor, tup
     return w_c, F.linear(context, w_c).split(params[0][0].shape[0], dim=-1)
 
 
-def _coupling_loop(z: Tensor, context: Tensor | None, params, splits, saved: list | None = None) -> Tensor:
+def _coupling_loop(
+    z: Tensor, context: Tensor | None, params, splits, saved: list | None = None, plain: bool = False
+) -> Tensor:
     """K NICE couplings ``z_b <- z_b + m_k([z_a, context])`` with ``m_k`` = Linear-ReLU-Linear-ReLU-Linear.
 
     ``params``: K tuples ``(W1, b1, W2, b2, W3, b3)``, ``W1`` ``(hidden, |keep| + C)`` (z_a's columns first);
     ``splits``: K ``(keep, change)`` index tensors. ``z`` ``(*sample, *batch, D)`` must already carry every batch
     dimension of ``context`` ``(*batch, C)``. The context part of all K first layers is one product. Runs without
     recording gradients (in-place ReLUs); ``saved`` collects each layer's ``(z_a, h1, h2)`` for the backward pass.
+    ``plain``: out-of-place ops only, for autograd and ``torch.func`` (the same numbers).
     """
     terms = [None] * len(params)
     if context is not None:
@@ -329,8 +371,12 @@ def _coupling_loop(z: Tensor, context: Tensor | None, params, splits, saved: lis
     for (w1, b1, w2, b2, w3, b3), (keep, change), term in zip(params, splits, terms, strict=True):
         z_a = z.index_select(-1, keep)
         h1 = F.linear(z_a, w1[:, : keep.numel()], b1)
-        h1 = (h1 if term is None else h1.add_(term)).relu_()
-        h2 = F.linear(h1, w2, b2).relu_()
+        if plain:
+            h1 = (h1 if term is None else h1 + term).relu()
+            h2 = F.linear(h1, w2, b2).relu()
+        else:
+            h1 = (h1 if term is None else h1.add_(term)).relu_()
+            h2 = F.linear(h1, w2, b2).relu_()
         z = z.index_add(-1, change, F.linear(h2, w3, b3))
         if saved is not None:
             saved.append((z_a, h1, h2))
@@ -342,25 +388,34 @@ class _CouplingChain(torch.autograd.Function):
 
     Each layer is three small matrix products; under autograd the ~30 operations per layer (and the
     slicing of each first-layer weight into its z and context columns) cost several times the arithmetic
-    (benchmarks/README.md, "NICE K=80"). First-order only.
+    (benchmarks/README.md, "NICE K=80"). Under ``create_graph=True`` the backward recomputes the chain as plain
+    differentiable ops and differentiates that (:func:`_recompute_grads`), so double backward is exact.
     """
 
     @staticmethod
     def forward(ctx, z, context, splits, *flat):
         params = [flat[i : i + 6] for i in range(0, len(flat), 6)]
         saved = []
-        z_k = _coupling_loop(z, context, params, splits, saved)
+        with torch.no_grad():
+            z_k = _coupling_loop(z, context, params, splits, saved)
         ctx.splits = splits
         ctx.has_context = context is not None
         w_c = [saved.pop(0), context] if context is not None else []  # (K * hidden, C) and the context
-        ctx.save_for_backward(*flat, *[t for layer in saved for t in layer], *w_c)
+        ctx.save_for_backward(*flat, *[t for layer in saved for t in layer], *w_c, z)
         return z_k
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g_z):
         splits, num = ctx.splits, len(ctx.splits)
-        saved = ctx.saved_tensors
+        saved, z_in = ctx.saved_tensors[:-1], ctx.saved_tensors[-1]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain recomputation instead
+            context_in = saved[-1] if ctx.has_context else None
+
+            def fn(z, context, *flat):
+                return _coupling_loop(z, context, [flat[i : i + 6] for i in range(0, len(flat), 6)], splits, plain=True)
+
+            grads = _recompute_grads(fn, (z_in, context_in, *saved[: 6 * num]), (g_z,))
+            return (grads[0], grads[1], None, *grads[2:])
         flat, acts = saved[: 6 * num], saved[6 * num : 9 * num]
         w_c, context = saved[9 * num :] if ctx.has_context else (None, None)
         grads = [None] * (6 * num)
@@ -407,6 +462,8 @@ def coupling_chain(z: Tensor, context: Tensor | None, params, splits) -> Tensor:
     if context is not None:
         z = z.expand(*torch.broadcast_shapes(z.shape[:-1], context.shape[:-1]), z.shape[-1])
     flat = [t for layer in params for t in layer]
+    if _plain():
+        return _coupling_loop(z, context, params, splits, plain=True)
     if torch.is_grad_enabled() and any(
         t.requires_grad for t in [z, *flat, *([context] if context is not None else [])]
     ):
@@ -687,15 +744,27 @@ class SylvesterTransform(FlowTransform):
     representable, and finite even where ``p`` rounds to -1 (the positive combination
     ``tanh^2(a) + sech^2(a) (1 + p)`` in log space, no clamp).
 
-    There is no closed-form inverse; ``_inverse`` raises.
+    There is no closed-form inverse. The transform caches its last forward pass (``cache_size=1``, in the
+    ``torch.distributions.Transform`` sense): ``t.inv(y)`` of the very tensor ``y = t(x)`` it returned last gives
+    back ``x``, so ``TransformedDistribution`` (and a pyro guide) can score the sample it just drew; at any other
+    point ``_inverse`` raises.
 
     Args:
         q: ``(*batch, D, M)``; r, r_tilde: ``(*batch, M, M)`` upper triangular; b: ``(*batch, M)``;
         log1p_diag: ``(*batch, M)`` ``log(1 + R_ii R~_ii)``; if None, ``log1p`` of the product.
+        cache_size: 1 (default) to remember the last ``(x, y)``; 0 for none.
     """
 
-    def __init__(self, q: Tensor, r: Tensor, r_tilde: Tensor, b: Tensor, log1p_diag: Tensor | None = None):
-        super().__init__()
+    def __init__(
+        self,
+        q: Tensor,
+        r: Tensor,
+        r_tilde: Tensor,
+        b: Tensor,
+        log1p_diag: Tensor | None = None,
+        cache_size: int = 1,
+    ):
+        super().__init__(cache_size=cache_size)
         self.q, self.r, self.r_tilde, self.b = q, r, r_tilde, b
         if log1p_diag is None:
             diag = torch.diagonal(r, dim1=-2, dim2=-1) * torch.diagonal(r_tilde, dim1=-2, dim2=-1)
@@ -710,5 +779,13 @@ class SylvesterTransform(FlowTransform):
         z_new = z + (rh.unsqueeze(-2) @ self.q.transpose(-1, -2)).squeeze(-2)
         return z_new, log1p_scaled_sech2(a, h, self.log1p_diag).sum(-1)
 
+    def with_cache(self, cache_size: int = 1) -> SylvesterTransform:
+        if self._cache_size == cache_size:
+            return self
+        return SylvesterTransform(self.q, self.r, self.r_tilde, self.b, self.log1p_diag, cache_size=cache_size)
+
     def _inverse(self, y: Tensor) -> Tensor:
-        raise NotImplementedError("sylvester flows have no inverse; use rsample_and_log_prob")
+        raise NotImplementedError(
+            "sylvester flows have no inverse; use rsample_and_log_prob (a SylvesterTransform with cache_size=1 "
+            "inverts only the very tensor it returned last, e.g. a TransformedDistribution's own sample)"
+        )
