@@ -115,16 +115,21 @@ def test_finished_run_is_not_retrained(tmp_path, capsys):
     assert "nothing to do" in capsys.readouterr().err
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def poison_loss_at(monkeypatch, update: int) -> None:
+    """Make the loss of training update ``update`` (1-based) NaN."""
     calls = {"n": 0}
     real = train_mod.annealed_loss
 
     def poisoned(terms, beta, mode):
         calls["n"] += 1
         loss = real(terms, beta, mode)
-        return loss * float("nan") if calls["n"] == 15 else loss
+        return loss * float("nan") if calls["n"] == update else loss
 
     monkeypatch.setattr(train_mod, "annealed_loss", poisoned)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    poison_loss_at(monkeypatch, 15)
     with pytest.raises(NonFiniteLossError) as err:
         train_mod.train(cfg_of("trainer.steps=30"), tmp_path)
     msg = str(err.value)
@@ -307,15 +312,7 @@ def test_deferred_checks_stop_at_the_nan_step_and_never_checkpoint_after_it(tmp_
     """On a GPU the loss is read at log points only; a NaN must still name its update and never reach a checkpoint
     (log_every=25: the checkpoint at update 20 comes before any read)."""
     monkeypatch.setattr(train_mod, "DEFER_CHECKS", True)
-    calls = {"n": 0}
-    real = train_mod.annealed_loss
-
-    def poisoned(terms, beta, mode):
-        calls["n"] += 1
-        loss = real(terms, beta, mode)
-        return loss * float("nan") if calls["n"] == 15 else loss
-
-    monkeypatch.setattr(train_mod, "annealed_loss", poisoned)
+    poison_loss_at(monkeypatch, 15)
     with pytest.raises(NonFiniteLossError) as err:
         train_mod.train(cfg_of("trainer.steps=30", f"trainer.log_every={log_every}"), tmp_path)
     msg = str(err.value)
