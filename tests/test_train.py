@@ -115,8 +115,8 @@ def test_finished_run_is_not_retrained(tmp_path, capsys):
     assert "nothing to do" in capsys.readouterr().err
 
 
-def poison_loss_at(monkeypatch, update: int) -> None:
-    """Make the loss of training update ``update`` (1-based) NaN."""
+def poison_loss_at(monkeypatch, update: int) -> dict:
+    """Make the loss of training update ``update`` (1-based) NaN; returns ``{"n": losses computed so far}``."""
     calls = {"n": 0}
     real = train_mod.annealed_loss
 
@@ -126,6 +126,7 @@ def poison_loss_at(monkeypatch, update: int) -> None:
         return loss * float("nan") if calls["n"] == update else loss
 
     monkeypatch.setattr(train_mod, "annealed_loss", poisoned)
+    return calls
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -312,7 +313,7 @@ def test_deferred_checks_stop_at_the_nan_step_and_never_checkpoint_after_it(tmp_
     """On a GPU the loss is read at log points only; a NaN must still name its update and never reach a checkpoint
     (log_every=25: the checkpoint at update 20 comes before any read)."""
     monkeypatch.setattr(train_mod, "DEFER_CHECKS", True)
-    poison_loss_at(monkeypatch, 15)
+    calls = poison_loss_at(monkeypatch, 15)
     with pytest.raises(NonFiniteLossError) as err:
         train_mod.train(cfg_of("trainer.steps=30", f"trainer.log_every={log_every}"), tmp_path)
     msg = str(err.value)
