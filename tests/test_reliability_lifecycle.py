@@ -62,11 +62,17 @@ def snapshot(folder: Path) -> dict[str, str]:
     }
 
 
+def default_sigint() -> None:
+    """In a child before it starts: Ctrl-C's default action, as in a terminal (a test run started in the background
+    of a shell without job control inherits SIGINT ignored, and Python then installs no KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def nfvi_child(cwd: Path, *args: str, **kwargs) -> subprocess.Popen:
-    """``nfvi *args`` in a child process started in ``cwd``."""
+    """``nfvi *args`` in a child process started in ``cwd``, with Ctrl-C's default action (:func:`default_sigint`)."""
     return subprocess.Popen(
         [sys.executable, "-m", "nfvi", *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, **kwargs,
+        text=True, preexec_fn=default_sigint, **kwargs,
     )  # fmt: skip
 
 
@@ -418,7 +424,8 @@ def test_6_sigint_ends_each_command_in_one_line_with_exit_130(command, trained, 
     else:
         mark = tmp_path / "started"
         code = [sys.executable, "-c", REPORT_STAND_IN, str(mark), f"paths.output_dir={tmp_path}"]
-        proc = subprocess.Popen(code, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(code, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=default_sigint)  # fmt: skip
         started = mark.exists
     code, err = _interrupt(proc, started)
     assert code == 130, err
