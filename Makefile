@@ -10,7 +10,7 @@ TEST_JOBS ?= 2
 export NFVI_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),./data)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast test-slurm lint reproduce report bench clean-outputs
+.PHONY: help install test test-slow test-fast test-all test-slurm lint reproduce report bench clean-outputs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -25,11 +25,15 @@ $(BIN)/nfvi: pyproject.toml
 
 install: $(BIN)/nfvi ## create .venv and install nfvi (editable) with dev extras
 
-test: $(BIN)/nfvi ## set up, then run the whole test suite but the SLURM tests (under 10 minutes on 2 CPU cores)
-	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n $(TEST_JOBS) -m "not slurm"
-
-test-fast: $(BIN)/nfvi ## set up, then run the tests not marked slow
+test: $(BIN)/nfvi ## set up, then run the test suite but its multi-process and SLURM tests (under 10 minutes on 2 CPU cores)
 	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n $(TEST_JOBS) -m "not slow and not slurm"
+
+test-slow: $(BIN)/nfvi ## the multi-process tests: sweeps on every launcher, Ctrl-C, racing launches, the wheel, the README
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n $(TEST_JOBS) -m "slow and not slurm"
+
+test-fast: test ## the same as make test (an older name)
+
+test-all: test test-slow test-slurm ## every test, as CI runs them
 
 test-slurm: $(BIN)/nfvi ## sweeps on a one-node SLURM cluster the tests start and stop (root; installs slurm-wlm)
 	OMP_NUM_THREADS=1 $(BIN)/pytest -q -p no:xdist -m slurm tests/test_slurm.py

@@ -53,6 +53,7 @@ def sweep_results(sweep_dir):
     return sorted(json.loads(p.read_text())["flow_length"] for p in sweep_dir.rglob("results.json"))
 
 
+@pytest.mark.slow
 def test_basic_sweep_and_safe_rerun(tmp_path):
     args = ["-m", *SWEEP, "flow.length=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}", "resume=true"]
     first = nfvi("train", *args, cwd=tmp_path)
@@ -112,6 +113,7 @@ LAUNCHERS = {
         pytest.param("submitit_local", marks=pytest.mark.slow),
     ],
 )
+@pytest.mark.slow
 def test_a_failed_job_fails_the_sweep_on_every_launcher(tmp_path, name):
     """flow.length=-1 fails, flow.length=2 finishes: exit 1, the job's one line on the console, error.txt kept."""
     sweep = tmp_path / "sweep"

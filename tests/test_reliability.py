@@ -90,6 +90,7 @@ def test_train_overwrite_starts_afresh_and_resume_continues(tmp_path):
     assert [int(r.split(",")[0]) for r in (tmp_path / "metrics.csv").read_text().splitlines()[1:]] == [3]
 
 
+@pytest.mark.slow
 def test_cli_energy_twice_into_one_folder_is_refused(tmp_path):
     args = ["energy", *ENERGY, f"hydra.run.dir={tmp_path / 'run'}"]
     assert nfvi(*args, cwd=tmp_path).returncode == 0

@@ -158,6 +158,7 @@ nfvi.cli.main(sys.argv[2:])
 """
 
 
+@pytest.mark.slow
 def test_1_two_launches_of_one_folder_at_the_same_instant_one_runs_the_other_exits_2(monkeypatch, tmp_path):
     """Two ``resume=true`` launches of one unfinished folder at the same instant destroyed it in 2 of 3 tries."""
     folder = tmp_path / "C1"
@@ -402,6 +403,7 @@ def _interrupt(proc: subprocess.Popen, started) -> tuple[int, str]:
         proc.kill()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["energy", "cde", "evaluate", "train", "report"])
 def test_6_sigint_ends_each_command_in_one_line_with_exit_130(command, trained, tmp_path):
     """Ctrl-C during energy, cde, evaluate or report printed a full KeyboardInterrupt traceback."""
@@ -438,6 +440,7 @@ def test_6_sigint_ends_each_command_in_one_line_with_exit_130(command, trained, 
     assert not (folder / LOCK).exists()
 
 
+@pytest.mark.slow
 def test_6_the_resume_command_printed_after_ctrl_c_keeps_the_overrides_and_works_as_pasted(tmp_path):
     """The printed resume command dropped the original overrides and was refused when pasted."""
     folder = tmp_path / "a run [1]"  # a space and a glob character: the command must quote them

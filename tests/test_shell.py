@@ -25,7 +25,9 @@ def test_version():
         assert proc.returncode == 0 and proc.stdout.startswith(f"nfvi {nfvi.__version__} (torch "), proc.stdout
 
 
-@pytest.mark.parametrize("command", ["train", "energy", "cde"])
+@pytest.mark.parametrize(
+    "command", ["train", pytest.param("energy", marks=pytest.mark.slow), pytest.param("cde", marks=pytest.mark.slow)]
+)
 def test_help_lists_only_options_a_user_may_pick(command):
     proc = nfvi_cli(command, "--help")
     assert proc.returncode == 0, proc.stderr
@@ -61,6 +63,7 @@ LINES = {  # what a user typed before <TAB> -> what bash offers
 }
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
 def test_bash_completion_completes_commands_groups_and_keys(tmp_path):
     """The installed script, run by bash as a shell would on <TAB>, completes through each command's config."""

@@ -190,6 +190,7 @@ def test_cli_errors_are_one_line(tmp_path, override, expected):
     assert not (tmp_path / "nowhere").exists()
 
 
+@pytest.mark.slow
 def test_cli_train_then_resume_the_run_in_its_folder(tmp_path):
     run = tmp_path / "run"
     base = [*TINY, f"hydra.run.dir={run}", "hydra/job_logging=none", "hydra/hydra_logging=none"]
