@@ -136,14 +136,16 @@ SLURM = [
     "hydra.launcher.timeout_min=10",
 ]
 ENERGY = ["-m", "target=U1", "flow=planar", "flow.length=2", "trainer.steps=40", "eval.samples=500", "eval.grid=40"]
-#: nfvi train on fake data, about 10-20 s: a checkpoint every 10 of 300 updates
+#: nfvi train on fake data, about 10-30 s: a checkpoint every 10 of STEPS updates (enough for an interrupt to land
+#: before the end on an idle machine)
+STEPS = 1000
 TRAIN = [
     "-m",
     "experiment=mnist_smoke",
     "dataset=fake",
     "dataset.fake_size=200",
     "posterior=planar_2",
-    "trainer.steps=300",
+    f"trainer.steps={STEPS}",
     "trainer.ckpt_every=10",
     "trainer.val_every=100",
     "trainer.val_images=100",
@@ -262,9 +264,8 @@ def interrupted_train(tmp_path: Path, interrupt) -> tuple[Path, str, str]:
     try:
         run = sweep / "planar_K2_seed0"
         (job_id,) = wait_for(lambda: job_ids(log.read_text()), "sbatch")
-        wait_for(
-            lambda: 10 <= checkpoint_step(run) < 300 and (run / "checkpoint.pt").is_file(), "a checkpoint", proc=proc
-        )
+        early = lambda: 10 <= checkpoint_step(run) < STEPS // 2 and (run / "checkpoint.pt").is_file()  # noqa: E731
+        wait_for(early, "a checkpoint", proc=proc)
         interrupt(job_id)
         proc.wait(timeout=300)
     finally:
@@ -279,11 +280,11 @@ def interrupted_train(tmp_path: Path, interrupt) -> tuple[Path, str, str]:
 def assert_same_run(run: Path, uninterrupted) -> None:
     state, results = uninterrupted
     mine = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert mine["step"] == state["step"] == 300
+    assert mine["step"] == state["step"] == STEPS
     assert mine["model"].keys() == state["model"].keys()
     assert all(torch.equal(mine["model"][k], state["model"][k]) for k in state["model"])  # bit-identical
     assert numbers(json.loads((run / "results.json").read_text())) == numbers(results)
-    assert re.search(r"resuming .* at step \d+ of 300", (run / "train.log").read_text())
+    assert re.search(rf"resuming .* at step \d+ of {STEPS}", (run / "train.log").read_text())
 
 
 @pytest.mark.slurm
@@ -321,7 +322,8 @@ def test_a_job_killed_hard_fails_the_sweep_in_bounded_time(slurm_cluster, tmp_pa
     """SIGKILL (what the OOM killer or os._exit leave behind: no result): the driver notices through squeue, writes
     the job's error.txt, and the sweep exits 1 within RESULT_GRACE_S and a few polls."""
     sweep = tmp_path / "slurm"
-    proc, log = start("train", *TRAIN, *SLURM, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    endless = [a if not a.startswith("trainer.steps=") else "trainer.steps=1000000" for a in TRAIN]  # never done first
+    proc, log = start("train", *endless, *SLURM, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     run = sweep / "planar_K2_seed0"
     try:
         (job_id,) = wait_for(lambda: job_ids(log.read_text()), "sbatch")
