@@ -39,18 +39,23 @@ def failure_records(sweep_dir: Path) -> dict[Path, int]:
     return {path: path.stat().st_mtime_ns for path in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
 
 
-def record_failure(job_folder: Path, error: str) -> None:
-    """Record a failed sweep job (run in the job's process): ``{"folder", "error"}`` in
-    ``<hydra.sweep.dir>/.nfvi_failures/<hydra.job.num>.json``."""
-    from hydra.core.hydra_config import HydraConfig
+def record_failure(job_folder: Path, error: str, *, sweep_dir=None, num=None, command=None) -> None:
+    """Record a failed sweep job: ``{"folder", "error"}`` in ``<hydra.sweep.dir>/.nfvi_failures/<hydra.job.num>.json``.
 
-    hydra_cfg = HydraConfig.get()
-    path = Path(hydra_cfg.sweep.dir) / FAILURES / f"{hydra_cfg.job.num}.json"
+    Run in the job's process (the sweep folder, job number and command from Hydra's config), or by a launcher for a
+    job that could not record itself (``sweep_dir``, ``num``, ``command`` given: e.g. a SLURM job killed hard).
+    """
+    if sweep_dir is None or num is None or command is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+        sweep_dir, num, command = hydra_cfg.sweep.dir, hydra_cfg.job.num, hydra_cfg.job.name
+    path = Path(str(sweep_dir)) / FAILURES / f"{num}.json"
     record = {"folder": os.path.abspath(job_folder), "error": error}
     try:
         atomic_write_text(path, json.dumps(record) + "\n")
     except OSError as exc:  # the job's own line is on stderr already; the sweep may then miss it
-        print(f"nfvi {hydra_cfg.job.name}: warning: cannot record the failed job in {path}: {exc}", file=sys.stderr)
+        print(f"nfvi {command}: warning: cannot record the failed job in {path}: {exc}", file=sys.stderr)
 
 
 class SweepFailures(Callback):

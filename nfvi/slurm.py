@@ -175,6 +175,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
         ``error.txt`` and return an empty one: :class:`nfvi.hydra_callbacks.SweepFailures` reports it."""
         from submitit.core.utils import FailedJobError, UncompletedJobError
 
+        from nfvi.hydra_callbacks import record_failure
         from nfvi.runs import ERROR_FILE, atomic_write_text
 
         command = str(self.config.hydra.job.name)
@@ -196,6 +197,9 @@ class SlurmLauncher(SubmititSlurmLauncher):
         overrides, job_dir_key, job_num = params[0], params[1], params[2]
         folder = self._job_folder(overrides, job_dir_key, job_num, job.job_id)
         atomic_write_text(folder / ERROR_FILE, f"{line}\n{details}")
+        prefix = f"nfvi {command}: error: "
+        record_failure(folder, line.removeprefix(prefix), sweep_dir=self.config.hydra.sweep.dir, num=job_num,
+                       command=command)  # fmt: skip
         ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, _return_value=None)
         ret.working_dir = str(folder)
         return ret
