@@ -359,12 +359,13 @@ _TASK_COMMAND = {"vae": "train", "energy": "energy", "cde": "cde"}
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
-def _flatten(node, prefix: str = "") -> dict:
+def flatten_config(node, prefix: str = "") -> dict:
+    """A nested dict as ``{"a.b.c": value}`` (lists and scalars are leaves; an empty dict is a leaf)."""
     out = {}
     for key, value in (node or {}).items():
         name = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, dict) and value:
-            out.update(_flatten(value, name))
+            out.update(flatten_config(value, name))
         else:
             out[name] = value
     return out
@@ -372,7 +373,7 @@ def _flatten(node, prefix: str = "") -> dict:
 
 def config_changes(saved: dict, current: dict, free=FREE_KEYS) -> list[str]:
     """Dotted keys whose values differ between two resolved configs, ``free`` keys (prefixes) aside."""
-    a, b = _flatten(saved), _flatten(current)
+    a, b = flatten_config(saved), flatten_config(current)
     keys = sorted(set(a) | set(b))
     return [k for k in keys if a.get(k) != b.get(k) and not any(k == f or k.startswith(f) for f in free if f)]
 

@@ -41,7 +41,6 @@ __all__ = [
     "Tracker",
     "Trackers",
     "open_trackers",
-    "flatten",
     "scalars",
 ]
 
@@ -105,18 +104,6 @@ class LoggerConfig:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # What the trackers receive
-
-
-def flatten(node, prefix: str = "") -> dict:
-    """A nested dict as ``{"a.b.c": value}`` (lists and scalars are leaves)."""
-    out = {}
-    for key, value in (node or {}).items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name))
-        else:
-            out[name] = value
-    return out
 
 
 def scalars(row: dict) -> dict[str, float]:
@@ -185,7 +172,9 @@ class TensorBoardTracker(Tracker):
     def log_config(self, config):
         import yaml
 
-        self.config = flatten(config)
+        from nfvi.runs import flatten_config
+
+        self.config = flatten_config(config)
         self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
 
     def log_results(self, results):
@@ -266,7 +255,9 @@ class MlflowTracker(Tracker):
     def log_config(self, config):
         from mlflow.entities import Param
 
-        params = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in flatten(config).items()]
+        from nfvi.runs import flatten_config
+
+        params = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in flatten_config(config).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i : i + 100])
         self.client.log_dict(self.run_id, config, "config.yaml")
