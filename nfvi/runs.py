@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from nfvi.errors import NfviError, RunRefused
+from nfvi.trackers import flatten_config
 
 __all__ = [
     "DEFAULT_THREADS",
@@ -357,18 +358,6 @@ FREE_KEYS = ("resume", "overwrite", "run_dir", "device", "threads", "paths.", "t
 FREE_KEYS += ("logger",)  # the trackers (nfvi.trackers) see the numbers, they do not change them
 _TASK_COMMAND = {"vae": "train", "energy": "energy", "cde": "cde"}
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
-
-
-def flatten_config(node, prefix: str = "") -> dict:
-    """A nested dict as ``{"a.b.c": value}`` (lists and scalars are leaves; an empty dict is a leaf)."""
-    out = {}
-    for key, value in (node or {}).items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out.update(flatten_config(value, name))
-        else:
-            out[name] = value
-    return out
 
 
 def config_changes(saved: dict, current: dict, free=FREE_KEYS) -> list[str]:

@@ -41,6 +41,7 @@ __all__ = [
     "Tracker",
     "Trackers",
     "open_trackers",
+    "flatten_config",
     "scalars",
 ]
 
@@ -104,6 +105,18 @@ class LoggerConfig:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # What the trackers receive
+
+
+def flatten_config(node, prefix: str = "") -> dict:
+    """A nested dict as ``{"a.b.c": value}`` (lists and scalars are leaves; an empty dict is a leaf)."""
+    out = {}
+    for key, value in (node or {}).items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(flatten_config(value, name))
+        else:
+            out[name] = value
+    return out
 
 
 def scalars(row: dict) -> dict[str, float]:
@@ -171,8 +184,6 @@ class TensorBoardTracker(Tracker):
 
     def log_config(self, config):
         import yaml
-
-        from nfvi.runs import flatten_config
 
         self.config = flatten_config(config)
         self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
@@ -254,8 +265,6 @@ class MlflowTracker(Tracker):
 
     def log_config(self, config):
         from mlflow.entities import Param
-
-        from nfvi.runs import flatten_config
 
         params = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in flatten_config(config).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
