@@ -151,7 +151,8 @@ class MetricsLog:
             self.trackers.log_row(row)
 
     def truncate_after(self, step: int, key: str = "step") -> None:
-        """Drop rows logged after ``step`` (used when resuming from an older checkpoint)."""
+        """Drop rows logged after ``step`` (used when resuming from an older checkpoint); trackers are told
+        (:meth:`nfvi.trackers.Trackers.rewind`)."""
         if not self.path.exists():
             return
         with self.path.open(newline="") as f:
@@ -164,6 +165,8 @@ class MetricsLog:
         writer.writeheader()
         writer.writerows(kept)
         atomic_write_text(self.path, out.getvalue())
+        if self.trackers and step > 0:  # a resumed run: the trackers drop (or keep) what follows ``step`` likewise
+            self.trackers.rewind(step)
 
 
 def run_dir() -> Path:
@@ -929,7 +932,7 @@ class Run:
             from nfvi.trackers import open_trackers
 
             logger = self.cfg.get("logger") if self.cfg is not None else None
-            self.trackers = open_trackers(logger, self.out, self.config)
+            self.trackers = open_trackers(logger, self.out, self.config, run_id=self.run_id or self.record_id())
         self.metrics = MetricsLog(self.out / "metrics.csv", trackers=self.trackers)
         return self.metrics
 

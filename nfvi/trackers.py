@@ -9,10 +9,15 @@ Weights & Biases or MLflow as well.
 - the final results (those of ``results.json``, its ``config`` aside), numeric ones as ``results/<key>``
   (:meth:`Tracker.log_results`);
 
-and is closed when the run ends (marked failed when it ends in an error). Where each writes, by default inside the
-run folder: TensorBoard ``<run>/tensorboard/`` (event files); W&B ``<run>/wandb/`` in offline mode unless
-``logger.wandb.mode`` or ``WANDB_MODE`` says otherwise (``wandb sync`` uploads it later); MLflow a file store
-``<run>/mlruns/`` unless ``logger.mlflow.tracking_uri`` or ``MLFLOW_TRACKING_URI`` names a server or database.
+and is closed when the run ends (marked failed when it ends in an error). A resumed run continues its trackers'
+run rather than starting another: W&B's run id and an MLflow tag ``nfvi.run_id`` are the nfvi run's ``run_id``
+(``run_config.json``), and TensorBoard hides the events logged after the checkpoint the run resumes from
+(``purge_step``), as ``metrics.csv`` drops those rows (:meth:`Trackers.rewind`).
+
+Where each writes, by default inside the run folder: TensorBoard ``<run>/tensorboard/`` (event files); W&B
+``<run>/wandb/`` in offline mode unless ``logger.wandb.mode`` or ``WANDB_MODE`` says otherwise (``wandb sync``
+uploads it later); MLflow a file store ``<run>/mlruns/`` unless ``logger.mlflow.tracking_uri`` or
+``MLFLOW_TRACKING_URI`` names a server or database.
 
 The packages are optional (``pip install 'nfvi[trackers]'``) and imported only when their tracker is selected.
 This module imports no torch (the schemas are part of every command's config).
@@ -49,6 +54,8 @@ __all__ = [
 TRACKERS = ("csv", "tensorboard", "wandb", "mlflow")
 INSTALL_HINT = "pip install 'nfvi[trackers]'"
 WANDB_MODES = ("offline", "online", "disabled")
+#: the MLflow tag holding the nfvi run's ``run_id`` (how a resumed run finds its MLflow run)
+RUN_ID_TAG = "nfvi.run_id"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -159,6 +166,10 @@ class Tracker:
     def log_results(self, results: dict) -> None:
         raise NotImplementedError
 
+    def rewind(self, step: int) -> None:
+        """The run resumes from its checkpoint at ``step``: rows logged after it are logged again. Default: keep
+        what was sent (W&B and MLflow cannot take back logged values; their charts show both)."""
+
     def close(self, failed: bool = False) -> None:
         raise NotImplementedError
 
@@ -168,13 +179,22 @@ class TensorBoardTracker(Tracker):
 
     name = "tensorboard"
 
-    def __init__(self, cfg: TensorBoardConfig, out: Path):
+    def __init__(self, cfg: TensorBoardConfig, out: Path, run_id: str | None = None):
         _require("tensorboard", self.name)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(_inside(out, cfg.dir)))
+        self.log_dir = str(_inside(out, cfg.dir))
+        self.writer = SummaryWriter(log_dir=self.log_dir)
         self.config: dict = {}
         self.step = 0
+
+    def rewind(self, step):
+        """Reopen the writer with ``purge_step=step + 1``: TensorBoard then drops the earlier files' events after
+        ``step`` (those of the interrupted launch past its checkpoint)."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer.close()
+        self.writer = SummaryWriter(log_dir=self.log_dir, purge_step=step + 1)
 
     def log_metrics(self, step, metrics):
         self.step = step
@@ -210,11 +230,13 @@ class WandbTracker(Tracker):
 
     name = "wandb"
 
-    def __init__(self, cfg: WandbConfig, out: Path):
+    def __init__(self, cfg: WandbConfig, out: Path, run_id: str | None = None):
         wandb = _require("wandb", self.name)
         folder = _inside(out, cfg.dir)
         folder.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
+            id=run_id,  # the nfvi run's id: a resumed run continues its W&B run
+            resume="allow" if run_id else None,
             project=cfg.project,
             entity=cfg.entity,
             mode=cfg.mode or os.environ.get("WANDB_MODE") or "offline",
@@ -244,7 +266,7 @@ class MlflowTracker(Tracker):
 
     name = "mlflow"
 
-    def __init__(self, cfg: MlflowConfig, out: Path):
+    def __init__(self, cfg: MlflowConfig, out: Path, run_id: str | None = None):
         _require("mlflow", self.name)
         uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:  # MLflow 3 keeps its file store behind this switch (a database needs a server or migrations)
@@ -255,7 +277,18 @@ class MlflowTracker(Tracker):
         self.client = MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name(cfg.experiment)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(cfg.experiment)
-        self.run_id = self.client.create_run(experiment_id, run_name=cfg.run_name or out.name).info.run_id
+        found = []
+        if run_id:  # a resumed run continues the MLflow run tagged with its nfvi run id
+            found = self.client.search_runs([experiment_id], f"tags.`{RUN_ID_TAG}` = '{run_id}'", max_results=1)
+        self.logged: dict = {}  # params of the run's earlier launches: MLflow refuses to change a param
+        if found:
+            self.run_id = found[0].info.run_id
+            self.logged = dict(found[0].data.params)
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            tags = {RUN_ID_TAG: run_id} if run_id else None
+            name = cfg.run_name or out.name
+            self.run_id = self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
 
     def log_metrics(self, step, metrics):
         from mlflow.entities import Metric
@@ -267,9 +300,10 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Param
 
         params = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in flatten_config(config).items()]
+        params = [p for p in params if p.key not in self.logged]  # a resumed run keeps its first launch's (resume=...)
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i : i + 100])
-        self.client.log_dict(self.run_id, config, "config.yaml")
+        self.client.log_dict(self.run_id, config, "config.yaml")  # this launch's
 
     def log_results(self, results):
         from mlflow.entities import Metric
@@ -313,6 +347,11 @@ class Trackers:
         for tracker in self.trackers:
             tracker.log_results(_results(results))
 
+    def rewind(self, step: int) -> None:
+        """The run resumes from its checkpoint at ``step`` (:meth:`nfvi.runs.MetricsLog.truncate_after`)."""
+        for tracker in self.trackers:
+            tracker.rewind(step)
+
     def close(self, failed: bool = False) -> None:
         trackers, self.trackers = self.trackers, []
         for tracker in trackers:
@@ -322,16 +361,17 @@ class Trackers:
         return bool(self.trackers)
 
 
-def open_trackers(logger_cfg, out: str | Path, config: dict | None = None) -> Trackers:
+def open_trackers(logger_cfg, out: str | Path, config: dict | None = None, run_id: str | None = None) -> Trackers:
     """Start the trackers that ``logger_cfg`` (a command's ``cfg.logger``; None: none) selects for the run in
-    ``out`` and send them ``config`` (the resolved config). ``csv`` is :class:`nfvi.runs.MetricsLog`'s own."""
+    ``out`` and send them ``config`` (the resolved config). ``csv`` is :class:`nfvi.runs.MetricsLog`'s own.
+    ``run_id`` (the nfvi run's, :meth:`nfvi.runs.Run.save_record`): a resumed run continues its W&B and MLflow runs."""
     out = Path(out)
     started: list[Tracker] = []
     try:
         for name, adapter in _ADAPTERS.items():
             options = None if logger_cfg is None else logger_cfg.get(name)
             if options is not None:
-                started.append(adapter(options, out))
+                started.append(adapter(options, out, run_id))
         trackers = Trackers(started)
         if config is not None:
             trackers.log_config(config)

@@ -206,3 +206,45 @@ def test_a_run_without_trackers_writes_no_tracker_folder(tmp_path):
     energy_run(tmp_path, "trainer.steps=10")
     assert {"metrics.csv", "results.json"} <= {p.name for p in tmp_path.iterdir()}
     assert not {"tensorboard", "wandb", "mlruns"} & {p.name for p in tmp_path.iterdir()}
+
+
+def test_a_resumed_run_continues_its_tracker_runs(tmp_path):
+    """A run resumed from an older checkpoint (killed after logging rows past it) continues its W&B and MLflow runs
+    (one run each, keyed by the nfvi run id) and TensorBoard shows each step once, as metrics.csv does."""
+    names = [name for name, ok in INSTALLED.items() if ok]
+    if not names:
+        pytest.skip("no tracker package is installed (pip install 'nfvi[trackers]')")
+    import shutil
+
+    from nfvi.vae import task as train_mod
+    from tests.test_train import TINY
+
+    out = tmp_path / "run"
+    cfg = [*TINY, f"logger=[csv,{','.join(names)}]"]
+    train_mod.train(compose("train", [*cfg, "trainer.steps=10"]), out)
+    shutil.copy(out / "checkpoint.pt", tmp_path / "step10.pt")
+    train_mod.train(compose("train", [*cfg, "trainer.steps=20", "resume=true"]), out)  # rows 15 and 20 sent
+    shutil.copy(tmp_path / "step10.pt", out / "checkpoint.pt")  # as if killed before the checkpoint at 20
+    (out / "results.json").unlink(missing_ok=True)
+    train_mod.train(compose("train", [*cfg, "trainer.steps=20", "resume=true"]), out)
+    rows = csv_rows(out)
+    assert [int(r["step"]) for r in rows] == [5, 10, 15, 20]
+    run_id = json.loads((out / "run_config.json").read_text())["run_id"]
+    if INSTALLED["tensorboard"]:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("train_neg_elbo")] == [5, 10, 15, 20]
+    if INSTALLED["wandb"]:
+        folders = sorted((out / "wandb").glob("offline-run-*"))
+        assert len(folders) == 3 and {f.name.rsplit("-", 1)[1] for f in folders} == {run_id}
+    if INSTALLED["mlflow"]:
+        from mlflow.tracking import MlflowClient
+
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+        (found,) = client.search_runs([client.get_experiment_by_name("nfvi").experiment_id])
+        assert found.data.tags["nfvi.run_id"] == run_id and found.info.status == "FINISHED"
+        history = client.get_metric_history(found.info.run_id, "train_neg_elbo")
+        assert {m.step for m in history} == {5, 10, 15, 20}
