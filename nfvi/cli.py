@@ -123,6 +123,27 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return (NfviError, HydraException, OmegaConfBaseException)
 
 
+def _override_under_null(exc: BaseException, overrides: list[str]) -> str | None:
+    """The one-line error for an override that sets a key inside a null (unselected) config node, which OmegaConf
+    rejects with a bare ``AssertionError``: ``logger.wandb.mode=online`` without ``logger=[...,wandb]``. None: not
+    that error."""
+    if not (isinstance(exc, AssertionError) and "Unexpected type for root: NoneType" in str(exc)):
+        return None
+    from nfvi.trackers import TRACKERS
+
+    selected = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == "logger"), "")
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        parts = key.split(".")
+        if len(parts) > 2 and parts[0] == "logger" and parts[1] in TRACKERS and parts[1] not in selected:
+            return (
+                f"{override}: the {parts[1]} tracker is not selected, so logger.{parts[1]} has no keys; select it "
+                f"with logger=[csv,{parts[1]}] (trackers: {', '.join(TRACKERS)})"
+            )
+    shown = " ".join(o for o in overrides if "." in o.split("=", 1)[0])
+    return f"an override sets a key inside a config group that is not selected (null) among: {shown}"
+
+
 #: Exit status of the last single run (0 ok, 1 unexpected error, 2 user error); sweeps use SweepFailures.
 _run_status = 0
 
@@ -476,6 +497,10 @@ def _main(command: str, rest: list[str]) -> None:
         except Exception as exc:  # a launcher or Hydra itself failed (e.g. a submitit job killed for time or memory)
             if debug:
                 raise
+            unselected = _override_under_null(exc, rest)
+            if unselected is not None:
+                print(f"nfvi {command}: error: {unselected}", file=sys.stderr)
+                sys.exit(2)
             from nfvi.runs import environment_fault
 
             fault = environment_fault(exc)  # e.g. Hydra's log file on a read-only file system (inside a ValueError)

@@ -248,3 +248,16 @@ def test_a_resumed_run_continues_its_tracker_runs(tmp_path):
         assert found.data.tags["nfvi.run_id"] == run_id and found.info.status == "FINISHED"
         history = client.get_metric_history(found.info.run_id, "train_neg_elbo")
         assert {m.step for m in history} == {5, 10, 15, 20}
+
+
+@pytest.mark.parametrize(
+    "overrides, tracker",
+    [(["logger.wandb.mode=online"], "wandb"), (["logger=[csv,tensorboard]", "logger.mlflow.experiment=x"], "mlflow")],
+)
+def test_a_key_of_an_unselected_tracker_is_one_line(tmp_path, monkeypatch, capsys, overrides, tracker):
+    from tests.test_reliability import cli, one_error_line
+
+    assert cli(tmp_path, monkeypatch, "energy", "trainer.steps=5", *overrides) == 2
+    line = one_error_line(capsys)
+    assert f"the {tracker} tracker is not selected" in line and f"logger=[csv,{tracker}]" in line
+    assert list(tmp_path.iterdir()) == []  # refused before any folder was made
