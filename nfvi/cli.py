@@ -501,6 +501,10 @@ def _main(command: str, rest: list[str]) -> None:
             if unselected is not None:
                 print(f"nfvi {command}: error: {unselected}", file=sys.stderr)
                 sys.exit(2)
+            if isinstance(exc, ValueError) and "No trials are completed yet" in str(exc):  # Optuna's best_trial
+                print(f"nfvi {command}: error: no trial of the sweep completed (each trial's error is above, and in "
+                      f"error.txt in the folder of each that ran)", file=sys.stderr)  # fmt: skip
+                sys.exit(1)
             from nfvi.runs import environment_fault
 
             fault = environment_fault(exc)  # e.g. Hydra's log file on a read-only file system (inside a ValueError)

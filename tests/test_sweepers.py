@@ -54,3 +54,17 @@ def test_a_three_trial_optuna_sweep_minimises_the_headline(tmp_path, command):
     lrs = [json.loads((job / "results.json").read_text())["config"]["optim"]["lr"] for job in jobs]
     assert best["best_params"]["optim.lr"] == pytest.approx(lrs[values.index(min(values))])
     assert all(0.001 <= lr <= 0.01 for lr in lrs) and len(set(lrs)) == 3
+
+
+def test_an_optuna_sweep_whose_trials_all_fail_ends_in_one_line_each(tmp_path, monkeypatch, capsys):
+    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+        pytest.skip("hydra-optuna-sweeper is not installed (pip install 'nfvi[launchers]')")
+    from tests.test_reliability import cli
+
+    args = ["energy", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "optim.lr=interval(1e6,1e7)"]
+    assert cli(tmp_path, monkeypatch, *args, f"hydra.sweep.dir={tmp_path / 'sweep'}", *FAST["energy"]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert "Traceback" not in err and len(lines) == 3, err
+    assert all("optim.lr=" in line and "is not allowed" in line for line in lines[:2])
+    assert "no trial of the sweep completed" in lines[2]
