@@ -112,6 +112,8 @@ def _unfinished(results: dict) -> str:
         if isinstance(seeds, list) and isinstance(done, int) and done < len(seeds):
             return f"it fitted {done}/{len(seeds)} seeds"
         return ""
+    if row.get("finished") is False:
+        return "it is unfinished (its results.json says finished: false)"
     note = unfinished_notes(pd.DataFrame([row])).iloc[0]
     return f"it is unfinished ({note})" if note else ""
 
@@ -264,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         for run_dir in args.run_dirs:
             print(f"nfvi records: {run_dir} -> {export_record(run_dir, args.results, args.experiment, args.name)}")
         if args.figures:
-            written = redraw(args.results, args.out)
-            print(f"nfvi records: {args.out} holds {len(written)} tables and figures from the records in {args.results}")
+            n = len(redraw(args.results, args.out))
+            print(f"nfvi records: {args.out} holds {n} tables and figures from the records in {args.results}")
     except NfviError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -102,8 +102,8 @@ def collect(roots: list[str | Path]) -> pd.DataFrame:
     settings, e.g. ``eval.num_samples=5000``) that differs from it is a row of its own; the report then shows it
     as a separate setting. The ``run_dir`` column holds the run's folder; with several ``roots``, the ``source``
     column the root it was found under (runs of two roots are then never merged into one table row, even with the
-    same config and seed: e.g. the repository's records in ``results/`` beside a user's ``outputs/``). Unreadable files and files that do
-    not hold a JSON object are skipped with a one-line warning (logger ``nfvi.report``).
+    same config and seed: e.g. the repository's records in ``results/`` beside a user's ``outputs/``). Unreadable
+    files and files that do not hold a JSON object are skipped with a one-line warning (logger ``nfvi.report``).
     """
     return pd.DataFrame(read_results(roots))
 
