@@ -210,12 +210,23 @@ def _cde(folder: Path, nll: float) -> None:
     (folder / "results.json").write_text(json.dumps(result))
 
 
+def _image_run(folder: Path, nll: float, **fields) -> None:
+    """A Sylvester-table (model=gated_conv) or Table 3 (dataset=cifar10) run's results.json."""
+    folder.mkdir(parents=True)
+    result = {"task": "vae", "latent_dim": 64, "flow": "planar", "flow_length": 4, "seed": 0, "steps": 500,
+              "num_importance_samples": 100, "num_test_images": 200, "test_neg_elbo": nll + 3, "test_nll": nll,
+              "finished_at": "2026-01-01T00:00:00", **fields}  # fmt: skip
+    (folder / "results.json").write_text(json.dumps(result))
+
+
 def test_records_and_a_users_runs_of_the_same_config_stay_separate_rows(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for root, nll in (("results", 90.0), ("outputs", 80.0)):
         fake_run(Path(root) / "exp" / "planar_K10_seed0", nll=nll)  # the same config and seed
         _energy(Path(root) / "exp" / "U1", kl=nll / 100)
         _cde(Path(root) / "exp" / "fish", nll=nll / 10)
+        _image_run(Path(root) / "syl" / "planar", nll, dataset="mnist_static", model="gated_conv")
+        _image_run(Path(root) / "cifar" / "planar", nll, dataset="cifar10", model="conv", likelihood="logistic")
     report(ReportConfig(search=["results", "outputs"], out_dir="tables"))
     vae = pd.read_csv("tables/vae_table2.csv")
     vae = vae[vae["num_importance_samples"] == 200]  # (the runs' evaluations at S=5000 are rows of their own)
@@ -228,5 +239,8 @@ def test_records_and_a_users_runs_of_the_same_config_stay_separate_rows(tmp_path
     assert sorted(energy["kl"]) == [0.8, 0.9] and len(set(energy["flow"])) == 2
     cde = pd.read_csv("tables/cde.csv")
     assert sorted(cde["run_dir"]) == ["outputs/exp/fish", "results/exp/fish"]
+    for table in ("sylvester_table1.csv", "vae_table3.csv"):
+        rows = pd.read_csv(f"tables/{table}")
+        assert sorted(zip(rows["source"], rows["test_nll"], strict=True)) == [("outputs", 80.0), ("results", 90.0)]
     report(ReportConfig(search=["results"], out_dir="alone"))  # one root: no source setting, tables as before
     assert not pd.read_csv("alone/vae_table2.csv")["setting"].str.contains("source").any()
