@@ -2,9 +2,10 @@
 
 A record is a copy of a finished run folder's small files (:data:`RECORD_FILES`: ``results.json``,
 ``metrics.csv``, ``run.json`` / ``run_config.json``, ``evaluations/*.json``, the command's log, Hydra's
-``overrides.yaml`` and an energy run's ``density.npz``), never its checkpoints (``*.pt``). ``nfvi report`` reads a
-record like any run folder, so the tables and figures in ``docs/results/`` are redrawn from the committed records
-(:func:`redraw`, ``make figures``), and a test checks that the committed tables equal what the report writes.
+``overrides.yaml`` and an energy run's ``density.npz`` on a coarser float32 grid, :func:`figure_density`), never
+its checkpoints (``*.pt``). ``nfvi report`` reads a record like any run folder, so the tables and figures in
+``docs/results/`` are redrawn from the committed records (:func:`redraw`, ``make figures``), and a test checks that
+the committed tables equal what the report writes.
 
 Absolute paths of the machine that ran it (the run folder, the data folder, the working directory, the home folder)
 are replaced in the copied text by ``<run_dir>``, ``$NFVI_DATA``, ``.`` and ``~``, so a record names no machine.
@@ -26,7 +27,8 @@ from pathlib import Path
 
 from nfvi.errors import NfviError
 
-__all__ = ["RECORD_FILES", "MAX_FILE_BYTES", "export_record", "record_files", "experiment_of", "redraw"]
+__all__ = ["RECORD_FILES", "MAX_FILE_BYTES", "export_record", "record_files", "experiment_of", "figure_density"]
+__all__ += ["redraw"]
 
 #: the files of a run folder that go into its record (glob patterns relative to the folder); nothing else, so never
 #: a checkpoint (``checkpoint.pt``, ``best.pt``, ``model.pt``) or a tracker's folder
@@ -42,6 +44,8 @@ RECORD_FILES = (
 )
 #: a whitelisted file larger than this stays out of the record (named in a warning line): a record is small
 MAX_FILE_BYTES = 1 << 20
+#: an energy run's density.npz goes into its record on at most this many grid points a side (Figure 3's panels)
+FIGURE_GRID = 200
 #: the tables the report writes (compared with the committed ones by tests/test_results_records.py) and its figures
 TABLE_SUFFIXES = (".md", ".csv", ".tex")
 FIGURE_SUFFIXES = (".png",)
@@ -56,12 +60,40 @@ def record_files(run_dir: str | Path) -> list[Path]:
         for path in run_dir.glob(pattern):
             if not path.is_file() or path.is_symlink() or path.suffix == ".pt":
                 continue
-            if path.stat().st_size > MAX_FILE_BYTES:
+            if path.stat().st_size > MAX_FILE_BYTES and path.name != "density.npz":  # that one is shrunk
                 print(f"nfvi records: leaving out {path} ({path.stat().st_size:,} bytes > {MAX_FILE_BYTES:,})",
                       file=sys.stderr)  # fmt: skip
                 continue
             found.add(path.relative_to(run_dir))
     return sorted(found)
+
+
+def figure_density(data: bytes) -> bytes:
+    """An energy run's ``density.npz`` for its record: the grids (``centres`` (G,), ``log_q``/``log_p`` (G, G)) in
+    float32 and on at most :data:`FIGURE_GRID` points a side (every s-th point, s = ceil(G / FIGURE_GRID);
+    ``downsampled_from`` = G), which is all Figure 3's panels can show; the KL and the bound are in results.json.
+    Written with fixed zip timestamps, so the same run gives the same bytes."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    with np.load(io.BytesIO(data)) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    size = len(arrays.get("centres", ()))
+    step = -(-size // FIGURE_GRID) if size > FIGURE_GRID else 1
+    for key in ("centres", "log_q", "log_p"):
+        if key in arrays:
+            grid = arrays[key][(slice(None, None, step),) * arrays[key].ndim]
+            arrays[key] = grid.astype(np.float32)
+    if step > 1:
+        arrays["downsampled_from"] = np.int64(size)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for key, value in arrays.items():
+            with archive.open(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w") as f:
+                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+    return out.getvalue()
 
 
 def _read_json(path: Path) -> dict:
@@ -187,7 +219,10 @@ def export_record(
         if not value or value in (".", "..") or "/" in value or value.startswith("."):
             raise NfviError(f"{what}={value!r} is not a folder name; use letters, digits, '_', '-' or '.' inside")
     replacements = _replacements(run_dir)
-    files = {rel: _scrubbed((run_dir / rel).read_bytes(), replacements) for rel in record_files(run_dir)}
+    files = {}
+    for rel in record_files(run_dir):
+        data = (run_dir / rel).read_bytes()
+        files[rel] = figure_density(data) if rel.name == "density.npz" else _scrubbed(data, replacements)
     target = Path(results_root) / experiment / name
     if target.exists():
         if target.is_dir() and _same(target, files):

@@ -165,6 +165,25 @@ def test_a_failed_export_leaves_no_record_and_no_temporary_folder(tmp_path, monk
     assert list((tmp_path / "results" / "mnist_smoke").iterdir()) == []
 
 
+def test_an_energy_record_keeps_figure_3s_grid_small_and_the_same_bytes_each_time(tmp_path):
+    import numpy as np
+
+    run = tmp_path / "U1_planar_K2_seed0"
+    _energy(run, kl=0.5)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "overrides.yaml").write_text("- experiment=energy_quick\n")
+    centres = np.linspace(-4, 4, 400)
+    log_p = -0.5 * (centres[:, None] ** 2 + centres[None, :] ** 2)
+    np.savez_compressed(run / "density.npz", centres=centres, log_q=log_p - 0.1, log_p=log_p, box=np.float64(4.0))
+    target = export_record(run, tmp_path / "results")
+    assert export_record(run, tmp_path / "results") == target  # the same bytes again: not "another record"
+    with np.load(target / "density.npz") as saved:
+        assert saved["log_q"].shape == (200, 200) and saved["log_q"].dtype == np.float32
+        assert int(saved["downsampled_from"]) == 400 and float(saved["box"]) == 4.0
+        np.testing.assert_allclose(saved["log_p"], log_p[::2, ::2], rtol=1e-6)
+    assert (target / "density.npz").stat().st_size < 400_000
+
+
 def test_cli_exports_and_redraws_and_errors_in_one_line(tmp_path, monkeypatch, capsys):
     run = fake_run(tmp_path / "runs" / "planar_K10_seed0")
     monkeypatch.chdir(tmp_path)
