@@ -10,7 +10,7 @@ TEST_JOBS ?= 2
 export NFVI_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),./data)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-fast test-all test-slurm lint reproduce report bench clean-outputs
+.PHONY: help install test test-slow test-fast test-all test-slurm lint reproduce report figures bench clean-outputs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ reproduce: $(BIN)/nfvi ## set up, then run the paper's experiments at PROFILE (s
 
 report: $(BIN)/nfvi ## rebuild every table and figure from outputs/
 	$(BIN)/nfvi report
+
+figures: $(BIN)/nfvi ## redraw docs/results/ (the tables and figures docs/ quote) from the run records in results/
+	$(BIN)/python -m nfvi.records --figures --results results --out docs/results
 
 bench: $(BIN)/nfvi ## speed and quality benchmarks (tables in benchmarks/results/)
 	$(BIN)/python -m benchmarks.run

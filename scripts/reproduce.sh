@@ -3,7 +3,8 @@
 #   smoke: CI-sized (a few minutes); quick: about an hour on 2 CPU cores; paper: the paper's schedules (wants a GPU);
 #   long: MNIST only (experiment=mnist_long, 80,000 updates per run; hours on 2 CPU cores, resumable).
 # Each experiment script runs the grid of experiment=<task>_$PROFILE (nfvi/conf/<command>/experiment/).
-# Runs land in outputs/reproduce/<profile>/<experiment>/; tables and figures in outputs/reproduce/<profile>/tables/.
+# Runs land in outputs/reproduce/<profile>/<experiment>/; tables and figures in outputs/reproduce/<profile>/tables/,
+# and (when results/ holds run records) the same tables with our records beside these runs in .../tables_with_records/.
 # Safe to re-run: each experiment script skips runs that are already finished. An experiment that fails does not
 # stop the others; the script then exits 1 after writing the tables of what did finish.
 set -euo pipefail
@@ -30,6 +31,13 @@ for experiment in "${TASKS[@]}"; do
 done
 nfvi report "search=[$ROOT]" "out_dir=$ROOT/tables"
 echo "== tables and figures: $ROOT/tables"
+if [ -n "$(find results -name results.json -print -quit 2>/dev/null)" ]; then
+  # the same tables with the repository's run records (results/) beside these runs: a row of each is labelled
+  # source=results or source=$ROOT, never merged (docs/results.md, "Run records")
+  nfvi report "search=[results,$ROOT]" "out_dir=$ROOT/tables_with_records" || failed+=("report beside results/")
+  echo "== beside the repository's records: $ROOT/tables_with_records"
+fi
+echo "== to keep a finished run as a record: python -m nfvi.records $ROOT/<experiment>/runs/<run> (docs/results.md)"
 if [ "${#failed[@]}" -gt 0 ]; then
   echo "reproduce: failed: ${failed[*]} (see the lines above; re-run to retry, finished runs are kept)" >&2
   exit 1

@@ -19,6 +19,7 @@ PUBLIC = {
     "nfvi.estimators": ["log_marginal_likelihood", "elbo", "nats_to_bits_per_dim"],
     "nfvi.errors": ["NfviError"],
     "nfvi.data": ["load_dataset"],
+    "nfvi.records": ["export_record", "redraw"],
 }
 
 

@@ -59,8 +59,9 @@ READINGS: dict[str, str] = {
     ),
     "fake_cifar10": "generated 3x32x32 images (a smoke test of the pipeline): NOT CIFAR-10.",
 }
-#: settings that split a dataset's runs into separate sections
-SETTINGS = ("model", "latent_dim", "likelihood", "steps", "num_importance_samples", "num_test_images")
+#: settings that split a dataset's runs into separate sections (``source``: the search folder, when a report
+#: searches several; nfvi.reports.task.read_results)
+SETTINGS = ("model", "latent_dim", "likelihood", "steps", "num_importance_samples", "num_test_images", "source")
 METRICS = ("test_nll", "test_neg_elbo", "test_kl", "test_bpd", "test_neg_elbo_bpd")
 
 

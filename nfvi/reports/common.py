@@ -105,9 +105,10 @@ def varying_config(frame: pd.DataFrame, keys: list[str]) -> list[str]:
     """The ``config/...`` columns of ``frame`` (each run's resolved config, flattened) that tell runs apart
     beyond ``keys``: a column is listed when grouping by ``keys`` and the columns listed so far, plus it, splits
     some group; incidental keys (:data:`INCIDENTAL_CONFIG`) never count. A report groups by ``keys`` + these, so
-    two runs that differ in any config key (``optim.lr``, ``wall``, ...) are never merged into one row.
+    two runs that differ in any config key (``optim.lr``, ``wall``, ...) are never merged into one row. The
+    ``source`` column (the search folder, when a report searches several) counts like a config key.
     """
-    columns = [c for c in frame.columns if c.startswith("config/")]
+    columns = [c for c in frame.columns if c.startswith("config/") or c == "source"]  # source: nfvi.reports.task
     incidental = tuple(k.replace("/", ".") for k in INCIDENTAL_CONFIG)
     columns = [c for c in columns if not config_key(c).startswith(incidental)]
     if frame.empty or not columns:

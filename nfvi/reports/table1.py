@@ -62,8 +62,9 @@ _LABEL_RANK = {name: i for i, name in enumerate(LABELS)}
 SNF_LABELS = {"orthogonal": "O-SNF", "householder": "H-SNF", "triangular": "T-SNF"}
 KIND_LABELS = {"none": "no flow", "planar": "planar", "iaf": "IAF"}
 DATASET_ORDER = ("mnist_static", "omniglot")
-#: settings that split a dataset's runs into separate sections
-SETTINGS = ("latent_dim", "steps", "num_importance_samples", "num_test_images")
+#: settings that split a dataset's runs into separate sections (``source``: the search folder, when a report
+#: searches several; nfvi.reports.task.read_results)
+SETTINGS = ("latent_dim", "steps", "num_importance_samples", "num_test_images", "source")
 METRICS = ("test_neg_elbo", "test_nll", "test_kl")
 #: the paper's evaluation: -ln p(x) by importance sampling with S = 5000 on the whole test set
 PAPER_SAMPLES = 5000

@@ -100,8 +100,10 @@ def collect(roots: list[str | Path]) -> pd.DataFrame:
 
     Beside a run's ``results.json``, each ``evaluations/<name>.json`` (written by ``nfvi evaluate`` with other
     settings, e.g. ``eval.num_samples=5000``) that differs from it is a row of its own; the report then shows it
-    as a separate setting. The ``run_dir`` column holds the run's folder. Unreadable files and files that do
-    not hold a JSON object are skipped with a one-line warning (logger ``nfvi.report``).
+    as a separate setting. The ``run_dir`` column holds the run's folder; with several ``roots``, the ``source``
+    column the root it was found under (runs of two roots are then never merged into one table row, even with the
+    same config and seed: e.g. the repository's records in ``results/`` beside a user's ``outputs/``). Unreadable
+    files and files that do not hold a JSON object are skipped with a one-line warning (logger ``nfvi.report``).
     """
     return pd.DataFrame(read_results(roots))
 
@@ -184,6 +186,8 @@ def read_results(roots: list[str | Path]) -> list[dict]:
                     log.warning("nfvi report: skipping %s: nested too deeply to read", path)
                     continue
                 row["run_dir"] = str(path.parent)
+                if len(roots) > 1:  # which search folder: runs of ours and a user's never merge (common.varying_config)
+                    row["source"] = str(root)
                 rows.append(row)
     return rows
 
