@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nfvi.errors import NfviError, RunRefused
 from nfvi.runs import atomic_torch_save, select_device
+from nfvi.trackers import flatten_config
 
 __all__ = [
     "BEST",
@@ -87,20 +88,11 @@ log = logging.getLogger("nfvi.checkpoint")
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested dict/list config as ``{"a.b.c": value}`` (lists are kept whole as values)."""
+    """A nested dict/list config (or a ``DictConfig``) as ``{"a.b.c": value}`` (lists are kept whole as values);
+    :func:`nfvi.trackers.flatten_config` after resolving the config."""
     if isinstance(node, DictConfig):
         node = OmegaConf.to_container(node, resolve=True)
-    out: dict[str, Any] = {}
-    if isinstance(node, dict):
-        for key, value in node.items():
-            name = f"{prefix}.{key}" if prefix else str(key)
-            if isinstance(value, dict) and value:
-                out.update(flatten(value, name))
-            else:
-                out[name] = value
-    else:
-        out[prefix] = node
-    return out
+    return flatten_config(node, prefix) if isinstance(node, dict) else {prefix: node}
 
 
 def config_diff(saved: dict | DictConfig, current: dict | DictConfig, may_change=RESUME_MAY_CHANGE) -> list[str]:
