@@ -1,10 +1,11 @@
 """Shared fixtures: the config roots in nfvi/conf/, a composed-config helper, a seeded float64 mode and a local HTTP
-server for download tests."""
+server for download tests, and :func:`table_cells` to read a Markdown table's cells."""
 
 from __future__ import annotations
 
 import http.server
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -129,3 +130,16 @@ def one_line_error(fn, *args, **kwargs) -> str:
     message = str(info.value)
     assert "\n" not in message
     return message
+
+
+def table_cells(markdown: str) -> str:
+    """``markdown`` with each table row's padding removed (``"| a    |  1.0 |"`` -> ``"| a | 1.0 |"``, an empty cell
+    as ``"|  |"``, rules as ``"|:---|---:|"``), so a test matches a report's cells, not tabulate's column widths."""
+    out = []
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            line = re.sub(r" *\| *", " | ", line).strip()
+            if set(line) <= set("|:- "):
+                line = re.sub("-+", "---", line.replace(" ", ""))
+        out.append(line)
+    return "\n".join(out)

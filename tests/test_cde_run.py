@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 import nfvi.cde.task as cde_run
 from nfvi.config import validate
 from nfvi.errors import NfviError
+from tests.conftest import table_cells
 
 CONF = Path(__file__).resolve().parents[1] / "nfvi" / "conf" / "cde"  # nfvi cde's own config root
 NFVI = [sys.executable, "-m", "nfvi"]
@@ -154,6 +155,6 @@ def test_cli_sweep_then_report_table(tmp_path):
         timeout=300,
     )
     assert report.returncode == 0, report.stderr[-2000:]
-    table = (tmp_path / "tables" / "cde.md").read_text()
+    table = table_cells((tmp_path / "tables" / "cde.md").read_text())
     assert "| sine (1-D) |" in table and "| bimodal (1-D) |" in table and "mdn (C=5)" in table
     assert len((tmp_path / "tables" / "cde.csv").read_text().splitlines()) == 1 + 4

@@ -21,7 +21,7 @@ from torchvision.datasets import CIFAR10
 
 from nfvi.data import COLOR_DATASETS, DatasetConfig, load_dataset, sources
 from nfvi.data import cifar as cifar_mod
-from tests.conftest import CONF_DIR, REPO, one_line_error
+from tests.conftest import CONF_DIR, REPO, one_line_error, table_cells
 
 PER_BATCH = 6  # images per fake batch file: 30 train, 6 test
 BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -349,7 +349,7 @@ def test_table3_is_written_beside_the_paper_values(tmp_path):
     assert patches.loc[10, "paper_nll"] == PAPER_TABLE3[10] == -320.7
     paths = write_table3(frame, tmp_path / "tables")
     assert [p.name for p in paths] == ["vae_table3.md", "vae_table3.csv"]
-    md = paths[0].read_text()
+    md = table_cells(paths[0].read_text())
     assert "## dataset=cifar10 (" in md and "## dataset=cifar10_patches (" in md and "mnist" not in md
     assert "-293.7" in md and "-320.7" in md and "[U]" in md and "NOT comparable" in md
     images, patch_section = md.split("## dataset=cifar10_patches")
@@ -414,7 +414,7 @@ def test_cifar10_end_to_end_train_evaluate_report(tmp_path, fake_cifar):
     paths = vae_report.write(frame[frame["task"] == "vae"].reset_index(drop=True), tmp_path / "tables")
     names = {p.name for p in paths}
     assert {"vae_table3.md", "vae_table3.csv"} <= names and "vae_table2.md" not in names  # CIFAR rows: Table 3 only
-    md = (tmp_path / "tables" / "vae_table3.md").read_text()
+    md = table_cells((tmp_path / "tables" / "vae_table3.md").read_text())
     assert "## dataset=cifar10 (" in md and "## dataset=cifar10_patches (" in md and "-308.6" in md
 
 
