@@ -447,6 +447,7 @@ def _main(command: str, rest: list[str]) -> None:
 
     import hydra
 
+    from nfvi.config import hydra_version_base
     from nfvi.hydra_callbacks import RunFolder, SweepFailures
 
     debug = os.environ.get("HYDRA_FULL_ERROR") == "1"
@@ -458,7 +459,7 @@ def _main(command: str, rest: list[str]) -> None:
     listing = {"--help", "-h", "-sc", "--shell-completion"} & set(rest)
     with _hydra_raises(), schemas_hidden() if listing else contextlib.nullcontext():
         try:
-            main_fn = hydra.main(config_path=str(conf_dir(command)), config_name=command, version_base="1.3")
+            main_fn = hydra.main(config_path=str(conf_dir(command)), config_name=command, **hydra_version_base())
             main_fn(_job(command, task, debug))()
         except _user_error_types() as exc:  # Hydra's own: a bad override, an unknown option, a type error
             if debug:

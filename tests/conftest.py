@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from nfvi.config import hydra_version_base
+
 REPO = Path(__file__).resolve().parents[1]
 CONF_ROOT = REPO / "nfvi" / "conf"
 #: nfvi train's config root (its dataset/, model/, experiment/ groups; the shared groups are on its search path)
@@ -45,7 +47,7 @@ def compose(config_name: str, overrides: list[str] | None = None):
     if config_name in COMMANDS:
         importlib.import_module(COMMANDS[config_name][0])
         root = conf_dir(config_name)
-    with initialize_config_dir(config_dir=str(root), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(root), **hydra_version_base()):
         return hydra_compose(config_name=config_name, overrides=overrides or [])
 
 

@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import nfvi.cde.task as cde_run
-from nfvi.config import validate
+from nfvi.config import hydra_version_base, validate
 from nfvi.errors import NfviError
 from tests.conftest import table_cells
 
@@ -23,7 +23,7 @@ FAST = ["seeds=[0,1]", "max_epochs=3", "synthetic_size=200", "hidden=[8]"]
 
 def composed(*overrides: str, extra_dir: Path | None = None):
     extra = [f"hydra.searchpath=[file://{extra_dir}]"] if extra_dir else []
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), **hydra_version_base()):
         return compose("cde", overrides=[*overrides, *extra], return_hydra_config=False)
 
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 from torchvision.datasets import CIFAR10
 
+from nfvi.config import hydra_version_base
 from nfvi.data import COLOR_DATASETS, DatasetConfig, load_dataset, sources
 from nfvi.data import cifar as cifar_mod
 from tests.conftest import CONF_DIR, REPO, one_line_error, table_cells
@@ -281,7 +282,7 @@ def test_bad_values_give_one_line_errors(tmp_path, kwargs, fragment):
 def test_color_dataset_yamls_compose(name):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), **hydra_version_base()):
         composed = compose(config_name=None, overrides=[f"+dataset={name}"]).dataset
     assert composed.name == name and composed.binarize == "none"
     assert set(composed) == set(DatasetConfig.__dataclass_fields__)
@@ -294,7 +295,7 @@ def test_experiment_configs_sweep_the_table3_lengths(experiment):
 
     import nfvi.vae.task  # noqa: F401  (registers base_train)
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), **hydra_version_base()):
         c = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
     assert c.hydra.sweeper.params["flow.length"] == "0,2,5,10" and c.flow.kind == "planar"
     assert c.dataset.name == {"paper_cifar10": "cifar10", "paper_cifar10_patches": "cifar10_patches"}[experiment]
