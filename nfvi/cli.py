@@ -20,6 +20,7 @@ import functools
 import importlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from nfvi.shell import install_request, schemas_hidden
@@ -449,6 +450,10 @@ def _main(command: str, rest: list[str]) -> None:
 
     from nfvi.config import hydra_version_base
     from nfvi.hydra_callbacks import RunFolder, SweepFailures
+
+    # hydra-core 1.4 instantiates hydra.callbacks without an execution whitelist and warns, once per callback, that
+    # the target could be any code: nfvi's callbacks are its own (conf/shared/hydra_defaults.yaml), so it says nothing
+    warnings.filterwarnings("ignore", r"hydra\.utils\.instantiate\(\) resolved _target_='nfvi\.hydra_callbacks\.")
 
     debug = os.environ.get("HYDRA_FULL_ERROR") == "1"
     _run_status = 0
