@@ -54,7 +54,9 @@ def register_resolver(name: str, resolver, *, use_cache: bool = False) -> None:
     """Register an OmegaConf resolver (replacing one of that name): ``register_resolver`` on omegaconf 2.4, where
     ``register_new_resolver`` is deprecated; ``register_new_resolver`` on 2.3, where ``register_resolver`` is the
     older, deprecated API."""
-    if hasattr(OmegaConf, "legacy_register_resolver"):  # omegaconf >= 2.4
+    import inspect
+
+    if "replace" in inspect.signature(OmegaConf.register_resolver).parameters:  # omegaconf >= 2.4
         OmegaConf.register_resolver(name, resolver, replace=True, use_cache=use_cache)
     else:
         OmegaConf.register_new_resolver(name, resolver, replace=True, use_cache=use_cache)
