@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from nfvi import energies
 from nfvi.cli import CONF_DIR
+from nfvi.config import hydra_version_base
 from nfvi.energy import EnergyModel, evaluate, fit
 from nfvi.runs import seed_everything
 from nfvi.training import flow_from_config
@@ -25,7 +26,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="nfvi energy overrides, e.g. target=U1 flow=planar flow.length=32")
     args = p.parse_args()
     torch.set_num_threads(1)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), **hydra_version_base()):
         cfg = compose(config_name="energy", overrides=args.overrides)
     seed_everything(cfg.seed)
     model = EnergyModel(flow_from_config(cfg.flow, dim=2))

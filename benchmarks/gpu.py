@@ -49,6 +49,7 @@ from hydra import compose, initialize_config_dir
 
 import nfvi.vae.task as train_task
 from nfvi.cli import conf_dir
+from nfvi.config import hydra_version_base
 from nfvi.data import ImageData, load_dataset
 from nfvi.estimators import default_batch_size, log_marginal_likelihood
 from nfvi.precision import set_precision
@@ -66,7 +67,7 @@ TEST_IMAGES = VALID_IMAGES = 10_000
 
 
 def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(conf_dir("train")), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir("train")), **hydra_version_base()):
         return compose(config_name="train", overrides=overrides)
 
 

@@ -20,6 +20,7 @@ import functools
 import importlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from nfvi.shell import install_request, schemas_hidden
@@ -468,7 +469,12 @@ def _main(command: str, rest: list[str]) -> None:
 
     import hydra
 
+    from nfvi.config import hydra_version_base
     from nfvi.hydra_callbacks import RunFolder, SweepFailures
+
+    # hydra-core 1.4 instantiates hydra.callbacks without an execution whitelist and warns, once per callback, that
+    # the target could be any code: nfvi's callbacks are its own (conf/shared/hydra_defaults.yaml), so it says nothing
+    warnings.filterwarnings("ignore", r"hydra\.utils\.instantiate\(\) resolved _target_='nfvi\.hydra_callbacks\.")
 
     debug = os.environ.get("HYDRA_FULL_ERROR") == "1"
     _run_status = 0
@@ -479,7 +485,7 @@ def _main(command: str, rest: list[str]) -> None:
     listing = {"--help", "-h", "-sc", "--shell-completion"} & set(rest)
     with _hydra_raises(), schemas_hidden() if listing else contextlib.nullcontext():
         try:
-            main_fn = hydra.main(config_path=str(conf_dir(command)), config_name=command, version_base="1.3")
+            main_fn = hydra.main(config_path=str(conf_dir(command)), config_name=command, **hydra_version_base())
             main_fn(_job(command, task, debug))()
         except _user_error_types() as exc:  # Hydra's own: a bad override, an unknown option, a type error
             if debug:

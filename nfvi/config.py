@@ -25,6 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 from nfvi.errors import NfviError, check_choice, check_int_range, check_range
 
 __all__ = [
+    "hydra_version_base",
+    "register_resolver",
     "FLOW_KINDS",
     "SYLVESTER_VARIANTS",
     "MAX_FLOW_LENGTH",
@@ -37,6 +39,28 @@ __all__ = [
     "store",
     "validate",
 ]
+
+
+def hydra_version_base() -> dict:
+    """The ``version_base`` argument of ``hydra.main`` and ``initialize_config_dir``, as keyword arguments: ``"1.3"``
+    under hydra-core 1.3 (its defaults: no change of working directory, ...); none under 1.4, which deprecates the
+    parameter (a ``Hydra15MigrationWarning`` on stderr) and always behaves as 1.3 did."""
+    from hydra import __version__
+
+    return {} if tuple(int(p) for p in __version__.split(".")[:2]) >= (1, 4) else {"version_base": "1.3"}
+
+
+def register_resolver(name: str, resolver, *, use_cache: bool = False) -> None:
+    """Register an OmegaConf resolver (replacing one of that name): ``register_resolver`` on omegaconf 2.4, where
+    ``register_new_resolver`` is deprecated; ``register_new_resolver`` on 2.3, where ``register_resolver`` is the
+    older, deprecated API."""
+    import inspect
+
+    if "replace" in inspect.signature(OmegaConf.register_resolver).parameters:  # omegaconf >= 2.4
+        OmegaConf.register_resolver(name, resolver, replace=True, use_cache=use_cache)
+    else:
+        OmegaConf.register_new_resolver(name, resolver, replace=True, use_cache=use_cache)
+
 
 #: the flows (``nfvi.flows.FLOW_KINDS``, kept torch-free here) and the optimizers (``nfvi.training.OPTIMIZERS``)
 FLOW_KINDS = ("none", "planar", "radial", "nice", "iaf", "householder", "sylvester")

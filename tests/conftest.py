@@ -1,15 +1,18 @@
 """Shared fixtures: the config roots in nfvi/conf/, a composed-config helper, a seeded float64 mode and a local HTTP
-server for download tests."""
+server for download tests, and :func:`table_cells` to read a Markdown table's cells."""
 
 from __future__ import annotations
 
 import http.server
 import os
+import re
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+
+from nfvi.config import hydra_version_base
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_ROOT = REPO / "nfvi" / "conf"
@@ -44,7 +47,7 @@ def compose(config_name: str, overrides: list[str] | None = None):
     if config_name in COMMANDS:
         importlib.import_module(COMMANDS[config_name][0])
         root = conf_dir(config_name)
-    with initialize_config_dir(config_dir=str(root), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(root), **hydra_version_base()):
         return hydra_compose(config_name=config_name, overrides=overrides or [])
 
 
@@ -129,3 +132,16 @@ def one_line_error(fn, *args, **kwargs) -> str:
     message = str(info.value)
     assert "\n" not in message
     return message
+
+
+def table_cells(markdown: str) -> str:
+    """``markdown`` with each table row's padding removed (``"| a    |  1.0 |"`` -> ``"| a | 1.0 |"``, an empty cell
+    as ``"|  |"``, rules as ``"|:---|---:|"``), so a test matches a report's cells, not tabulate's column widths."""
+    out = []
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            line = re.sub(r" *\| *", " | ", line).strip()
+            if set(line) <= set("|:- "):
+                line = re.sub("-+", "---", line.replace(" ", ""))
+        out.append(line)
+    return "\n".join(out)

@@ -12,8 +12,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import nfvi.cde.task as cde_run
-from nfvi.config import validate
+from nfvi.config import hydra_version_base, validate
 from nfvi.errors import NfviError
+from tests.conftest import table_cells
 
 CONF = Path(__file__).resolve().parents[1] / "nfvi" / "conf" / "cde"  # nfvi cde's own config root
 NFVI = [sys.executable, "-m", "nfvi"]
@@ -22,7 +23,7 @@ FAST = ["seeds=[0,1]", "max_epochs=3", "synthetic_size=200", "hidden=[8]"]
 
 def composed(*overrides: str, extra_dir: Path | None = None):
     extra = [f"hydra.searchpath=[file://{extra_dir}]"] if extra_dir else []
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), **hydra_version_base()):
         return compose("cde", overrides=[*overrides, *extra], return_hydra_config=False)
 
 
@@ -154,6 +155,6 @@ def test_cli_sweep_then_report_table(tmp_path):
         timeout=300,
     )
     assert report.returncode == 0, report.stderr[-2000:]
-    table = (tmp_path / "tables" / "cde.md").read_text()
+    table = table_cells((tmp_path / "tables" / "cde.md").read_text())
     assert "| sine (1-D) |" in table and "| bimodal (1-D) |" in table and "mdn (C=5)" in table
     assert len((tmp_path / "tables" / "cde.csv").read_text().splitlines()) == 1 + 4

@@ -19,9 +19,10 @@ import pytest
 import torch
 from torchvision.datasets import CIFAR10
 
+from nfvi.config import hydra_version_base
 from nfvi.data import COLOR_DATASETS, DatasetConfig, load_dataset, sources
 from nfvi.data import cifar as cifar_mod
-from tests.conftest import CONF_DIR, REPO, one_line_error
+from tests.conftest import CONF_DIR, REPO, one_line_error, table_cells
 
 PER_BATCH = 6  # images per fake batch file: 30 train, 6 test
 BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -281,7 +282,7 @@ def test_bad_values_give_one_line_errors(tmp_path, kwargs, fragment):
 def test_color_dataset_yamls_compose(name):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), **hydra_version_base()):
         composed = compose(config_name=None, overrides=[f"+dataset={name}"]).dataset
     assert composed.name == name and composed.binarize == "none"
     assert set(composed) == set(DatasetConfig.__dataclass_fields__)
@@ -294,7 +295,7 @@ def test_experiment_configs_sweep_the_table3_lengths(experiment):
 
     import nfvi.vae.task  # noqa: F401  (registers base_train)
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), **hydra_version_base()):
         c = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
     assert c.hydra.sweeper.params["flow.length"] == "0,2,5,10" and c.flow.kind == "planar"
     assert c.dataset.name == {"paper_cifar10": "cifar10", "paper_cifar10_patches": "cifar10_patches"}[experiment]
@@ -349,7 +350,7 @@ def test_table3_is_written_beside_the_paper_values(tmp_path):
     assert patches.loc[10, "paper_nll"] == PAPER_TABLE3[10] == -320.7
     paths = write_table3(frame, tmp_path / "tables")
     assert [p.name for p in paths] == ["vae_table3.md", "vae_table3.csv"]
-    md = paths[0].read_text()
+    md = table_cells(paths[0].read_text())
     assert "## dataset=cifar10 (" in md and "## dataset=cifar10_patches (" in md and "mnist" not in md
     assert "-293.7" in md and "-320.7" in md and "[U]" in md and "NOT comparable" in md
     images, patch_section = md.split("## dataset=cifar10_patches")
@@ -414,7 +415,7 @@ def test_cifar10_end_to_end_train_evaluate_report(tmp_path, fake_cifar):
     paths = vae_report.write(frame[frame["task"] == "vae"].reset_index(drop=True), tmp_path / "tables")
     names = {p.name for p in paths}
     assert {"vae_table3.md", "vae_table3.csv"} <= names and "vae_table2.md" not in names  # CIFAR rows: Table 3 only
-    md = (tmp_path / "tables" / "vae_table3.md").read_text()
+    md = table_cells((tmp_path / "tables" / "vae_table3.md").read_text())
     assert "## dataset=cifar10 (" in md and "## dataset=cifar10_patches (" in md and "-308.6" in md
 
 

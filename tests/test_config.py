@@ -9,6 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
 
 from nfvi.cli import COMMANDS
+from nfvi.config import hydra_version_base
 from tests.conftest import CONF_ROOT, compose
 
 SKIP = ("hydra", "experiment", "__pycache__")
@@ -99,7 +100,7 @@ def test_every_experiment_composes_with_every_job_of_its_grid(command, experimen
     from nfvi.cli import conf_dir
 
     compose(command)  # registers the schemas
-    with initialize_config_dir(config_dir=str(conf_dir(command)), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir(command)), **hydra_version_base()):
         cfg = hydra_compose(command, [f"experiment={experiment}"], return_hydra_config=True)
         params = dict(cfg.hydra.sweeper.params or {})
         grid = [[f"{k}={v}" for v in str(values).split(",")] for k, values in params.items()]
@@ -121,7 +122,7 @@ def test_reproduction_grids():
         from nfvi.cli import conf_dir
 
         compose(command)
-        with initialize_config_dir(config_dir=str(conf_dir(command)), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(conf_dir(command)), **hydra_version_base()):
             return hydra_compose(command, [f"experiment={experiment}"], return_hydra_config=True)
 
     long = grid("train", "mnist_long")

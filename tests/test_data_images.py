@@ -20,6 +20,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from nfvi.config import hydra_version_base
 from nfvi.data import DATASETS, DatasetConfig, ImageData, binarize, load_dataset, sources, split_generator
 from nfvi.data.fake import fake_images
 from nfvi.data.matfile import read_mat
@@ -79,7 +80,7 @@ def cfg(name: str = "fake", **kw) -> DatasetConfig:
 def test_each_dataset_yaml_composes_with_the_schema(name):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), **hydra_version_base()):
         composed = compose(config_name=None, overrides=[f"+dataset={name}"]).dataset
     assert composed.name == name
     assert set(composed) == set(DatasetConfig.__dataclass_fields__)
@@ -95,7 +96,7 @@ def test_typo_or_wrong_type_fails_at_composition(override):
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), **hydra_version_base()):
         with pytest.raises(ConfigCompositionException):
             compose(config_name=None, overrides=["+dataset=mnist", override])
 

@@ -11,6 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import nfvi.vae.task  # noqa: F401  (registers base_train and the run-dir resolvers)
+from nfvi.config import hydra_version_base
 from tests.conftest import CONF_DIR
 from tests.test_train import TINY
 
@@ -25,7 +26,7 @@ SWEEP = [
 
 
 def launcher(name: str, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), **hydra_version_base()):
         cfg = compose("train", [f"hydra/launcher={name}", *overrides], return_hydra_config=True)
     return cfg.hydra.launcher
 

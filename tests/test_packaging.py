@@ -70,6 +70,10 @@ def test_wheel_holds_every_config_yaml(installed):
     assert expected and expected <= names, sorted(expected - names)
     assert "nfvi/conf/train/train.yaml" in names and "nfvi/conf/shared/flow/planar.yaml" in names
     assert "hydra_plugins/nfvi_searchpath/nfvi_searchpath.py" in names
+    # hydra-core 1.4 finds plugins by entry point (1.3 by scanning hydra_plugins): the search path is declared as one
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    declared = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "[hydra.plugins]" in declared and "nfvi_searchpath.nfvi_searchpath:NfviSharedConfigs" in declared
 
 
 def test_installed_package_is_the_wheel_not_the_checkout(installed):

@@ -156,9 +156,11 @@ def test_sweep_failures_ignores_the_failures_of_an_earlier_sweep(tmp_path, capsy
 
 
 def test_supported_hydra_range():
-    """The one-line composition errors rely on ``HYDRA_FULL_ERROR=1`` re-raising out of ``hydra.main`` (1.3.x)."""
-    major, minor, patch = (int(x) for x in hydra.__version__.split(".")[:3])
-    assert (1, 3, 2) <= (major, minor, patch) < (1, 4, 0), hydra.__version__
+    """The one-line composition errors rely on ``HYDRA_FULL_ERROR=1`` re-raising out of ``hydra.main``: so on 1.3.x
+    and on 1.4 (the suite passes on 1.4.0rc3, docs/usage.md#supported-versions), pyproject.toml's pin."""
+    from packaging.version import Version
+
+    assert Version("1.3.2") <= Version(hydra.__version__) < Version("1.5"), hydra.__version__
 
 
 def child(task: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:

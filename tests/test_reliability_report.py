@@ -21,6 +21,7 @@ from nfvi.reports import energy as energy_report
 from nfvi.reports import vae as vae_report
 from nfvi.reports.cifar import summarize_table3, table3_markdown
 from nfvi.reports.task import collect, run
+from tests.conftest import table_cells
 from tests.test_cde_report import row as cde_row
 from tests.test_reports_vae import result as vae_row
 
@@ -70,7 +71,7 @@ def test_each_unusable_file_is_skipped_with_one_warning_line_naming_it_and_why(t
     caplog.set_level(logging.WARNING, logger="nfvi.report")
     written = _report(root, tmp_path / "tables")
     assert list(written) == ["vae"]  # the good run is still reported
-    assert "DLGM + NF (planar) (K=2)" in (tmp_path / "tables" / "vae_table2.md").read_text()
+    assert "DLGM + NF (planar) (K=2)" in table_cells((tmp_path / "tables" / "vae_table2.md").read_text())
     messages = _warnings(caplog)
     assert len(messages) == len(BAD_FILES) + 1
     assert all("\n" not in m for m in messages)
@@ -127,7 +128,7 @@ def test_cde_run_with_nan_never_replaces_the_good_one(tmp_path, caplog):
     inf = _write(root, "inf", json.dumps(newer).replace('"test_nll_mean": 0.0', '"test_nll_mean": 1e400'))
     caplog.set_level(logging.WARNING, logger="nfvi.report")
     _report(root, tmp_path / "tables")
-    md = (tmp_path / "tables" / "cde.md").read_text()
+    md = table_cells((tmp_path / "tables" / "cde.md").read_text())
     assert "| fish (1-D) | 1.23 ± 0.08 |" in md
     messages = _warnings(caplog)
     assert any(str(bad) in m and "'test_nll_mean' is missing or null" in m for m in messages)
@@ -154,7 +155,9 @@ def test_optional_non_finite_numbers_count_as_missing(tmp_path):
         json.dumps(vae_row("planar", 2, test_nll_se=0.0)).replace('"test_nll_se": 0.0', '"test_nll_se": NaN'),
     )
     _report(root, tmp_path / "tables")
-    assert "| DLGM + NF (planar) (K=2) | 95.00 ± 0.60 | 90.00 |" in (tmp_path / "tables" / "vae_table2.md").read_text()
+    assert "| DLGM + NF (planar) (K=2) | 95.00 ± 0.60 | 90.00 |" in table_cells(
+        (tmp_path / "tables" / "vae_table2.md").read_text()
+    )
 
 
 # ------------------------------------------------------------------ 2. unfinished runs are marked
@@ -169,7 +172,7 @@ def test_unfinished_vae_run_is_marked_in_table2_with_a_legend(tmp_path):
     )  # no target recorded, but not finished
     _write(root, "unknown", vae_row("planar", 80, steps=1000))  # target unknown: not flagged
     _report(root, tmp_path / "tables")
-    md = (tmp_path / "tables" / "vae_table2.md").read_text()
+    md = table_cells((tmp_path / "tables" / "vae_table2.md").read_text())
     assert "| DLGM + NF (planar) (K=10) † (unfinished: 661/500,000 updates) |" in md
     assert "| DLGM + NF (planar) (K=20) |" in md and "| DLGM + NF (planar) (K=80) |" in md
     assert "| DLGM + NF (planar) (K=40) † (unfinished: 1,000 updates, finished=false) |" in md
@@ -184,7 +187,7 @@ def test_finished_runs_get_no_markers_and_no_legends(tmp_path):
     root = tmp_path / "runs"
     _write(root, "a", vae_row("planar", 10, config={"trainer": {"steps": 1000}}))
     _report(root, tmp_path / "tables")
-    md = (tmp_path / "tables" / "vae_table2.md").read_text()
+    md = table_cells((tmp_path / "tables" / "vae_table2.md").read_text())
     assert "†" not in md and "‡" not in md
 
 
@@ -202,7 +205,7 @@ def test_unfinished_run_is_marked_in_table3():
             ),  # fmt: skip
         ]
     )
-    md = table3_markdown(summarize_table3(frame))
+    md = table_cells(table3_markdown(summarize_table3(frame)))
     assert "| DLGM + NF (planar) † (unfinished: 5/100 updates) | 2 |" in md and "† unfinished:" in md
 
 
@@ -215,7 +218,7 @@ def test_unfinished_energy_run_is_marked(tmp_path):
     data = json.loads((short / "results.json").read_text())
     (short / "results.json").write_text(json.dumps(data | {"config": {"trainer": {"steps": 100}}}))
     energy_report.write(collect([runs]), tmp_path / "tables")
-    md = (tmp_path / "tables" / "energy.md").read_text()
+    md = table_cells((tmp_path / "tables" / "energy.md").read_text())
     assert "| U1 | planar NF † |" in md and "50/100 updates" in md and "† unfinished:" in md
     csv = pd.read_csv(tmp_path / "tables" / "energy.csv")
     assert sorted(csv["unfinished"].fillna("")) == ["", "50/100 updates"]
@@ -228,7 +231,7 @@ def test_cde_run_with_fewer_seeds_than_named_is_marked(tmp_path):
             cde_row("fish", "mdn (C=5)", 1.3, 0.1, seeds=[0, 1, 2, 3, 4]),
         ]
     )
-    md = cde_report.write(frame, tmp_path)[0].read_text()
+    md = table_cells(cde_report.write(frame, tmp_path)[0].read_text())
     assert "| fish (1-D) | **1.23 ± 0.08 †** |" in md or "| fish (1-D) | **1.23 ± 0.08** † |" in md
     assert "3/5 seeds" in md and "† unfinished: fewer seeds" in md
 
@@ -240,7 +243,7 @@ def test_cde_run_with_fewer_seeds_than_named_is_marked(tmp_path):
 def test_negative_kl_or_small_s_carries_a_caveat_in_markdown_and_latex(tmp_path, kw):
     frame = collect([_write(tmp_path / "runs", "a", vae_row("planar", 10, **kw)).parent])
     paths = vae_report.write(frame, tmp_path / "tables")
-    md, tex = paths[0].read_text(), paths[2].read_text()
+    md, tex = table_cells(paths[0].read_text()), paths[2].read_text()
     kl_cell = md.split("| DLGM + NF (planar) (K=10) | ")[1].split(" | ")[2]
     assert kl_cell.endswith("‡")
     assert "‡ -ln p(x) is an importance-sampling estimate that is noisy" in md and "is then not a KL" in md
@@ -250,5 +253,5 @@ def test_negative_kl_or_small_s_carries_a_caveat_in_markdown_and_latex(tmp_path,
 def test_table3_kl_caveat_at_small_s():
     frame = pd.DataFrame([vae_row("planar", 2, dataset="cifar10_patches", nll=-250.0, neg_elbo=-240.0,
                                   num_importance_samples=20)])  # fmt: skip
-    md = table3_markdown(summarize_table3(frame))
+    md = table_cells(table3_markdown(summarize_table3(frame)))
     assert "| 10.00 ‡ |" in md and "is then not a KL" in md

@@ -11,6 +11,7 @@ import pytest
 from nfvi.reports.energy import summarize, to_markdown, write
 from nfvi.reports.task import collect
 from nfvi.runs import write_json
+from tests.conftest import table_cells
 
 
 def _fake_run(root, target, flow, length, seed=0, steps=100, bound=-1.0, kl=0.5, finished="2026-01-01T00:00:00",
@@ -63,7 +64,7 @@ def test_write_produces_figures_and_tables(frame, tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     csv = pd.read_csv(out / "energy.csv")
     assert len(csv) == 9 and {"target", "flow", "flow_length", "steps", "runs", "bound", "kl"} <= set(csv.columns)
-    md = (out / "energy.md").read_text()
+    md = table_cells((out / "energy.md").read_text())
     assert "| target | flow | K=2 | K=8 |" in md
     assert "| U1 | planar NF | -1.300 | -1.800 |\n| U1 | NICE | -1.200 | -1.800 |" in md  # planar: mean of 2 seeds
     assert "[-4, 4]^2" in md
@@ -84,14 +85,21 @@ def test_runs_with_another_wall_get_their_own_rows_and_are_never_mixed_in(frame,
     """A wall=0 run (the raw, improper U2-U4) with a longer schedule must not take a wall=0.1 cell."""
     _fake_run(tmp_path / "runs", "U2", "planar", 8, steps=8000, bound=-9.0, wall=0.0)
     write(collect([tmp_path / "runs"]), tmp_path / "tables")
-    md = (tmp_path / "tables" / "energy.md").read_text()
+    md = table_cells((tmp_path / "tables" / "energy.md").read_text())
     assert "| U2 | planar NF, wall=0.1 | -1.200 | -1.800 |" in md
     assert "| U2 | planar NF, wall=0 |  | -9.000 |" in md
 
 
 def test_to_markdown_formats_numbers_and_blanks():
     table = pd.DataFrame({"a": ["x", "y"], "b": [1.23456, math.nan]})
-    assert to_markdown(table, ".2f").splitlines() == ["| a | b |", "|---|---|", "| x | 1.23 |", "| y |  |"]
+    # pandas' to_markdown (tabulate): columns padded to their widest cell; the numbers keep floatfmt's digits
+    assert to_markdown(table, ".2f").splitlines() == [
+        "| a   | b    |",
+        "|:----|:-----|",
+        "| x   | 1.23 |",
+        "| y   |      |",
+    ]
+    assert to_markdown(pd.DataFrame({"n": [0.1, 1000.0]}), ".2f").splitlines()[2:] == ["| 0.10    |", "| 1000.00 |"]
 
 
 def test_the_new_flow_kinds_get_labels_and_an_order():

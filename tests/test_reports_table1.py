@@ -18,6 +18,7 @@ from nfvi.reports.table1 import (
     table1_markdown,
     write_table1,
 )
+from tests.conftest import table_cells
 
 FLOWS = [  # (flow, flow_variant, K) -> label
     ("none", "", 0, "no flow"),
@@ -106,19 +107,19 @@ def test_settings_split_rows_and_other_datasets_have_no_published_values():
     assert len(table) == 18 and (table["seeds"] == 1).all()
     assert list(table["steps"]) == ["500"] * 6 + ["1000"] * 6 + ["500"] * 6  # by dataset, then updates as numbers
     assert table[table["dataset"] == "fake"]["paper_neg_elbo"].isna().all()
-    md = table1_markdown(table)
+    md = table_cells(table1_markdown(table))
     assert "## dataset=mnist_static (latent_dim=64, updates=500, S=100, test images=200)" in md
     assert "## dataset=fake (" in md and "not one of the paper's datasets" in md
     assert "| no flow | 0 | 100.00 ± 0.50 | 97.00 ± 0.40 | 86.55 ± 0.06 [C] | 82.14 [U] | +13.45 | 1 |" in md
 
 
 def test_omniglot_note_follows_the_data_source_and_protocol():
-    md = table1_markdown(summarize_table1(rows()))
+    md = table_cells(table1_markdown(summarize_table1(rows())))
     omni = md.split("## dataset=omniglot")[1]
     assert "stand-in" in omni and "not Burda" in omni and "NOT comparable" in omni
     assert "Not the paper's evaluation protocol" in omni and "A CPU profile's numbers" in md
     full = rows(num_importance_samples=5000, test_images="all", data_source="/data/chardata.mat")
-    md = table1_markdown(summarize_table1(full))
+    md = table_cells(table1_markdown(summarize_table1(full)))
     assert "stand-in" not in md and "chardata.mat (the paper's split)" in md and "Not the paper's evaluation" not in md
 
 
@@ -127,7 +128,7 @@ def test_files_are_written(tmp_path):
     paths = write_table1(frame, tmp_path / "tables")
     assert [p.name for p in paths] == [f"sylvester_table1.{ext}" for ext in ("md", "csv", "tex", "png")]
     md, csv, tex, png = paths
-    text = md.read_text()
+    text = table_cells(md.read_text())
     assert text.count("## dataset=") == 2 and "[C*]" in text and "[U]" in text and "99.33 ± 0.23 [U]" in text
     assert "| O-SNF | 16 | 98.00 ± 1.00 | 95.00 ± 1.00 | 83.32 ± 0.06 [C] | 80.22 [U] | +14.68 | 3 |" in text
     table = pd.read_csv(csv)
@@ -155,6 +156,6 @@ def test_flow_parameter_counts_beside_the_table():
     assert new.loc["H-SNF", "flow_params"] == 4_934_400 and new.loc["IAF", "authors_flow_params"] == 740_672
     assert old["flow_params"].isna().all() and math.isnan(old.loc["IAF", "authors_flow_params"])  # 1 layer: not theirs
     assert old.loc["T-SNF", "authors_flow_params"] == 4_408_064
-    md = table1_markdown(table)
+    md = table_cells(table1_markdown(table))
     assert "| flow params (ours) | flow params (authors) |" in md and "| 4,934,400 | 4,934,400 |" in md
     assert "Flow params:" in md

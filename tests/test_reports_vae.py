@@ -10,6 +10,7 @@ import pytest
 
 from nfvi.reports import common, vae
 from nfvi.reports.task import collect
+from tests.conftest import table_cells
 
 
 def result(flow, k, seed=0, nll=90.0, neg_elbo=95.0, dataset="mnist", steps=1000, finished="2025-01-01T00:00:00", **kw):
@@ -78,7 +79,7 @@ def test_settings_that_differ_split_rows(frame):
 def test_write_produces_markdown_csv_latex_and_figure(frame, tmp_path):
     paths = vae.write(frame, tmp_path / "tables")
     assert [p.name for p in paths] == ["vae_table2.md", "vae_table2.csv", "vae_table2.tex", "vae_fig4.png"]
-    md = paths[0].read_text()
+    md = table_cells(paths[0].read_text())
     assert "| DLGM + NF (planar) (K=80) | 90.00 ± 0.60 | 86.00 ± 0.50 | 4.00 ± 0.10 | 85.1 [C] | +0.90 | 1 |" in md
     assert "| DLGM + NF (planar) (K=10) | 94.20 ± 0.28 | 89.20 ± 0.28 |" in md
     assert "87.5 [U]" in md and "[U] unconfirmed" in md and "## dataset fake" in md

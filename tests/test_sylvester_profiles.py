@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from nfvi.config import hydra_version_base
 from nfvi.vae import task as train_mod
 from tests.conftest import compose
 
@@ -19,7 +20,7 @@ def hydra_cfg(experiment: str):
     from nfvi.cli import conf_dir
 
     compose("train")  # registers the schemas
-    with initialize_config_dir(config_dir=str(conf_dir("train")), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir("train")), **hydra_version_base()):
         return hydra_compose("train", [f"experiment={experiment}"], return_hydra_config=True)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from nfvi.config import FlowConfig
+from nfvi.config import FlowConfig, hydra_version_base
 from nfvi.errors import NfviError
 from nfvi.vae.model import VAE, Maxout, ModelConfig, build_model
 from nfvi.vae.objectives import annealed_loss, free_energy_terms
@@ -115,7 +115,7 @@ def test_yaml_options_compose_against_the_schema(name):
 
     import nfvi.vae.model  # noqa: F401  registers base_model
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), **hydra_version_base()):
         cfg = compose(config_name=f"model/{name}").model
     assert cfg.name == name and cfg.latent_dim == 40 and cfg.hidden == 400
     model = build_model(cfg, FlowConfig(kind="planar", length=1), 784)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from nfvi.cde.data import BENCHMARK_NF_NLL, DATASETS
-from nfvi.reports.common import UNFINISHED_MARK, col, setting_labels, varying_config
+from nfvi.reports.common import UNFINISHED_MARK, col, markdown_table, setting_labels, varying_config
 from nfvi.runs import atomic_write_bytes, atomic_write_text
 
 __all__ = ["write", "summarize", "pivot"]
@@ -114,14 +114,6 @@ def pivot(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(table, columns=["dataset", *models, "NF (benchmark)", *extra]).fillna("")
 
 
-def _markdown(frame: pd.DataFrame) -> str:
-    cols = [str(c) for c in frame.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
-    for _, row in frame.iterrows():
-        lines.append("| " + " | ".join("" if pd.isna(v) else str(v) for v in row) + " |")
-    return "\n".join(lines)
-
-
 def figure(summary: pd.DataFrame) -> bytes:
     """PNG bytes: one panel per dataset, test NLL (mean ± std over seeds, original units of y) of each model,
     the benchmark's NF row (dashed) and, for the synthetic sets, the true density's NLL (dotted)."""
@@ -188,11 +180,11 @@ def write(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
             "normalizing-flow row of the DDN suite's tables (Chen et al., AAAI 2022); whether its y was",
             "standardised is unconfirmed, so compare it with both columns of the second table.",
             "",
-            _markdown(pivot(summary)),
+            markdown_table(pivot(summary)),
             "",
             "## All runs (latest per dataset and model)",
             "",
-            _markdown(long),
+            markdown_table(long),
             "",
             *([UNFINISHED_LEGEND, ""] if flagged else []),
         ]

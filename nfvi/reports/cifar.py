@@ -36,6 +36,7 @@ from nfvi.reports.common import (
     UNFINISHED_MARK,
     col,
     group_unfinished,
+    markdown_table,
     noisy_kl,
     normalize_runs,
     unfinished_notes,
@@ -138,7 +139,7 @@ def table3_markdown(table: pd.DataFrame) -> str:
         bpd = g["test_bpd"].notna().any()
         head = ["Model", "K", "-ln p(x) (nats)"] + (["bits/dim"] if bpd else [])
         head += ["-ELBO (nats)", "KL (nats)", "paper -ln p(x) [U]", "seeds"]
-        lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        rows = []
         for _, row in g.iterrows():
             note = row.get("unfinished") or ""
             label = f"{row['label']} {UNFINISHED_MARK} (unfinished: {note})" if note else row["label"]
@@ -146,8 +147,8 @@ def table3_markdown(table: pd.DataFrame) -> str:
             paper = _num(row["paper_nll"], ".1f")
             kl = _num(row["test_kl"])
             kl = f"{kl} {NOISY_KL_MARK}" if kl and row.get("kl_noisy", False) == True else kl  # noqa: E712
-            cells += [_num(row["test_neg_elbo"]), kl, paper, str(row["seeds"])]
-            lines.append("| " + " | ".join(cells) + " |")
+            rows.append([*cells, _num(row["test_neg_elbo"]), kl, paper, str(row["seeds"])])
+        lines.append(markdown_table(pd.DataFrame(rows, columns=head), ["left"] + ["right"] * (len(head) - 1)))
     legends = [UNFINISHED_LEGEND] if col(table, "unfinished", "").fillna("").astype(bool).any() else []
     legends += [NOISY_KL_LEGEND] if col(table, "kl_noisy", False).fillna(False).astype(bool).any() else []
     return "\n".join([*lines, *(["", *legends] if legends else [])]) + "\n"

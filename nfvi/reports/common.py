@@ -1,5 +1,6 @@
-"""Helpers every report shares: a tolerant column reader, the VAE runs' normalisation and flow labels, and
-the markers of runs whose numbers need a caveat (:data:`UNFINISHED_MARK`, :data:`NOISY_KL_MARK`)."""
+"""Helpers every report shares: a tolerant column reader, the VAE runs' normalisation and flow labels, the
+markers of runs whose numbers need a caveat (:data:`UNFINISHED_MARK`, :data:`NOISY_KL_MARK`), and the Markdown
+and LaTeX table writers (pandas' ``to_markdown`` and ``to_latex``, cells formatted as text first)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ __all__ = [
     "group_unfinished",
     "noisy_kl",
     "validation_curves",
+    "markdown_table",
+    "latex_tabular",
 ]
 
 #: marks a row holding a run stopped before its configured number of updates
@@ -218,3 +221,37 @@ def validation_curves(runs: pd.DataFrame, title: str) -> bytes | None:
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     return buf.getvalue()
+
+
+def markdown_table(frame: pd.DataFrame, align: list[str] | None = None) -> str:
+    """A GitHub-flavoured Markdown table of ``frame`` (pandas ``to_markdown``, so tabulate pads the columns).
+
+    The cells are shown as given: format numbers as text first (tabulate would otherwise re-format numeric-looking
+    strings such as ``"0.10"`` or ``"1,000"``); NaN and None print as empty cells. ``align``: one of ``"left"``,
+    ``"right"``, ``"center"`` per column (default: tabulate's, left for text)."""
+    cells = frame.astype(object).where(frame.notna(), "").astype(str)
+    return cells.to_markdown(index=False, tablefmt="pipe", colalign=align, disable_numparse=True)
+
+
+def latex_tabular(
+    sections: list[tuple[str, pd.DataFrame]], header: list[str], column_format: str, notes: list[str] = ()
+) -> str:
+    """One booktabs ``tabular`` (pandas ``to_latex``) of several sections of rows with the same columns.
+
+    ``sections``: ``(caption, rows)`` pairs; each caption (LaTeX) opens its rows as an italic full-width row between
+    two rules. ``header``: the column heads (LaTeX). Every cell is LaTeX already (escaped by the caller), so pandas
+    escapes nothing. ``notes``: footnote lines (LaTeX) set as full-width rows under the bottom rule."""
+    frames = [rows.astype(object).where(rows.notna(), "").astype(str).set_axis(header, axis=1) for _, rows in sections]
+    body = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=header)
+    lines = body.to_latex(index=False, escape=False, column_format=column_format).splitlines()
+    # to_latex: \begin{tabular}, \toprule, the header, \midrule, one line per row, \bottomrule, \end{tabular}
+    head, rows, tail = lines[:3], lines[4:-2], lines[-2:]
+    span = len(header)
+    out, start = head, 0
+    for (caption, _), n in zip(sections, [len(f) for f in frames], strict=True):
+        out += [r"\midrule", rf"\multicolumn{{{span}}}{{l}}{{\emph{{{caption}}}}} \\", r"\midrule"]
+        out += rows[start : start + n]
+        start += n
+    out.append(tail[0])
+    out += [rf"\multicolumn{{{span}}}{{p{{0.95\linewidth}}}}{{\footnotesize {text}}} \\" for text in notes]
+    return "\n".join([*out, tail[1], ""])

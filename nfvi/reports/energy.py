@@ -30,6 +30,7 @@ from nfvi.reports.common import (
     UNFINISHED_LEGEND,
     UNFINISHED_MARK,
     group_unfinished,
+    markdown_table,
     setting_labels,
     unfinished_notes,
     varying_config,
@@ -125,17 +126,14 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def to_markdown(table: pd.DataFrame, floatfmt: str = ".4f") -> str:
-    """A GitHub-flavoured markdown table (no extra dependency)."""
+    """A GitHub-flavoured markdown table, floats formatted with ``floatfmt`` (NaN: an empty cell)."""
 
     def cell(v) -> str:
         if isinstance(v, float | np.floating):
             return "" if math.isnan(v) else format(v, floatfmt)
         return str(v)
 
-    head = "| " + " | ".join(map(str, table.columns)) + " |"
-    rule = "|" + "|".join("---" for _ in table.columns) + "|"
-    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join([head, rule, *rows])
+    return markdown_table(table.map(cell))
 
 
 def _pivot(table: pd.DataFrame, value: str, floatfmt: str | None = None) -> pd.DataFrame:

@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from nfvi.reports.common import col, normalize_runs, validation_curves
+from nfvi.reports.common import col, latex_tabular, markdown_table, normalize_runs, validation_curves
 from nfvi.runs import atomic_write_bytes, atomic_write_text
 
 __all__ = [
@@ -279,6 +279,11 @@ HEADER = ["Model", "K", "-ELBO (ours)", "-ln p(x) (ours)", "-ELBO (paper)", "-ln
 HEADER += ["ours - paper (-ELBO)", "seeds", "flow params (ours)", "flow params (authors)"]
 
 
+def _rows(g: pd.DataFrame) -> pd.DataFrame:
+    """The rows of one section as text cells (:func:`_cells`) under :data:`HEADER`."""
+    return pd.DataFrame([_cells(r) for _, r in g.iterrows()], columns=HEADER)
+
+
 def _sections(table: pd.DataFrame):
     """``(dataset, caption, rows)`` per dataset and settings, in the table's order."""
     for key, g in table.groupby(["dataset", *SETTINGS], sort=False):
@@ -305,9 +310,7 @@ def table1_markdown(table: pd.DataFrame) -> str:
         return "\n".join([*lines, "(no model=gated_conv runs)", ""])
     for dataset, caption, g in _sections(table):
         lines += [f"## dataset={dataset} ({caption})", "", _reading(dataset, g), ""]
-        lines += ["| " + " | ".join(HEADER) + " |", "|---|---:|" + "---:|" * (len(HEADER) - 2)]
-        lines += ["| " + " | ".join(_cells(r)) + " |" for _, r in g.iterrows()]
-        lines.append("")
+        lines += [markdown_table(_rows(g), ["left"] + ["right"] * (len(HEADER) - 1)), ""]
     lines += [
         "Ours: means over test images and seeds; ± is the standard deviation over seeds, or for one seed the "
         "standard error over test images. -ln p(x) by importance sampling with q_K as the proposal.",
@@ -329,17 +332,9 @@ def _tex(text: str) -> str:
 
 def table1_latex(table: pd.DataFrame) -> str:
     """Table 1 as a LaTeX ``tabular`` (booktabs), one block per dataset and settings."""
-    lines = [
-        "% nfvi report: Sylvester flows Table 1 (nats). [C] confirmed, [C*] best SNF confirmed, [U] unconfirmed.",
-        r"\begin{tabular}{lrrrrrrrrr}",
-        r"\toprule",
-        " & ".join(_tex(h) for h in HEADER) + r" \\",
-    ]
-    for dataset, caption, g in _sections(table):
-        lines += [r"\midrule", rf"\multicolumn{{10}}{{l}}{{\emph{{{_tex(f'{dataset} ({caption})')}}}}} \\", r"\midrule"]
-        lines += [" & ".join(_tex(c) for c in _cells(r)) + r" \\" for _, r in g.iterrows()]
-    lines += [r"\bottomrule", r"\end{tabular}", ""]
-    return "\n".join(lines)
+    sections = [(_tex(f"{dataset} ({caption})"), _rows(g).map(_tex)) for dataset, caption, g in _sections(table)]
+    comment = "% nfvi report: Sylvester flows Table 1 (nats). [C] confirmed, [C*] best SNF confirmed, [U] unconfirmed."
+    return f"{comment}\n{latex_tabular(sections, [_tex(h) for h in HEADER], 'lrrrrrrrrr')}"
 
 
 def table1_figure(table: pd.DataFrame) -> bytes:

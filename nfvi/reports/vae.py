@@ -42,6 +42,8 @@ from nfvi.reports.common import (
     UNFINISHED_MARK,
     col,
     group_unfinished,
+    latex_tabular,
+    markdown_table,
     noisy_kl,
     normalize_runs,
     setting_labels,
@@ -210,18 +212,19 @@ def _caption(g: pd.DataFrame) -> str:
     return "; ".join(parts)
 
 
+HEADER = ["model", "-ELBO (ours)", "-ln p(x) (ours)", "KL (ours)", "-ln p(x) (paper)", "ours - paper", "seeds"]
+
+
+def _rows(g: pd.DataFrame) -> pd.DataFrame:
+    """The Table 2 rows of one (dataset, setting) group as text cells (:func:`_cells`) under :data:`HEADER`."""
+    return pd.DataFrame([_cells(r) for _, r in g.iterrows()], columns=HEADER)
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     """Table 2 as markdown, one section per (dataset, setting)."""
     lines = ["# Table 2: test -ln p(x) on binarized images (nats, lower is better)", ""]
-    header = (
-        "| model | -ELBO (ours) | -ln p(x) (ours) | KL (ours) | -ln p(x) (paper) | ours - paper | seeds |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    )
     for (_, _), g in table.groupby(["dataset", "setting"], sort=False):
-        lines += [f"## {_caption(g)}", "", *header]
-        for _, r in g.iterrows():
-            lines.append("| " + " | ".join(_cells(r)) + " |")
-        lines.append("")
+        lines += [f"## {_caption(g)}", "", markdown_table(_rows(g), ["left"] + ["right"] * (len(HEADER) - 1)), ""]
     lines += [
         "Ours: means over test images (and over seeds when there are several); ± is the standard deviation over "
         "seeds, or for one seed the standard error over test images. KL = -ELBO - (-ln p(x)) estimates "
@@ -257,20 +260,13 @@ def _tex(text: str) -> str:
 
 def to_latex(table: pd.DataFrame) -> str:
     """Table 2 as a LaTeX ``tabular`` (booktabs), one block per (dataset, setting)."""
-    lines = [
-        "% nfvi report: Table 2 (test -ln p(x), nats). [U] = unconfirmed paper value, [C] = confirmed.",
-        r"\begin{tabular}{lrrrrrr}",
-        r"\toprule",
-        r"Model & $-$ELBO & $-\ln p(x)$ & KL & paper $-\ln p(x)$ & ours $-$ paper & seeds \\",
+    header = [r"Model", r"$-$ELBO", r"$-\ln p(x)$", "KL", r"paper $-\ln p(x)$", r"ours $-$ paper", "seeds"]
+    sections = [
+        (_tex(_caption(g)), _rows(g).map(_tex)) for (_, _), g in table.groupby(["dataset", "setting"], sort=False)
     ]
-    for (_, _), g in table.groupby(["dataset", "setting"], sort=False):
-        lines += [r"\midrule", rf"\multicolumn{{7}}{{l}}{{\emph{{{_tex(_caption(g))}}}}} \\", r"\midrule"]
-        for _, r in g.iterrows():
-            lines.append(" & ".join(_tex(c) for c in _cells(r)) + r" \\")
-    lines.append(r"\bottomrule")
-    lines += [rf"\multicolumn{{7}}{{p{{0.95\linewidth}}}}{{\footnotesize {_tex(text)}}} \\" for text in _legends(table)]
-    lines += [r"\end{tabular}", ""]
-    return "\n".join(lines)
+    comment = "% nfvi report: Table 2 (test -ln p(x), nats). [U] = unconfirmed paper value, [C] = confirmed."
+    body = latex_tabular(sections, header, "lrrrrrr", [_tex(text) for text in _legends(table)])
+    return f"{comment}\n{body}"
 
 
 def _paper_on_scale(g: pd.DataFrame, margin: float = 10.0) -> bool:

@@ -62,6 +62,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from nfvi.config import register_resolver
 from nfvi.data import binarize, load_dataset, split_generator
 from nfvi.data.resident import ResidentBatches
 from nfvi.errors import NfviError, NonFiniteLossError, RunRefused
@@ -128,8 +129,8 @@ def _short_dirname(text: str, limit: int = 96) -> str:
     return text[: limit - 9] + "~" + hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-OmegaConf.register_new_resolver("nfvi.dirname", _short_dirname, replace=True, use_cache=True)
-OmegaConf.register_new_resolver("nfvi.either", _first_given, replace=True)
+register_resolver("nfvi.dirname", _short_dirname, use_cache=True)
+register_resolver("nfvi.either", _first_given)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
