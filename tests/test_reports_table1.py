@@ -159,3 +159,18 @@ def test_flow_parameter_counts_beside_the_table():
     md = table_cells(table1_markdown(table))
     assert "| flow params (ours) | flow params (authors) |" in md and "| 4,934,400 | 4,934,400 |" in md
     assert "Flow params:" in md
+
+
+def test_runs_that_differ_in_a_config_key_are_separate_rows():
+    """Two runs of one seed that differ in trainer.precision are two rows, each naming its setting (not the latest)."""
+    a = rows(("mnist_static",), seeds=(0,), **{"config/trainer/precision": "fp32"})
+    b = rows(("mnist_static",), seeds=(0,), **{"config/trainer/precision": "bf16"})
+    b["test_neg_elbo"] += 0.25
+    b["finished_at"] = "2026-01-02T00:00:00"
+    table = summarize_table1(pd.concat([a, b]))
+    assert len(table) == 12 and set(table["setting"]) == {"trainer.precision=fp32", "trainer.precision=bf16"}
+    planar = table[table["label"] == "planar"].set_index("setting")["test_neg_elbo"]
+    assert planar["trainer.precision=bf16"] - planar["trainer.precision=fp32"] == pytest.approx(0.25)
+    md = table_cells(table1_markdown(table))
+    assert "| planar (trainer.precision=bf16) | 16 |" in md and "| planar (trainer.precision=fp32) | 16 |" in md
+    assert summarize_table1(a)["setting"].eq("").all()  # one setting: no label

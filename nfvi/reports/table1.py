@@ -37,7 +37,15 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from nfvi.reports.common import col, latex_tabular, markdown_table, normalize_runs, validation_curves
+from nfvi.reports.common import (
+    col,
+    latex_tabular,
+    markdown_table,
+    normalize_runs,
+    setting_labels,
+    validation_curves,
+    varying_config,
+)
 from nfvi.runs import atomic_write_bytes, atomic_write_text
 
 __all__ = [
@@ -221,7 +229,9 @@ def _row(values: dict, g: pd.DataFrame) -> dict:
 def summarize_table1(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, settings, flow label) of the ``gated_conv`` runs; see the module docstring.
 
-    Columns: dataset, K (``flow_length``), the settings, label, flow, flow_variant, seeds, ``test_neg_elbo``
+    Columns: dataset, K (``flow_length``), the settings, label, ``setting`` (the config keys that tell runs apart
+    beyond those, e.g. ``trainer.precision=bf16``: such runs are never merged; empty when none), flow, flow_variant,
+    seeds, ``test_neg_elbo``
     and ``test_nll`` (means over seeds, nats) with ``*_sd`` (std over seeds; NaN for one seed) and ``*_se``
     (mean standard error over test images), ``paper_neg_elbo`` (± ``paper_neg_elbo_sd``, status C/C*/U),
     ``paper_nll`` (status U), ``diff_neg_elbo`` (ours - paper), ``paper_protocol`` (S >= 5000 on the whole
@@ -231,6 +241,9 @@ def summarize_table1(frame: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return pd.DataFrame()
     keys = ["dataset", *SETTINGS, "label", "flow_length"]
+    varying = [c for c in varying_config(df, keys) if c != "source"]  # e.g. trainer.precision: never merged
+    df["setting"] = setting_labels(df, varying)
+    keys.append("setting")
     rows = [_row(dict(zip(keys, key, strict=True)), g) for key, g in df.groupby(keys, sort=False)]
     table = pd.DataFrame(rows).rename(columns={"flow_length": "K"})
     rank = {name: i for i, name in enumerate(DATASET_ORDER)}
@@ -238,7 +251,7 @@ def summarize_table1(frame: pd.DataFrame) -> pd.DataFrame:
     table["_l"] = table["label"].map(_LABEL_RANK).fillna(len(LABELS))
     numeric = [f"_{s}" for s in SETTINGS]  # sort 500 before 1000
     table[numeric] = table[list(SETTINGS)].apply(pd.to_numeric, errors="coerce").to_numpy()
-    table = table.sort_values(["_d", "dataset", *numeric, *SETTINGS, "_l", "label", "K"], kind="stable")
+    table = table.sort_values(["_d", "dataset", *numeric, *SETTINGS, "_l", "label", "K", "setting"], kind="stable")
     return table.drop(columns=["_d", "_l", *numeric]).reset_index(drop=True)
 
 
@@ -272,7 +285,8 @@ def _cells(row) -> list[str]:
     diff = _num(row["diff_neg_elbo"], "+.2f")
     ours = [_pm(row, "test_neg_elbo"), _pm(row, "test_nll")]
     counts = [_count(row.get("flow_params", math.nan)), _count(row.get("authors_flow_params", math.nan))]
-    return [row["label"], str(row["K"]), *ours, _paper_elbo(row), _paper_nll(row), diff, str(row["seeds"]), *counts]
+    model = f"{row['label']} ({row['setting']})" if row.get("setting") else row["label"]
+    return [model, str(row["K"]), *ours, _paper_elbo(row), _paper_nll(row), diff, str(row["seeds"]), *counts]
 
 
 HEADER = ["Model", "K", "-ELBO (ours)", "-ln p(x) (ours)", "-ELBO (paper)", "-ln p(x) (paper)"]
