@@ -113,7 +113,7 @@ def varying_config(frame: pd.DataFrame, keys: list[str]) -> list[str]:
     """
     columns = [c for c in frame.columns if c.startswith("config/") or c == "source"]  # source: nfvi.reports.task
     incidental = tuple(k.replace("/", ".") for k in INCIDENTAL_CONFIG)
-    columns = [c for c in columns if not config_key(c).startswith(incidental)]
+    columns = [c for c in columns if not config_key(c).startswith(incidental) and c not in keys]
     if frame.empty or not columns:
         return []
     text = frame[columns].apply(lambda s: s.map(_as_text))

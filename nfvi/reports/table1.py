@@ -241,7 +241,7 @@ def summarize_table1(frame: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return pd.DataFrame()
     keys = ["dataset", *SETTINGS, "label", "flow_length"]
-    varying = [c for c in varying_config(df, keys) if c != "source"]  # e.g. trainer.precision: never merged
+    varying = varying_config(df, keys)  # e.g. trainer.precision: such runs are never merged
     df["setting"] = setting_labels(df, varying)
     keys.append("setting")
     rows = [_row(dict(zip(keys, key, strict=True)), g) for key, g in df.groupby(keys, sort=False)]
