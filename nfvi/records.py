@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from nfvi.errors import NfviError
+from nfvi.runs import new_folder_mode
 
 __all__ = ["RECORD_FILES", "MAX_FILE_BYTES", "export_record", "record_files", "experiment_of", "figure_density"]
 __all__ += ["redraw"]
@@ -234,19 +235,13 @@ def export_record(
         for rel, data in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_bytes(data)
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, new_folder_mode())
         os.rename(tmp, target)  # fails if target appeared meanwhile (a non-empty folder)
     except OSError as exc:
         raise NfviError(f"cannot write the record {target}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _outputs(folder: Path) -> list[Path]:

@@ -64,6 +64,7 @@ __all__ = [
     "provenance",
     "atomic_write_bytes",
     "new_file_mode",
+    "new_folder_mode",
     "atomic_write_text",
     "atomic_torch_save",
     "write_json",
@@ -76,11 +77,20 @@ __all__ = [
 ]
 
 
-def new_file_mode() -> int:
-    """The permissions ``open()`` gives a new file (0o666 less the umask); ``mkstemp``'s own 0o600 would hide runs."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def new_file_mode() -> int:
+    """The permissions ``open()`` gives a new file (0o666 less the umask); ``mkstemp``'s own 0o600 would hide runs."""
+    return 0o666 & ~_umask()
+
+
+def new_folder_mode() -> int:
+    """The permissions ``mkdir()`` gives a new folder (0o777 less the umask); ``mkdtemp``'s own 0o700 would hide it."""
+    return 0o777 & ~_umask()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
