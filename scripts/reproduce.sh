@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make reproduce PROFILE=smoke|quick|long|paper: every experiment of the paper at one profile, then tables and figures.
-#   smoke: CI-sized (a few minutes); quick: about an hour on 2 CPU cores; paper: the paper's schedules (wants a GPU);
+#   smoke: CI-sized (a few minutes); quick: about two hours on 2 CPU cores; paper: the paper's schedules (wants a GPU);
 #   long: MNIST only (experiment=mnist_long, 80,000 updates per run; hours on 2 CPU cores, resumable).
 # Each experiment script runs the grid of experiment=<task>_$PROFILE (nfvi/conf/<command>/experiment/).
 # Runs land in outputs/reproduce/<profile>/<experiment>/; tables and figures in outputs/reproduce/<profile>/tables/,

@@ -7,6 +7,7 @@ when asked for (``pytest -m slurm``, ``make test-slurm``): they install packages
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -215,14 +216,21 @@ def test_a_failed_job_is_recorded_failed_by_slurm(slurm_cluster, tmp_path):
     assert any(f"JobId={job['JobId']} " in r and "JobState=FAILED" in r and "ExitCode=1:0" in r for r in record)
 
 
-def start(command: str, *args, cwd: Path) -> tuple[subprocess.Popen, Path]:
-    """Start ``nfvi <command> args`` (a sweep's driver) in the background; its output goes to a file."""
+@contextlib.contextmanager
+def train_driver(*args, cwd: Path):
+    """Run ``nfvi train args`` (a sweep's driver) in the background, its output in a file; yields ``(proc, log)``.
+    On the way out of a failed test the driver is killed and its SLURM jobs cancelled: nothing is left running."""
     log = cwd / f"driver-{time.monotonic_ns()}.err"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     with log.open("w") as err:
-        command_line = [sys.executable, "-m", "nfvi", command, *args]
+        command_line = [sys.executable, "-m", "nfvi", "train", *args]
         proc = subprocess.Popen(command_line, cwd=cwd, stdout=err, stderr=subprocess.STDOUT, text=True, env=env)
-    return proc, log
+    try:
+        yield proc, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            subprocess.run(["scancel", *job_ids(log.read_text())], check=False)
 
 
 def wait_for(condition, what: str, timeout: float = 180.0, proc: subprocess.Popen | None = None):
@@ -260,18 +268,13 @@ def interrupted_train(tmp_path: Path, interrupt) -> tuple[Path, str, str]:
     """Run TRAIN on SLURM, call ``interrupt(job_id)`` once the job has checkpointed (step 10 or later, before the
     end), let it run again and finish. Returns the run folder, the job id and the driver's stderr."""
     sweep = tmp_path / "slurm"
-    proc, log = start("train", *TRAIN, *SLURM, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    try:
-        run = sweep / "planar_K2_seed0"
+    run = sweep / "planar_K2_seed0"
+    with train_driver(*TRAIN, *SLURM, f"hydra.sweep.dir={sweep}", cwd=tmp_path) as (proc, log):
         (job_id,) = wait_for(lambda: job_ids(log.read_text()), "sbatch")
         early = lambda: 10 <= checkpoint_step(run) < STEPS // 2 and (run / "checkpoint.pt").is_file()  # noqa: E731
         wait_for(early, "a checkpoint", proc=proc)
         interrupt(job_id)
         proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()  # the test failed: leave nothing running
-            subprocess.run(["scancel", *job_ids(log.read_text())], check=False)
     stderr = log.read_text()
     assert proc.returncode == 0, stderr
     return run, job_id, stderr
@@ -323,19 +326,14 @@ def test_a_job_killed_hard_fails_the_sweep_in_bounded_time(slurm_cluster, tmp_pa
     the job's error.txt, and the sweep exits 1 within RESULT_GRACE_S and a few polls."""
     sweep = tmp_path / "slurm"
     endless = [a if not a.startswith("trainer.steps=") else "trainer.steps=1000000" for a in TRAIN]  # never done first
-    proc, log = start("train", *endless, *SLURM, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     run = sweep / "planar_K2_seed0"
-    try:
+    with train_driver(*endless, *SLURM, f"hydra.sweep.dir={sweep}", cwd=tmp_path) as (proc, log):
         (job_id,) = wait_for(lambda: job_ids(log.read_text()), "sbatch")
         wait_for(lambda: checkpoint_step(run) >= 10, "the job to train", proc=proc)
         subprocess.run(["scancel", "--signal=KILL", job_id], check=True)
         killed = time.monotonic()
         proc.wait(timeout=120)
         waited = time.monotonic() - killed
-    finally:
-        if proc.poll() is None:
-            proc.kill()  # the test failed: leave nothing running
-            subprocess.run(["scancel", *job_ids(log.read_text())], check=False)
     stderr = log.read_text()
     assert proc.returncode == 1, stderr
     assert waited < 60, waited
