@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import struct
 import sys
 from pathlib import Path
@@ -238,7 +239,8 @@ def test_a_resumed_run_continues_its_tracker_runs(tmp_path):
         assert [e.step for e in acc.Scalars("train_neg_elbo")] == [5, 10, 15, 20]
     if INSTALLED["wandb"]:
         folders = sorted((out / "wandb").glob("offline-run-*"))
-        assert len(folders) == 3 and all(f"-{run_id}" in f.name for f in folders)  # two in a second: "-<id>-1"
+        named = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(run_id)}(-\d+)?")  # two in a second: "-<id>-1"
+        assert len(folders) == 3 and all(named.fullmatch(f.name) for f in folders), [f.name for f in folders]
     if INSTALLED["mlflow"]:
         from mlflow.tracking import MlflowClient
 
