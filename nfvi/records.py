@@ -164,15 +164,16 @@ def _scrubbed(data: bytes, replacements: list[tuple[str, str]]) -> bytes:
 
 def _replacements(run_dir: Path) -> list[tuple[str, str]]:
     """Absolute paths of this machine -> their neutral names, longest first (a run folder inside the working
-    directory is replaced as a whole)."""
-    pairs = {}
-    for path in {str(run_dir.absolute()), str(run_dir.resolve())}:
-        pairs[path] = "<run_dir>"
+    directory is replaced as a whole; the folder a renamed run was written in is ``<run_dir>`` too)."""
+    runs = [str(run_dir.absolute()), str(run_dir.resolve())]
     data = [os.environ.get("NFVI_DATA") or ""]
-    for record in ("run_config.json", "run.json"):  # the data folder the run read (paths.data_dir)
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            saved = json.loads((run_dir / record).read_text())
-            data.append(str((saved.get("config", saved) or {}).get("paths", {}).get("data_dir") or ""))
+    for record in ("run_config.json", "run.json"):  # the folder the run was written in (run_dir, so a folder renamed
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # since is still named <run_dir>) and the
+            saved = json.loads((run_dir / record).read_text())  # data folder it read (paths.data_dir)
+            config = saved.get("config", saved) or {}
+            runs.append(str(config.get("run_dir") or ""))
+            data.append(str(config.get("paths", {}).get("data_dir") or ""))
+    pairs = {path.rstrip("/"): "<run_dir>" for path in runs if os.path.isabs(path)}
     for path in (p for p in data if os.path.isabs(p)):
         pairs.setdefault(path.rstrip("/"), "$NFVI_DATA")
         pairs.setdefault(os.path.realpath(path), "$NFVI_DATA")

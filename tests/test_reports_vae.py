@@ -76,6 +76,16 @@ def test_settings_that_differ_split_rows(frame):
     assert sorted(rows["setting"]) == ["steps=1000", "steps=5000"]
 
 
+def test_settings_come_in_the_order_of_their_numbers_not_their_text(frame):
+    extra = [result("planar", 10, nll=88.0, steps=steps) for steps in (120000, 95000)]
+    table = vae.summarize(pd.concat([frame, pd.DataFrame(extra)], ignore_index=True))
+    mnist = table[table["dataset"] == "mnist"]
+    assert list(dict.fromkeys(mnist["setting"])) == ["steps=1000", "steps=95000", "steps=120000"]
+    labels = pd.Series(["lr=0.01", "lr=0.0003", "lr=2e-05", "a=10, b=2", "a=9, b=30"])
+    assert list(labels.iloc[common.natural_order(labels).argsort()]) == [
+        "a=9, b=30", "a=10, b=2", "lr=2e-05", "lr=0.0003", "lr=0.01"]  # fmt: skip
+
+
 def test_write_produces_markdown_csv_latex_and_figure(frame, tmp_path):
     paths = vae.write(frame, tmp_path / "tables")
     assert [p.name for p in paths] == ["vae_table2.md", "vae_table2.csv", "vae_table2.tex", "vae_fig4.png"]

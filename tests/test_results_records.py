@@ -104,6 +104,19 @@ def test_export_copies_the_record_files_only_and_names_no_machine_path(tmp_path)
     assert [p.name for p in target.parent.iterdir()] == ["planar_K10_seed0"]  # no temporary folder left
 
 
+def test_a_run_folder_renamed_after_its_run_still_names_no_machine_path(tmp_path):
+    run = fake_run(tmp_path / "runs" / "planar_K80_seed0")
+    config = {**json.loads((run / "run_config.json").read_text()), "run_dir": str(run.absolute())}
+    (run / "run_config.json").write_text(json.dumps(config))
+    renamed = run.rename(tmp_path / "runs" / "planar_K80_seed0_95k")
+    target = export_record(renamed, tmp_path / "results")
+    assert target.name == "planar_K80_seed0_95k"
+    for rel in ("train.log", "run_config.json"):
+        text = (target / rel).read_text()
+        assert str(tmp_path) not in text and "<run_dir>" in text, rel
+    assert json.loads((target / "run_config.json").read_text())["run_dir"] == "<run_dir>"
+
+
 def test_exporting_again_changes_nothing_and_another_record_is_refused(tmp_path):
     run = fake_run(tmp_path / "runs" / "r")
     target = export_record(run, tmp_path / "results", name="rec")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ __all__ = [
     "MIN_RELIABLE_SAMPLES",
     "col",
     "normalize_runs",
+    "natural_order",
     "unfinished_notes",
     "group_unfinished",
     "noisy_kl",
@@ -136,6 +138,14 @@ def setting_labels(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
     if not columns:
         return pd.Series("", index=frame.index)
     return frame[columns].apply(lambda row: ", ".join(f"{config_key(c)}={_as_text(v)}" for c, v in row.items()), axis=1)
+
+
+def natural_order(labels: pd.Series) -> pd.Series:
+    """A sort key for setting labels (:func:`setting_labels`) that orders the numbers in them by value, so
+    ``steps=95000`` comes before ``steps=120000`` (string order puts it after): each number is written with leading
+    zeros to a fixed width (numbers below 10^29)."""
+    pattern = re.compile(r"\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+    return labels.astype(str).map(lambda s: pattern.sub(lambda m: f"{float(m.group()):045.15f}", s))
 
 
 def unfinished_notes(frame: pd.DataFrame) -> pd.Series:
