@@ -167,9 +167,11 @@ def _replacements(run_dir: Path) -> list[tuple[str, str]]:
     directory is replaced as a whole; the folder a renamed run was written in is ``<run_dir>`` too)."""
     runs = [str(run_dir.absolute()), str(run_dir.resolve())]
     data = [os.environ.get("NFVI_DATA") or ""]
-    for record in ("run_config.json", "run.json"):  # the folder the run was written in (run_dir, so a folder renamed
-        with contextlib.suppress(OSError, ValueError, AttributeError):  # since is still named <run_dir>) and the
-            saved = json.loads((run_dir / record).read_text())  # data folder it read (paths.data_dir)
+    # the run's saved config names the folder it was written in (run_dir: a folder renamed since is <run_dir> too)
+    # and the data folder it read (paths.data_dir)
+    for record in ("run_config.json", "run.json"):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            saved = json.loads((run_dir / record).read_text())
             config = saved.get("config", saved) or {}
             runs.append(str(config.get("run_dir") or ""))
             data.append(str(config.get("paths", {}).get("data_dir") or ""))
