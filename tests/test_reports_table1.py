@@ -174,3 +174,19 @@ def test_runs_that_differ_in_a_config_key_are_separate_rows():
     md = table_cells(table1_markdown(table))
     assert "| planar (trainer.precision=bf16) | 16 |" in md and "| planar (trainer.precision=fp32) | 16 |" in md
     assert summarize_table1(a)["setting"].eq("").all()  # one setting: no label
+
+
+def test_settings_come_in_the_order_of_their_numbers_not_their_text():
+    """optim.lr=2e-05 comes before optim.lr=0.0003 and trainer.patience=9 before 10 (string order puts them after), as
+    in Table 2's report."""
+    frames = []
+    for i, lr in enumerate(("0.001", "2e-05", "0.0003")):
+        r = rows(("mnist_static",), seeds=(0,), **{"config/optim/lr": lr})
+        r["finished_at"] = f"2026-01-0{i + 1}T00:00:00"
+        frames.append(r)
+    table = summarize_table1(pd.concat(frames))
+    planar = table[table["label"] == "planar"]
+    assert list(planar["setting"]) == ["optim.lr=2e-05", "optim.lr=0.0003", "optim.lr=0.001"]
+    frames = [rows(("mnist_static",), seeds=(0,), **{"config/trainer/patience": p}) for p in (10, 9)]
+    planar = summarize_table1(pd.concat(frames)).query("label == 'planar'")
+    assert list(planar["setting"]) == ["trainer.patience=9", "trainer.patience=10"]

@@ -23,6 +23,7 @@ __all__ = [
     "col",
     "normalize_runs",
     "natural_order",
+    "setting_sort_key",
     "unfinished_notes",
     "group_unfinished",
     "noisy_kl",
@@ -146,6 +147,12 @@ def natural_order(labels: pd.Series) -> pd.Series:
     zeros to a fixed width (numbers below 10^29)."""
     pattern = re.compile(r"\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
     return labels.astype(str).map(lambda s: pattern.sub(lambda m: f"{float(m.group()):045.15f}", s))
+
+
+def setting_sort_key(column: pd.Series) -> pd.Series:
+    """``key`` for ``DataFrame.sort_values``: the ``setting`` column in :func:`natural_order`, the others as they
+    are (Table 1's and Table 2's row order)."""
+    return natural_order(column) if column.name == "setting" else column
 
 
 def unfinished_notes(frame: pd.DataFrame) -> pd.Series:

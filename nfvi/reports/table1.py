@@ -43,6 +43,7 @@ from nfvi.reports.common import (
     markdown_table,
     normalize_runs,
     setting_labels,
+    setting_sort_key,
     validation_curves,
     varying_config,
 )
@@ -251,7 +252,8 @@ def summarize_table1(frame: pd.DataFrame) -> pd.DataFrame:
     table["_l"] = table["label"].map(_LABEL_RANK).fillna(len(LABELS))
     numeric = [f"_{s}" for s in SETTINGS]  # sort 500 before 1000
     table[numeric] = table[list(SETTINGS)].apply(pd.to_numeric, errors="coerce").to_numpy()
-    table = table.sort_values(["_d", "dataset", *numeric, *SETTINGS, "_l", "label", "K", "setting"], kind="stable")
+    order = ["_d", "dataset", *numeric, *SETTINGS, "_l", "label", "K", "setting"]
+    table = table.sort_values(order, kind="stable", key=setting_sort_key)  # lr=2e-05 before lr=0.0003
     return table.drop(columns=["_d", "_l", *numeric]).reset_index(drop=True)
 
 

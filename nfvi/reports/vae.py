@@ -44,10 +44,10 @@ from nfvi.reports.common import (
     group_unfinished,
     latex_tabular,
     markdown_table,
-    natural_order,
     noisy_kl,
     normalize_runs,
     setting_labels,
+    setting_sort_key,
     unfinished_notes,
     validation_curves,
     varying_config,
@@ -100,11 +100,6 @@ def _prepare(frame: pd.DataFrame) -> pd.DataFrame:
 def row_label(flow: str, k: int) -> str:
     """Table 2's name of a row: ``DLGM + NF (planar) (K=10)``, ``DLGM, diagonal covariance (K=0)``."""
     return f"{FLOW_LABEL.get(flow, flow)} (K={k})" if k else f"{FLOW_LABEL['none']} (K=0)"
-
-
-def _setting_order(column: pd.Series) -> pd.Series:
-    """Sort key of Table 2's columns: the setting labels in :func:`natural_order`, the others as they are."""
-    return natural_order(column) if column.name == "setting" else column
 
 
 def _settings_varying(df: pd.DataFrame) -> list[str]:
@@ -165,7 +160,7 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     if table.empty:
         return table
     table["_order"] = table["flow"].map(FLOW_ORDER).fillna(9)
-    table = table.sort_values(["dataset", "setting", "_order", "K"], key=_setting_order)
+    table = table.sort_values(["dataset", "setting", "_order", "K"], key=setting_sort_key)
     table = table.drop(columns="_order").reset_index(drop=True)
     return table
 
