@@ -85,6 +85,18 @@ def test_maxout_takes_max_over_consecutive_windows():
     assert torch.equal(layer(x), expected)
 
 
+def test_maxout_with_many_rows_gives_the_same_units_and_gradients():
+    """The many-rows path (piece-major weight, bias as an input column) against the plain one, in float64."""
+    layer = Maxout(3, 2, 4).double()
+    x = torch.randn(50, 2, 3, dtype=torch.float64, requires_grad=True)  # 100 rows > 2 * n_in
+    expected = layer.linear(x).unflatten(-1, (2, 4)).amax(-1)
+    grads = torch.autograd.grad(expected.square().sum(), [x, *layer.parameters()])
+    out = layer(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    for g, e in zip(torch.autograd.grad(out.square().sum(), [x, *layer.parameters()]), grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
 def test_mlp_model_builds(activation):
     model = small("planar", name="mlp", activation=activation, layers=2)
