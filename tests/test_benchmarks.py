@@ -108,6 +108,9 @@ def test_paired_eval_of_a_run_with_itself_is_zero(tmp_path):
     train_mod.train(cfg_of("trainer.steps=2", "trainer.val_every=2"), tmp_path / "a")
     res = paired_eval.paired(tmp_path / "a", tmp_path / "a", images=10, num_samples=4)
     assert res["images"] == 10 and res["b_minus_a"] == 0.0 and res["se"] == 0.0 and res["a"] > 0
+    bf16 = paired_eval.paired(tmp_path / "a", tmp_path / "a", images=10, num_samples=4, precision_b="bf16")
+    assert bf16["a"] == res["a"] and bf16["b"] != res["b"] and abs(bf16["b_minus_a"]) < 1.0  # autocast moved it
+    assert bf16["precision_b"] == "bf16" and bf16["b_s_per_image"] > 0
 
 
 @pytest.mark.parametrize("optim", ["rmsprop", "adamax"])
