@@ -86,7 +86,7 @@ def test_maxout_takes_max_over_consecutive_windows():
 
 
 def test_maxout_with_many_rows_gives_the_same_units_and_gradients():
-    """The many-rows path (piece-major weight, bias as an input column) against the plain one, in float64."""
+    """The many-rows path (piece-major weight) against the plain one, in float64."""
     layer = Maxout(3, 2, 4).double()
     x = torch.randn(50, 2, 3, dtype=torch.float64, requires_grad=True)  # 100 rows > 2 * n_in
     expected = layer.linear(x).unflatten(-1, (2, 4)).amax(-1)
