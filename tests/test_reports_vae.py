@@ -86,6 +86,16 @@ def test_settings_come_in_the_order_of_their_numbers_not_their_text(frame):
         "a=9, b=30", "a=10, b=2", "lr=2e-05", "lr=0.0003", "lr=0.01"]  # fmt: skip
 
 
+def test_figure4_draws_the_settings_with_two_or_more_k_and_keeps_one_k_settings_in_the_table(frame):
+    extra = [result("planar", 80, nll=85.2, steps=120000), result("nice", 80, nll=87.0, steps=120000, seed=1)]
+    table = vae.summarize(pd.concat([frame, pd.DataFrame(extra)], ignore_index=True))
+    assert set(table["setting"]) >= {"steps=1000", "steps=120000"}  # both settings are rows of Table 2
+    drawn = [key for key, _ in vae.figure4_groups(table)]
+    keys = dict.fromkeys(zip(table["dataset"], table["setting"], strict=True))
+    assert drawn == [(d, s) for d, s in keys if s != "steps=120000"]
+    assert ("fake", table[table["dataset"] == "fake"]["setting"].iloc[0]) in drawn  # one K, but its dataset's only
+
+
 def test_write_produces_markdown_csv_latex_and_figure(frame, tmp_path):
     paths = vae.write(frame, tmp_path / "tables")
     assert [p.name for p in paths] == ["vae_table2.md", "vae_table2.csv", "vae_table2.tex", "vae_fig4.png"]

@@ -11,7 +11,8 @@ Outputs in ``out_dir``:
 - ``vae_fig4.png``: Figure 4, three panels against K: (a) the bound -ELBO, (b) KL(q || p(z|x)),
   (c) -ln p(x); one line per flow kind (planar NF, NICE, radial when present), all starting from
   the shared K = 0 point; the paper's Table 2 values are drawn as open markers in (c) for MNIST.
-  One row of panels per dataset.
+  One row of panels per dataset and setting with runs at two or more K (:func:`figure4_groups`: a setting
+  run at one K only is a row of Table 2, not a curve).
 - ``vae_curves.png``: the validation -ELBO of each run against parameter updates (from its
   ``metrics.csv``; :func:`nfvi.reports.common.validation_curves`), when the runs logged one.
 
@@ -276,14 +277,27 @@ def _paper_on_scale(g: pd.DataFrame, margin: float = 10.0) -> bool:
     return bool(g["nll"].min() <= max(v for v, _ in PAPER_TABLE2.values()) + margin)
 
 
+def figure4_groups(table: pd.DataFrame) -> list[tuple[tuple[str, str], pd.DataFrame]]:
+    """The (dataset, setting) groups of :func:`summarize`'s table that Figure 4 draws, in the table's order.
+
+    Figure 4 shows the effect of the flow length, so within a dataset only the settings with rows at two or
+    more K are drawn; a setting run at one K only (a pilot, a longer run of one row) stays in Table 2 but adds
+    no row of panels. A dataset none of whose settings has two K has all of them drawn.
+    """
+    groups = list(table.groupby(["dataset", "setting"], sort=False))
+    curves = {key for key, g in groups if g["K"].nunique() > 1}
+    with_curves = {dataset for dataset, _ in curves}
+    return [(key, g) for key, g in groups if key in curves or key[0] not in with_curves]
+
+
 def figure4(table: pd.DataFrame) -> bytes:
-    """Figure 4 as PNG bytes: per (dataset, setting) a row of three panels against flow length K."""
+    """Figure 4 as PNG bytes: per (dataset, setting) of :func:`figure4_groups` a row of three panels against K."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = list(table.groupby(["dataset", "setting"], sort=False))
+    groups = figure4_groups(table)
     fig, axes = plt.subplots(len(groups), 3, figsize=(13, 4.4 * len(groups)), squeeze=False)
     panels = (
         ("neg_elbo", "(a) bound F(x) = -ELBO"),
