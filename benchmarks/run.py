@@ -80,6 +80,26 @@ def interleaved(fns: dict, repeats: int, number: int, warmup: int = 2) -> dict[s
 MATMUL_SHAPES = [(100, 784, 1600), (100, 400, 784), (10000, 40, 1600), (10000, 400, 784)]
 
 
+def matmul_calls(shapes=MATMUL_SHAPES) -> dict:
+    """``{"mm MxKxN": fn}``, one float32 ``torch.mm`` of each shape per call: to time beside the functions they are the
+    floor of (:func:`interleaved`), so that both see the machine in the same state."""
+    out = {}
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        out[f"mm {m}x{k}x{n}"] = lambda a=a, b=b: torch.mm(a, b)
+    return out
+
+
+def rate_of(sec: dict) -> float:
+    """Median GFLOP/s over the ``mm MxKxN`` entries of ``sec`` (seconds per call, :func:`matmul_calls`)."""
+    rates = []
+    for name, t in sec.items():
+        if name.startswith("mm "):
+            m, k, n = (int(v) for v in name[3:].split("x"))
+            rates.append(2 * m * k * n / t / 1e9)
+    return statistics.median(rates)
+
+
 def matmul_rate(repeats: int = 5, shapes=MATMUL_SHAPES) -> float:
     """Median float32 ``torch.mm`` GFLOP/s over representative (m, k, n) shapes of this model."""
     rates = []
@@ -100,12 +120,14 @@ def forward_flops_vae(batch: int, k: int, samples: int = 1) -> float:
     return enc + dec + flow
 
 
-def make_nfvi_step(k: int, batch: int = BATCH, seed: int = 0):
-    """One update exactly as ``nfvi train`` (Trainer.fit) does it: Eq. 20 loss, backward, clip, RMSprop step."""
+def make_nfvi_step(k: int, batch: int = BATCH, seed: int = 0, compile_optimizer: bool = True):
+    """One update exactly as ``nfvi train experiment=mnist_paper`` (Trainer.fit) does it: Eq. 20 loss, backward,
+    clip, RMSprop step (``optim.compile=true``, as the experiment sets it; ``compile_optimizer=False``: eager)."""
     torch.manual_seed(seed)
     model = build_model(ModelConfig(), FlowConfig(kind="planar" if k else "none", length=k), X_DIM)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = optimizer_from_config(OptimConfig(name="rmsprop", lr=1e-5, momentum=0.9), params)
+    optim = OptimConfig(name="rmsprop", lr=1e-5, momentum=0.9, compile=compile_optimizer)
+    opt = optimizer_from_config(optim, params)
     x = (torch.rand(batch, X_DIM) < 0.3).float()
     model.train()
     state = {"step": 0}
@@ -196,15 +218,19 @@ def make_naive_step(k: int, batch: int = BATCH, seed: int = 0):
     return step
 
 
-def bench_training(ks, rate: float, repeats: int, number: int) -> list[dict]:
+def bench_training(ks, repeats: int, number: int) -> list[dict]:
+    """Per K, the update beside its references and the float32 ``torch.mm`` calls of the floor, interleaved."""
     rows = []
     for k in ks:
         fns = {"nfvi": make_nfvi_step(k), "naive": make_naive_step(k), "prev": make_prev_step(k)}
-        sec = interleaved(fns, repeats, number)
+        fns["eager_optim"] = make_nfvi_step(k, compile_optimizer=False)  # optim.compile=false
+        sec = interleaved(fns | matmul_calls(), repeats, number)
+        rate = rate_of(sec)
         floor = 3 * forward_flops_vae(BATCH, k) / (rate * 1e9)
         rows.append(
             {
                 "bench": f"train K={k}",
+                "matmul_gflops": rate,
                 "nfvi_per_s": 1 / sec["nfvi"],
                 "ref_per_s": 1 / sec["naive"],
                 "speedup_vs_ref": sec["naive"] / sec["nfvi"],
@@ -213,6 +239,7 @@ def bench_training(ks, rate: float, repeats: int, number: int) -> list[dict]:
                 "prev_per_s": 1 / sec["prev"],
                 "speedup_vs_prev": sec["prev"] / sec["nfvi"],
                 "prev_over_floor": sec["prev"] / floor,
+                "eager_optim_over_floor": sec["eager_optim"] / floor,
             }
         )
     return rows
@@ -239,9 +266,7 @@ def naive_log_px(model, x, num_samples: int, chunk: int = 1000):
     return torch.cat(out)
 
 
-def bench_is(
-    num_images: int, num_samples: int, rate: float, repeats: int, chunks=(None, 10000), memory: bool = True
-) -> list[dict]:
+def bench_is(num_images: int, num_samples: int, repeats: int, chunks=(None, 10000), memory: bool = True) -> list[dict]:
     """nfvi.evaluate.log_marginal_likelihood at each chunk size (``batch_size``; None = ``nfvi evaluate``'s
     default, :func:`nfvi.evaluate.default_batch_size`) beside the one-image-at-a-time loop in chunks of 1000."""
     import copy
@@ -260,7 +285,8 @@ def bench_is(
         torch.manual_seed(0)
         diffs.append(log_marginal_likelihood(m, x, num_samples))
     max_diff = float((diffs[0] - diffs[1]).abs().max())
-    sec = interleaved(fns, repeats, 1, warmup=1)
+    sec = interleaved(fns | matmul_calls(), repeats, 1, warmup=1)
+    rate = rate_of(sec)
     flops = forward_flops_vae(1, 10, num_samples) * num_images
     ref_mem = peak_rss_mb("naive", num_images, num_samples, 1000) if memory else float("nan")
     rows = []
@@ -269,6 +295,7 @@ def bench_is(
         rows.append(
             {
                 "bench": f"IS S={num_samples} K=10 batch_size={c or f'default ({default_batch_size(None)})'}",
+                "matmul_gflops": rate,
                 "nfvi_s_per_image": t / num_images,
                 "ref_s_per_image": sec["naive"] / num_images,
                 "speedup_vs_ref": sec["naive"] / t,
@@ -451,7 +478,10 @@ def write_results(
     md = [f"# nfvi benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", ""]
     md.append(f"Command: `{command}`  ")
     md.append("Machine: " + ", ".join(f"{k}={v}" for k, v in facts.items()) + "  ")
-    md.append(f"Measured float32 matmul rate: {facts.get('matmul_gflops', float('nan')):.1f} GFLOP/s")
+    md.append(
+        f"Measured float32 matmul rate: {facts.get('matmul_gflops', float('nan')):.1f} GFLOP/s at the start; the "
+        "floors use each table's own `matmul_gflops`, timed interleaved with what they are the floor of"
+    )
     md.append("")
     for name, rows in sections.items():
         if not rows:
@@ -496,10 +526,10 @@ def main(argv=None) -> None:
     print(f"matmul {rate:.1f} GFLOP/s", flush=True)
     sections, notes = {}, []
     if "train" in only:
-        sections["train"] = bench_training([0, 10, 80], rate, repeats=3 if q else 5, number=5 if q else 10)
+        sections["train"] = bench_training([0, 10, 80], repeats=3 if q else 5, number=5 if q else 10)
         print(sections["train"], flush=True)
     if "is" in only:
-        sections["importance_sampling"] = bench_is(4 if q else 10, 5000, rate, repeats=3)
+        sections["importance_sampling"] = bench_is(4 if q else 10, 5000, repeats=3)
         print(sections["importance_sampling"], flush=True)
     if "nice" in only:
         from benchmarks.nice import bench_nice

@@ -105,7 +105,8 @@ class FlowConfig:
 
 @dataclass
 class OptimConfig:
-    """``optim=rmsprop|adam|adamax``; ``momentum`` is used by rmsprop only."""
+    """``optim=rmsprop|adam|adamax``; ``momentum`` is used by rmsprop only; ``compile``: the step through
+    ``torch.compile`` (:func:`nfvi.training.compile_optimizer_step`)."""
 
     name: str = "rmsprop"
     lr: float = 1e-5
@@ -113,6 +114,9 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     flow_lr_factor: float = 1.0  # the flow's own parameters (e.g. its amortization head) learn at lr * this factor
+    #: run the step through torch.compile: one generated kernel for all parameters (rmsprop, adamax; adam's fused
+    #: kernel is one pass already); seconds to compile once, eager again where compiling fails (docs/performance.md)
+    compile: bool = False
 
     def __post_init__(self):
         """torch's own ranges (lr > 0, eps >= 0, weight_decay >= 0, momentum in [0, 1)), plus finite upper bounds."""

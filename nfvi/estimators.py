@@ -3,7 +3,7 @@
 ::
 
     from nfvi.estimators import elbo, log_marginal_likelihood
-    log_px = log_marginal_likelihood(model, x_test, num_samples=5000)   # (N,), chunks of 2,000 samples on a CPU
+    log_px = log_marginal_likelihood(model, x_test, num_samples=5000)   # (N,), chunks of 5,000 samples on a CPU
     nll = -log_px.mean()
 
 The estimator uses ``q_K(z | x)`` itself as the proposal::
@@ -14,9 +14,11 @@ where ``log q_K`` is computed along each sampling path (paper Eq. 7). For any fi
 stochastic lower bound on log p(x) (Jensen), equal to a one-sample ELBO at S = 1, and it tends to
 log p(x) as S grows.
 
-Memory is bounded by ``batch_size``, the number of z-samples pushed through the model at once:
+Memory is bounded by ``batch_size``, the number of z-samples drawn from the posterior at once:
 with S < batch_size, ``batch_size // S`` data points go together with all their S samples;
-otherwise one data point at a time, its samples in chunks of ``batch_size``. Chunks are combined
+otherwise one data point at a time, its samples in chunks of ``batch_size``. On the CPU the
+decoder (``log_joint``) then takes each chunk's samples :data:`CPU_DECODE_BLOCK` at a time, so that
+its activations stay in cache. Chunks are combined
 exactly (``logaddexp`` of the chunks' ``logsumexp``, accumulated in float64). The result is
 statistically independent of ``batch_size``; for :class:`nfvi.vae.model.VAE`, which draws its
 noise in (data point, sample) order, a fixed seed even gives the same draws, hence the same
@@ -41,16 +43,29 @@ from torch import Tensor
 from nfvi.checks import check_tensor, shape_str
 from nfvi.errors import NfviError, check_range
 
-__all__ = ["default_batch_size", "elbo", "log_marginal_likelihood", "log_weights", "nats_to_bits_per_dim"]
+__all__ = [
+    "CPU_DECODE_BLOCK",
+    "default_batch_size",
+    "elbo",
+    "log_marginal_likelihood",
+    "log_weights",
+    "nats_to_bits_per_dim",
+]
+
+#: on the CPU, ``log_joint`` (the decoder and the likelihood) takes at most this many z-samples at a time, so that
+#: its activations stay in cache (the maxout MNIST decoder: about 10 MB) while the posterior draws a whole chunk
+CPU_DECODE_BLOCK = 1_000
 
 
 def default_batch_size(device: torch.device | None) -> int:
-    """z-samples per chunk when ``batch_size`` is None: 2,000 on the CPU, 10,000 on a GPU.
+    """z-samples per chunk when ``batch_size`` is None: 5,000 on the CPU, 10,000 on a GPU.
 
-    On the CPU a chunk's activations should stay in cache: for the maxout MNIST model 2,000 samples
-    ran 1.8x faster than 10,000 (about 13 MB against 150 MB; ``benchmarks/README.md``).
+    On the CPU the decoder takes a chunk :data:`CPU_DECODE_BLOCK` samples at a time, so a chunk may be large:
+    one chunk per image at S=5000 draws the posterior (the encoder and K flow layers) once per image. For the
+    maxout MNIST model, 5,000 in blocks of 1,000 ran about 10% faster than 2,000 decoded at once, itself 1.8x
+    faster than 10,000 decoded at once (150 MB of activations; ``benchmarks/README.md``).
     """
-    return 10_000 if device is not None and device.type == "cuda" else 2_000
+    return 10_000 if device is not None and device.type == "cuda" else 5_000
 
 
 def _device(model) -> torch.device | None:
@@ -89,10 +104,16 @@ def _chunks(num_data: int, num_samples: int, batch_size: int) -> Iterator[tuple[
         yield start, min(start + points, num_data), sizes
 
 
-def log_weights(model, x: Tensor, num_samples: int) -> Tensor:
-    """``log p(x, z_K^s) - log q_K(z_K^s | x)`` for ``S = num_samples`` draws: ``(S, B)`` (one chunk, no batching)."""
+def log_weights(model, x: Tensor, num_samples: int, block: int | None = None) -> Tensor:
+    """``log p(x, z_K^s) - log q_K(z_K^s | x)`` for ``S = num_samples`` draws: ``(S, B)`` (one chunk).
+
+    ``block``: ``log_joint`` takes at most this many z-samples (samples x data points) at a time (None: all).
+    """
     z, log_q = model.posterior(x, num_samples)
-    return model.log_joint(x, z) - log_q
+    per_block = max(1, block // x.shape[0]) if block else num_samples  # samples of each data point per block
+    if per_block >= num_samples:
+        return model.log_joint(x, z) - log_q
+    return torch.cat([model.log_joint(x, part) for part in z.split(per_block, 0)]) - log_q
 
 
 class _ProgressLines:
@@ -137,6 +158,7 @@ def _run(model, x, num_samples, batch_size, progress, reduce) -> Tensor:
     batch_size = default_batch_size(device) if batch_size is None else batch_size
     check_range("batch_size", batch_size, low=1, kind="a whole number of samples per chunk")
     chunks = list(_chunks(x.shape[0], num_samples, batch_size))
+    block = CPU_DECODE_BLOCK if device is None or device.type == "cpu" else None
     lines = None
     if progress:
         from tqdm.auto import tqdm
@@ -154,7 +176,7 @@ def _run(model, x, num_samples, batch_size, progress, reduce) -> Tensor:
                 x_chunk = x_chunk.to(device, non_blocking=True)
             acc = None
             for size in sizes:
-                lw = log_weights(model, x_chunk, size).double()
+                lw = log_weights(model, x_chunk, size, block).double()
                 part = torch.logsumexp(lw, dim=0) if reduce == "logmeanexp" else lw.sum(0)
                 acc = part if acc is None else (torch.logaddexp(acc, part) if reduce == "logmeanexp" else acc + part)
             acc = acc - math.log(num_samples) if reduce == "logmeanexp" else acc / num_samples

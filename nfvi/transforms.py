@@ -164,27 +164,30 @@ def _chain_forward(z0: Tensor, W: Tensor, U: Tensor, B: Tensor, keep: bool) -> t
     ``B (K, N, 1, 1)``. Returns ``z_K (N, S, D)``, ``a`` and ``h = tanh a`` ``(K, N, S, 1)``, and every layer's
     input ``z_k`` in one buffer ``(K + 1, N, S, D)`` (``keep``; otherwise two buffers in turn).
 
-    Five small kernels per layer, each writing into a preallocated buffer (no allocation, no autograd):
-    ``a_k = sum(z_k * w_k) + b_k``, ``h_k = tanh a_k``, ``z_{k+1} = z_k + u_k h_k``.
+    Three small kernels per layer, each writing into a preallocated buffer (no allocation, no autograd):
+    ``a_k = b_k + z_k w_k`` (a batched matrix product, ``baddbmm``), ``h_k = tanh a_k``, ``z_{k+1} = z_k + u_k h_k``.
     """
     k, (n, s, d) = W.shape[0], z0.shape
+    WT = W.transpose(-1, -2)  # (K, N, D, 1)
     if _plain() or (torch.is_grad_enabled() and any(t.requires_grad for t in (z0, W, U, B))):
         # out= kernels record no gradients: the same arithmetic, allocating
+        if torch.is_autocast_enabled(z0.device.type):  # the flow's own product stays in z's dtype (as with out=)
+            with torch.autocast(z0.device.type, enabled=False):
+                return _chain_forward(z0, W, U, B, keep)
         zl, al, hl = [z0], [], []
-        for w_k, u_k, b_k in zip(W.unbind(0), U.unbind(0), B.unbind(0), strict=True):
-            al.append((zl[-1] * w_k).sum(-1, keepdim=True) + b_k)
+        for wt_k, u_k, b_k in zip(WT.unbind(0), U.unbind(0), B.unbind(0), strict=True):
+            al.append(torch.baddbmm(b_k, zl[-1], wt_k))
             hl.append(torch.tanh(al[-1]))
-            zl.append(zl[-1] + u_k * hl[-1])
+            zl.append(torch.addcmul(zl[-1], u_k, hl[-1]))
         return zl[-1], torch.stack(al), torch.stack(hl), torch.stack(zl)
     opts = {"dtype": z0.dtype, "device": z0.device}
     a, h = torch.empty(k, n, s, 1, **opts), torch.empty(k, n, s, 1, **opts)
     zs = torch.empty(k + 1 if keep else 2, n, s, d, **opts)
     zs[0] = z0
-    prod = torch.empty(n, s, d, **opts)
-    zl, wl, ul, bl, al, hl = (t.unbind(0) for t in (zs, W, U, B, a, h))
+    zl, wtl, ul, bl, al, hl = (t.unbind(0) for t in (zs, WT, U, B, a, h))
     for i in range(k):
         z, nxt = (zl[i], zl[i + 1]) if keep else (zl[i % 2], zl[1 - i % 2])
-        torch.sum(torch.mul(z, wl[i], out=prod), -1, keepdim=True, out=al[i]).add_(bl[i])
+        torch.baddbmm(bl[i], z, wtl[i], out=al[i])
         torch.addcmul(z, ul[i], torch.tanh(al[i], out=hl[i]), out=nxt)
     return zl[k if keep else k % 2], a, h, zs
 
@@ -225,7 +228,7 @@ class _PlanarChain(torch.autograd.Function):
     """The K planar layers of :func:`planar_chain` / :func:`planar_chain_ladj` as one autograd node with a
     hand-written backward.
 
-    Backward, from the last layer down, five small kernels per layer: ``g_a_k = (1 - h_k^2) u_k^T g_{z_{k+1}} + e_k``
+    Backward, from the last layer down, three small kernels per layer: ``g_a_k = (1 - h_k^2) u_k^T g_{z_{k+1}} + e_k``
     (``e_k`` from the second output) and ``g_{z_k} = g_{z_{k+1}} + g_a_k w_k``, each ``g_z`` kept in one buffer;
     then the gradients of all ``w``, ``u`` and ``b`` (through the reparameterisation of ``u`` when ``ladj``) in
     a few batched operations. Under ``create_graph=True`` (double backward) the backward instead recomputes the
@@ -265,11 +268,10 @@ class _PlanarChain(torch.autograd.Function):
             g_wu = (g_l * d_wu).sum((2, 3)).T  # (N, K)
         dh = 1.0 - h * h
         g_a = torch.empty_like(h)
-        prod = torch.empty(n, s, d, dtype=h.dtype, device=h.device)
-        gzl, wl, ul, gal, dhl = (t.unbind(0) for t in (gz, W, U, g_a, dh))
+        gzl, wl, utl, gal, dhl = (t.unbind(0) for t in (gz, W, U.transpose(-1, -2), g_a, dh))
         el = extra.unbind(0) if extra is not None else None
         for j in reversed(range(k)):
-            torch.sum(torch.mul(gzl[j + 1], ul[j], out=prod), -1, keepdim=True, out=gal[j])
+            torch.bmm(gzl[j + 1], utl[j], out=gal[j])
             if el is None:
                 gal[j].mul_(dhl[j])
             else:

@@ -139,6 +139,37 @@ def test_chunk_size_invariance_same_seed(batch_size, float64):
     assert torch.allclose(chunked, reference, atol=1e-10)
 
 
+@pytest.mark.parametrize("points", [1, 3])
+def test_decoding_in_blocks_gives_the_same_log_weights(points, float64):
+    """log_weights(block=n): log_joint takes at most n z-samples at a time (samples x points), same numbers."""
+    model = small_vae()
+    x = binary(points)
+    seen = []
+    log_joint = model.log_joint
+    model.log_joint = lambda x, z: seen.append(z.shape[0] * z.shape[1]) or log_joint(x, z)
+    torch.manual_seed(3)
+    whole = log_weights(model, x, 50)
+    torch.manual_seed(3)
+    blocked = log_weights(model, x, 50, block=7)
+    assert seen[0] == 50 * points and max(seen[1:]) <= 7 and sum(seen[1:]) == 50 * points
+    assert blocked.shape == whole.shape == (50, points) and torch.allclose(blocked, whole, atol=1e-12)
+
+
+def test_cpu_evaluation_decodes_at_most_the_cpu_block_at_once(monkeypatch):
+    """The default CPU chunk (5,000 samples: one posterior draw per image at S=5000) is decoded in blocks."""
+    import nfvi.estimators as estimators
+
+    monkeypatch.setattr(estimators, "CPU_DECODE_BLOCK", 300)
+    model = small_vae()
+    seen = []
+    log_joint = model.log_joint
+    model.log_joint = lambda x, z: seen.append(z.shape[0] * z.shape[1]) or log_joint(x, z)
+    out = log_marginal_likelihood(model, binary(2), 1000)
+    assert out.shape == (2,) and torch.isfinite(out).all()
+    assert estimators.default_batch_size(torch.device("cpu")) == 5000
+    assert max(seen) <= 300 and sum(seen) == 2 * 1000
+
+
 def test_chunk_size_statistical_consistency(float64):
     """Sizes that do not line up with the generator's blocks: different draws, same distribution."""
     model = small_vae()

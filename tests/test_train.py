@@ -362,6 +362,24 @@ def test_resident_batches_binarize_on_the_device_generator():
     assert means.train.dtype == torch.float32  # not grey levels: kept exact
 
 
+def test_compiled_optimizer_step_trains_and_resumes_to_the_eager_runs_parameters(tmp_path):
+    """optim.compile=true (the RMSprop step through torch.compile, inductor): the same parameters as the eager run
+    to float32 rounding, and a run may be resumed with the setting switched (speed only)."""
+    import shutil
+
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    rms = ("optim=rmsprop", "optim.lr=1e-3")  # a changing lr: tests/test_training.py
+    train_mod.train(cfg_of(*rms, "trainer.steps=8"), tmp_path / "eager")
+    train_mod.train(cfg_of(*rms, "trainer.steps=4", "optim.compile=true"), tmp_path / "mixed")
+    train_mod.train(cfg_of(*rms, "trainer.steps=8", "resume=true"), tmp_path / "mixed")
+    a, b = (load_checkpoint(tmp_path / n / "checkpoint.pt") for n in ("eager", "mixed"))
+    assert b["step"] == 8 and b["config"]["optim"]["compile"] is False
+    diff = max(float((a["model"][k] - b["model"][k]).abs().max()) for k in a["model"])
+    assert diff < 1e-5  # rounding (it grows with the updates); one update moves a parameter by about 1e-2 here
+    assert all(type(g["lr"]) is float for g in b["optimizer"]["param_groups"])
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_compile_runs_the_same_update(tmp_path, monkeypatch, precision):
     """trainer.compile=true takes the torch.compile path (the eager backend here: the plumbing in seconds)."""

@@ -39,3 +39,90 @@ def test_deferred_guard_names_the_first_non_finite_update_when_checked(bad):
     w = _window(False)
     with pytest.raises(NonFiniteLossError, match=r"^the loss became (nan|inf) at step 3; stopping; kept$"):
         w.add(3, loss=torch.tensor(bad), gn=torch.tensor(1.0))
+
+
+# ----------------------------------------------------------------------------------------------- optim.compile
+def _needs_cxx():
+    import shutil
+
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+
+
+def _twins(name: str, compile_second: bool):
+    from nfvi.config import OptimConfig
+    from nfvi.training import optimizer_from_config
+
+    out = []
+    for compiled in (False, compile_second):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((37, 5), (5,), (300,))]
+        cfg = OptimConfig(name=name, lr=1e-2, momentum=0.9, compile=compiled)
+        out.append((params, optimizer_from_config(cfg, params)))
+    return out
+
+
+def _same_updates(pairs, steps: int, scheduler=None):
+    """Run both optimizers on the same random gradients, the learning rate changing at every step."""
+    gen = torch.Generator().manual_seed(1)
+    scheds = [scheduler(opt) for _, opt in pairs] if scheduler else None
+    for step in range(steps):
+        for i in range(len(pairs[0][0])):
+            grad = torch.randn(pairs[0][0][i].shape, generator=gen)
+            for params, _ in pairs:
+                params[i].grad = grad.clone()
+        for _, opt in pairs:
+            if scheduler is None:
+                for group in opt.param_groups:
+                    group["lr"] = 1e-2 * (1 - step / steps)
+            opt.step()
+        for sched in scheds or ():
+            sched.step()
+    return [max(float((a - b).detach().abs().max()) for a, b in zip(pairs[0][0], pairs[1][0], strict=True))]
+
+
+@pytest.mark.parametrize("name", ["rmsprop", "adamax"])
+def test_compiled_optimizer_step_matches_the_eager_step_without_recompiling(name, caplog):
+    """optim.compile=true: the same parameters as the eager step to float32 rounding after 25 steps whose learning
+    rate changes every step, compiled once (the lr goes in as a tensor), and floats left in param_groups."""
+    _needs_cxx()
+    from torch._dynamo.utils import counters
+
+    pairs = _twins(name, compile_second=True)
+    graphs = counters["stats"]["unique_graphs"]
+    with caplog.at_level("WARNING", logger="nfvi.training"):
+        (diff,) = _same_updates(pairs, 25)
+    assert diff < 1e-6
+    assert not [r for r in caplog.records if r.name == "nfvi.training"]  # compiled (no fallback to eager) ...
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # ... once, though the lr changed at every step
+    state = pairs[1][1].state_dict()
+    assert all(type(g["lr"]) is float for g in state["param_groups"])
+
+
+def test_compiled_optimizer_step_runs_under_torchs_lr_scheduler():
+    """nfvi energy's cosine schedule (torch's CosineAnnealingLR wraps optimizer.step): the same updates."""
+    _needs_cxx()
+    from nfvi.training import cosine_scheduler
+
+    (diff,) = _same_updates(_twins("rmsprop", True), 10, scheduler=lambda opt: cosine_scheduler(opt, 10, 1e-4))
+    assert diff < 1e-6
+
+
+def test_optimizer_step_stays_eager_with_a_warning_where_compiling_fails(monkeypatch, caplog):
+    """No C++ compiler (or any failure of the first compiled step): a warning naming the reason, the eager step."""
+    import nfvi.training as training
+
+    def broken(fn):
+        def call(*args, **kwargs):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
+        return call
+
+    monkeypatch.setattr(training.torch, "compile", broken)
+    pairs = _twins("rmsprop", compile_second=True)
+    with caplog.at_level("WARNING", logger="nfvi.training"):
+        (diff,) = _same_updates(pairs, 5)
+    assert diff == 0.0  # the eager step itself, from the first update on
+    warnings = [r.getMessage() for r in caplog.records if r.name == "nfvi.training"]
+    assert len(warnings) == 1 and "optim.compile=true (rmsprop)" in warnings[0]
+    assert "No working C++ compiler found" in warnings[0] and "more detail" not in warnings[0]

@@ -76,6 +76,7 @@ RESUME_MAY_CHANGE = (
     "trainer.ckpt_every",
     "trainer.progress",
     "trainer.compile",  # speed only (torch.compile of the same update)
+    "optim.compile",  # speed only (torch.compile of the same optimizer step)
     "eval.*",
 )
 
