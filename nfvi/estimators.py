@@ -16,9 +16,9 @@ log p(x) as S grows.
 
 Memory is bounded by ``batch_size``, the number of z-samples drawn from the posterior at once:
 with S < batch_size, ``batch_size // S`` data points go together with all their S samples;
-otherwise one data point at a time, its samples in chunks of ``batch_size``. On the CPU the
-decoder (``log_joint``) then takes each chunk's samples :data:`CPU_DECODE_BLOCK` at a time, so that
-its activations stay in cache. Chunks are combined
+otherwise one data point at a time, its samples in chunks of ``batch_size``. On the CPU a chunk
+also holds at most :data:`CPU_DECODE_BLOCK` data points, and the decoder (``log_joint``) takes its
+samples :data:`CPU_DECODE_BLOCK` at a time, so that the networks' activations stay in cache. Chunks are combined
 exactly (``logaddexp`` of the chunks' ``logsumexp``, accumulated in float64). The result is
 statistically independent of ``batch_size``; for :class:`nfvi.vae.model.VAE`, which draws its
 noise in (data point, sample) order, a fixed seed even gives the same draws, hence the same
@@ -52,8 +52,9 @@ __all__ = [
     "nats_to_bits_per_dim",
 ]
 
-#: on the CPU, ``log_joint`` (the decoder and the likelihood) takes at most this many z-samples at a time, so that
-#: its activations stay in cache (the maxout MNIST decoder: about 10 MB) while the posterior draws a whole chunk
+#: on the CPU, ``log_joint`` (the decoder and the likelihood) takes at most this many z-samples at a time, and a
+#: chunk at most this many data points (the encoder's batch), so that activations stay in cache (the maxout MNIST
+#: decoder: about 10 MB) while the posterior draws a whole chunk of samples
 CPU_DECODE_BLOCK = 1_000
 
 
@@ -91,8 +92,11 @@ def _evaluation(model):
             model.train(True)
 
 
-def _chunks(num_data: int, num_samples: int, batch_size: int) -> Iterator[tuple[int, int, list[int]]]:
-    """Yield ``(start, stop, sample_chunk_sizes)``; each chunk holds at most ``batch_size`` z-samples."""
+def _chunks(
+    num_data: int, num_samples: int, batch_size: int, max_points: int | None = None
+) -> Iterator[tuple[int, int, list[int]]]:
+    """Yield ``(start, stop, sample_chunk_sizes)``; each chunk holds at most ``batch_size`` z-samples (and at most
+    ``max_points`` data points)."""
     if num_samples >= batch_size:
         sizes = [batch_size] * (num_samples // batch_size)
         if num_samples % batch_size:
@@ -100,6 +104,8 @@ def _chunks(num_data: int, num_samples: int, batch_size: int) -> Iterator[tuple[
         points = 1
     else:
         sizes, points = [num_samples], batch_size // num_samples
+    if max_points:
+        points = min(points, max_points)
     for start in range(0, num_data, points):
         yield start, min(start + points, num_data), sizes
 
@@ -157,8 +163,8 @@ def _run(model, x, num_samples, batch_size, progress, reduce) -> Tensor:
     device = _device(model)
     batch_size = default_batch_size(device) if batch_size is None else batch_size
     check_range("batch_size", batch_size, low=1, kind="a whole number of samples per chunk")
-    chunks = list(_chunks(x.shape[0], num_samples, batch_size))
     block = CPU_DECODE_BLOCK if device is None or device.type == "cpu" else None
+    chunks = list(_chunks(x.shape[0], num_samples, batch_size, block))
     lines = None
     if progress:
         from tqdm.auto import tqdm

@@ -168,6 +168,12 @@ def test_cpu_evaluation_decodes_at_most_the_cpu_block_at_once(monkeypatch):
     assert out.shape == (2,) and torch.isfinite(out).all()
     assert estimators.default_batch_size(torch.device("cpu")) == 5000
     assert max(seen) <= 300 and sum(seen) == 2 * 1000
+    seen.clear()  # one sample per image (the trainer's validation): at most 300 images per chunk, decoded at once
+    encoded = []
+    encoder = model.encoder.forward
+    model.encoder.forward = lambda x: encoded.append(x.shape[0]) or encoder(x)
+    assert elbo(model, binary(700), 1).shape == (700,)
+    assert max(seen) <= 300 and max(encoded) <= 300 and sum(encoded) == 700
 
 
 def test_chunk_size_statistical_consistency(float64):
@@ -182,11 +188,13 @@ def test_chunk_size_statistical_consistency(float64):
     assert ((a.mean(0) - b.mean(0)).abs() < 4 * se).all()
 
 
-def test_chunks_cover_everything_within_budget():
+@pytest.mark.parametrize("max_points", [None, 2])
+def test_chunks_cover_everything_within_budget(max_points):
     for n, s, budget in [(10, 7, 3), (10, 7, 7), (10, 7, 20), (1, 5000, 1000), (3, 5001, 1000), (0, 5, 10)]:
         covered = []
-        for start, stop, sizes in _chunks(n, s, budget):
+        for start, stop, sizes in _chunks(n, s, budget, max_points):
             assert sum(sizes) == s and (stop - start) * max(sizes) <= budget
+            assert max_points is None or stop - start <= max_points
             covered.extend(range(start, stop))
         assert covered == list(range(n))
 
