@@ -123,6 +123,14 @@ def one_thread():
     torch.set_num_threads(old)
 
 
+def needs_cxx() -> None:
+    """Skip the calling test where torch.compile cannot build its CPU kernels: no C++ compiler on PATH."""
+    import shutil
+
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+
+
 def one_line_error(fn, *args, **kwargs) -> str:
     """Call ``fn``, which must raise :class:`~nfvi.errors.NfviError` with a one-line message; return the message."""
     from nfvi.errors import NfviError

@@ -119,11 +119,11 @@ def test_update_ends_where_the_previous_code_ends_after_200_updates(optim):
     clip_gradients, optimizer_from_config; ``rmsprop-compiled``: optim.compile=true, as experiment=mnist_paper and
     the benchmark run it) and the frozen previous one (benchmarks/reference_update.py) end with the same parameters
     to float32 rounding."""
-    import shutil
+    from tests.conftest import needs_cxx
 
     optim, compiled = optim.split("-")[0], optim.endswith("-compiled")
-    if compiled and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    if compiled:
+        needs_cxx()
     from benchmarks.reference_update import reference_optimizer, reference_step, use_reference_code
     from nfvi.config import FlowConfig, OptimConfig
     from nfvi.training import clip_gradients, optimizer_from_config

@@ -16,7 +16,7 @@ from nfvi.config import validate
 from nfvi.errors import NfviError, NonFiniteLossError
 from nfvi.vae import task as train_mod
 from nfvi.vae.checkpoint import load_checkpoint
-from tests.conftest import REPO, compose
+from tests.conftest import REPO, compose, needs_cxx
 
 TINY = [
     "dataset=fake",
@@ -365,10 +365,7 @@ def test_resident_batches_binarize_on_the_device_generator():
 def test_compiled_optimizer_step_trains_and_resumes_to_the_eager_runs_parameters(tmp_path):
     """optim.compile=true (the RMSprop step through torch.compile, inductor): the same parameters as the eager run
     to float32 rounding, and a run may be resumed with the setting switched (speed only)."""
-    import shutil
-
-    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    needs_cxx()
     rms = ("optim=rmsprop", "optim.lr=1e-3")  # a changing lr: tests/test_training.py
     train_mod.train(cfg_of(*rms, "trainer.steps=8"), tmp_path / "eager")
     train_mod.train(cfg_of(*rms, "trainer.steps=4", "optim.compile=true"), tmp_path / "mixed")

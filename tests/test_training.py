@@ -9,6 +9,7 @@ import torch
 
 from nfvi.errors import NonFiniteLossError
 from nfvi.training import LossWindow
+from tests.conftest import needs_cxx
 
 
 def _window(defer):
@@ -42,13 +43,6 @@ def test_deferred_guard_names_the_first_non_finite_update_when_checked(bad):
 
 
 # ----------------------------------------------------------------------------------------------- optim.compile
-def _needs_cxx():
-    import shutil
-
-    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-        pytest.skip("torch.compile on the CPU needs a C++ compiler")
-
-
 def _twins(name: str, compile_second: bool):
     from nfvi.config import OptimConfig
     from nfvi.training import optimizer_from_config
@@ -85,7 +79,7 @@ def _same_updates(pairs, steps: int, scheduler=None):
 def test_compiled_optimizer_step_matches_the_eager_step_without_recompiling(name, caplog):
     """optim.compile=true: the same parameters as the eager step to float32 rounding after 25 steps whose learning
     rate changes every step, compiled once (the lr goes in as a tensor), and floats left in param_groups."""
-    _needs_cxx()
+    needs_cxx()
     from torch._dynamo.utils import counters
 
     pairs = _twins(name, compile_second=True)
@@ -101,7 +95,7 @@ def test_compiled_optimizer_step_matches_the_eager_step_without_recompiling(name
 
 def test_compiled_optimizer_step_runs_under_torchs_lr_scheduler():
     """nfvi energy's cosine schedule (torch's CosineAnnealingLR wraps optimizer.step): the same updates."""
-    _needs_cxx()
+    needs_cxx()
     from nfvi.training import cosine_scheduler
 
     (diff,) = _same_updates(_twins("rmsprop", True), 10, scheduler=lambda opt: cosine_scheduler(opt, 10, 1e-4))
