@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from benchmarks import run as bench
+from tests.conftest import needs_cxx
 
 
 def test_training_steps_run_and_floor_counts_flops():
@@ -119,8 +120,6 @@ def test_update_ends_where_the_previous_code_ends_after_200_updates(optim):
     clip_gradients, optimizer_from_config; ``rmsprop-compiled``: optim.compile=true, as experiment=mnist_paper and
     the benchmark run it) and the frozen previous one (benchmarks/reference_update.py) end with the same parameters
     to float32 rounding."""
-    from tests.conftest import needs_cxx
-
     optim, compiled = optim.split("-")[0], optim.endswith("-compiled")
     if compiled:
         needs_cxx()
