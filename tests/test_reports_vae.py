@@ -125,6 +125,12 @@ def test_validation_curves_come_from_each_runs_metrics_csv(frame, tmp_path):
     assert common.validation_curves(frame.iloc[1:].assign(label="x"), "no curves") is None  # no metrics.csv: no figure
 
 
+def test_curve_labels_name_each_runs_folder_so_repeats_differ():
+    row = pd.Series({"run_dir": "results/mnist_k80_fast/planar_K80_seed0_200k", "label": "planar (K=80)", "seed": 0})
+    assert common.curve_label(row) == "planar (K=80): mnist_k80_fast/planar_K80_seed0_200k"
+    assert common.curve_label(row.replace({0: 2})).startswith("planar (K=80) (seed 2): ")
+
+
 def test_other_evaluations_of_a_run_are_rows_of_their_own_setting(tmp_path):
     # nfvi evaluate eval.num_samples=5000 writes evaluations/<name>.json; the report shows it beside the S=200 row
     run = tmp_path / "runs" / "planar_K80_seed0"

@@ -194,11 +194,20 @@ def noisy_kl(kl: float, num_samples) -> bool:
     return bool(len(values) and values.min() < MIN_RELIABLE_SAMPLES)
 
 
+def curve_label(row: pd.Series) -> str:
+    """One run's legend entry in :func:`validation_curves`: the caller's ``label``, a nonzero ``seed``, and the
+    run's folder as ``<parent>/<name>`` (runs of one setting, e.g. repeats or other lengths, differ only there)."""
+    seed = row.get("seed", 0)
+    label = f"{row['label']} (seed {seed})" if seed else row["label"]
+    folder = Path(row["run_dir"])
+    return f"{label}: {folder.parent.name}/{folder.name}"
+
+
 def validation_curves(runs: pd.DataFrame, title: str) -> bytes | None:
     """PNG bytes of each run's validation -ELBO against updates, read from ``<run_dir>/metrics.csv``.
 
     ``runs``: one row per run, in legend order, with ``run_dir`` and ``label`` (the caller's name of the flow;
-    a nonzero ``seed`` is added to it); a folder named twice is drawn once. The curve is the ``step`` and
+    the legend entry is :func:`curve_label`); a folder named twice is drawn once. The curve is the ``step`` and
     ``val_neg_elbo`` columns that ``nfvi train`` logs every ``trainer.val_every`` updates; rows whose folder
     holds no such file or column are left out. The y axis starts at the lowest value and ends at the highest
     value after the first tenth of each curve, so that the early fall does not flatten the rest. None when
@@ -216,12 +225,10 @@ def validation_curves(runs: pd.DataFrame, title: str) -> bytes | None:
         except (OSError, ValueError):  # no file, or no such columns
             continue
         if not metrics.empty:
-            seed = row.get("seed", 0)
-            label = f"{row['label']} (seed {seed})" if seed else row["label"]
-            curves.append((label, metrics["step"].to_numpy(), metrics["val_neg_elbo"].to_numpy()))
+            curves.append((curve_label(row), metrics["step"].to_numpy(), metrics["val_neg_elbo"].to_numpy()))
     if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     for label, steps, values in curves:
         ax.plot(steps, values, label=label, linewidth=1.2, marker="o", markersize=3 if len(steps) <= 20 else 0)
     low = min(v.min() for _, _, v in curves)
@@ -232,7 +239,7 @@ def validation_curves(runs: pd.DataFrame, title: str) -> bytes | None:
     ax.set_ylabel("validation -ELBO (nats)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes, not over the curves
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=120)
