@@ -128,7 +128,7 @@ def test_validation_curves_come_from_each_runs_metrics_csv(frame, tmp_path):
 def test_curve_labels_name_each_runs_folder_so_repeats_differ():
     row = pd.Series({"run_dir": "results/mnist_k80_fast/planar_K80_seed0_200k", "label": "planar (K=80)", "seed": 0})
     assert common.curve_label(row) == "planar (K=80): mnist_k80_fast/planar_K80_seed0_200k"
-    assert common.curve_label(row.replace({0: 2})).startswith("planar (K=80) (seed 2): ")
+    assert common.curve_label(pd.Series({**row.to_dict(), "seed": 2})).startswith("planar (K=80) (seed 2): ")
 
 
 def test_other_evaluations_of_a_run_are_rows_of_their_own_setting(tmp_path):
