@@ -97,6 +97,29 @@ def test_maxout_with_many_rows_gives_the_same_units_and_gradients():
         torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
 
 
+def test_bernoulli_log_likelihood_and_its_gradients_match_torch_distributions(float64):
+    """log p(x | z) through the fast softplus node against Bernoulli(logits).log_prob, with and without gradients,
+    including logits beyond exp's float32 range (+-100) and either side of the switch to l itself (36); second
+    derivatives too."""
+    model = small("planar")
+    x, z = binary(6), torch.randn(3, 6, D, dtype=torch.float64)
+    logits = model.decoder(z).detach().clone()
+    logits[0, 0, :6] = torch.tensor([100.0, -100.0, 20.0, 20.5, 36.0, 36.5])
+    model.decoder.forward = lambda _z: logits  # the likelihood of these logits
+    leaf = logits.requires_grad_()
+    expected = torch.distributions.Bernoulli(logits=leaf).log_prob(x).sum(-1)
+    (g_expected,) = torch.autograd.grad(expected.sum(), leaf, create_graph=True)
+    out = model.log_likelihood(x, z)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    (g_out,) = torch.autograd.grad(out.sum(), leaf, create_graph=True)
+    torch.testing.assert_close(g_out, g_expected, rtol=0, atol=1e-12)
+    (h_out,) = torch.autograd.grad(g_out.square().sum(), leaf)
+    (h_expected,) = torch.autograd.grad(g_expected.square().sum(), leaf)
+    torch.testing.assert_close(h_out, h_expected, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(model.log_likelihood(x, z), expected.detach(), rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
 def test_mlp_model_builds(activation):
     model = small("planar", name="mlp", activation=activation, layers=2)

@@ -45,6 +45,7 @@ from nfvi.config import MAX_WIDTH, FlowConfig, store
 from nfvi.errors import NfviError, check_choice, check_int_range, check_range
 from nfvi.flows import Flow
 from nfvi.training import flow_from_config
+from nfvi.transforms import _plain
 from nfvi.vae.conv import conv_architecture
 from nfvi.vae.gated_conv import GATE_INITS, gated_conv_architecture
 from nfvi.vae.likelihoods import SPECS
@@ -233,17 +234,43 @@ class PosteriorSample(NamedTuple):
     log_det: Tensor  # sum_k log|det df_k/dz_{k-1}|, so log q_K(z_K | x) = log_q0 - log_det
 
 
+SOFTPLUS_LINEAR_ABOVE = 36.0  # softplus(l) = l to float64 rounding above this (e^-36 < 3e-16, below half l's ulp)
+
+
+def _softplus_terms(logits: Tensor) -> Tensor:
+    """``softplus(l)`` elementwise as ``log(1 + exp(l))``, and ``l`` itself above :data:`SOFTPLUS_LINEAR_ABOVE`
+    (where the two agree to rounding, so ``exp`` never overflows): three vectorised passes, where torch's softplus
+    kernel is a scalar loop on the CPU (0.75 ms against 0.15 ms for (100, 784) logits). Each term within half an ulp
+    of 1 of softplus (for very negative ``l``, ``1 + e^l`` rounds to 1), and no host synchronisation. float32 and
+    float64 (``exp`` of 36 is finite in both)."""
+    return torch.where(logits > SOFTPLUS_LINEAR_ABOVE, logits, torch.exp(logits).add_(1.0).log_())
+
+
+class _SumSoftplus(torch.autograd.Function):
+    """``softplus(logits).sum(-1)`` as one autograd node: the forward as :func:`_softplus_terms`, the backward
+    ``g sigmoid(l)`` (one vectorised pass; torch's softplus backward is another scalar loop). Twice differentiable:
+    the backward is plain torch ops on the saved logits."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor) -> Tensor:
+        ctx.save_for_backward(logits)
+        return _softplus_terms(logits).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (logits,) = ctx.saved_tensors
+        return grad.unsqueeze(-1) * torch.sigmoid(logits)
+
+
 def _sum_softplus(logits: Tensor) -> Tensor:
-    """``softplus(logits).sum(-1)``. Without gradients, as ``log(1 + exp(l))`` (two vectorised passes, 2x faster
-    than torch's softplus kernel on the CPU; each term within half a float32 ulp of 1 of softplus), falling back to
-    ``softplus`` for the rows where ``exp`` overflows (a logit above 88)."""
-    if torch.is_grad_enabled() and logits.requires_grad:
+    """``softplus(logits).sum(-1)`` (the Bernoulli log-normaliser), shape ``logits.shape[:-1]``, by
+    :func:`_softplus_terms`; with gradients, one node (:class:`_SumSoftplus`). Inside a ``torch.func`` transform,
+    and for other dtypes, torch's own softplus (same values to rounding)."""
+    if _plain() or logits.dtype not in (torch.float32, torch.float64):
         return F.softplus(logits).sum(-1)
-    out = torch.exp(logits).add_(1.0).log_().sum(-1)
-    bad = ~torch.isfinite(out)
-    if bool(bad.any()):
-        out[bad] = F.softplus(logits[bad]).sum(-1)
-    return out
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _SumSoftplus.apply(logits)
+    return _softplus_terms(logits).sum(-1)
 
 
 class VAE(nn.Module):
