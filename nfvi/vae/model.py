@@ -264,13 +264,11 @@ class _SumSoftplus(torch.autograd.Function):
 
 def _sum_softplus(logits: Tensor) -> Tensor:
     """``softplus(logits).sum(-1)`` (the Bernoulli log-normaliser), shape ``logits.shape[:-1]``, by
-    :func:`_softplus_terms`; with gradients, one node (:class:`_SumSoftplus`). Inside a ``torch.func`` transform,
-    and for other dtypes, torch's own softplus (same values to rounding)."""
+    :class:`_SumSoftplus` (without gradients it only runs its forward). Inside a ``torch.func`` transform, and for
+    other dtypes, torch's own softplus (same values to rounding)."""
     if _plain() or logits.dtype not in (torch.float32, torch.float64):
         return F.softplus(logits).sum(-1)
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return _SumSoftplus.apply(logits)
-    return _softplus_terms(logits).sum(-1)
+    return _SumSoftplus.apply(logits)
 
 
 class VAE(nn.Module):
