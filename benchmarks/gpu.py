@@ -53,7 +53,7 @@ from nfvi.config import hydra_version_base
 from nfvi.data import ImageData, load_dataset
 from nfvi.estimators import default_batch_size, log_marginal_likelihood
 from nfvi.precision import set_precision
-from nfvi.runs import MetricsLog, select_device
+from nfvi.runs import MetricsLog, retain_freed_memory, select_device
 from nfvi.training import LossWindow
 
 MODELS = {
@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.warmup, args.chunk = (2, 2) if args.tiny else (20, 50)
     args.is_images = 4 if args.tiny else 200
     device = select_device(args.device)
+    retain_freed_memory()  # as nfvi's commands set their process (nfvi.runs.Run)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
     facts = {

@@ -23,6 +23,7 @@ from torch import nn
 
 from nfvi.config import FlowConfig, OptimConfig
 from nfvi.estimators import default_batch_size, log_marginal_likelihood
+from nfvi.runs import retain_freed_memory
 from nfvi.training import clip_gradients, optimizer_from_config
 from nfvi.vae.model import ModelConfig, build_model
 from nfvi.vae.objectives import annealed_loss, beta_schedule, free_energy_terms
@@ -50,6 +51,7 @@ def machine_facts() -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "load_avg": " ".join(f"{v:.1f}" for v in os.getloadavg()),
+        "malloc": "retained" if retain_freed_memory() else "default",  # nfvi.runs.retain_freed_memory
     }
 
 
@@ -511,6 +513,7 @@ def main(argv=None) -> None:
         help="wall time, or the process's CPU time (robust on a shared machine; with --threads 1 only)",
     )
     args = p.parse_args(argv)
+    retain_freed_memory()  # as nfvi's commands set their process (nfvi.runs.Run)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu":

@@ -115,40 +115,55 @@ def planar_ladj(a: Tensor, h: Tensor, wu: Tensor) -> Tensor:
     return log1p_scaled_sech2(a, h, log_softplus(wu))  # 1 + u_hat^T psi = 1 + (softplus(wu) - 1) sech^2(a); no clamp
 
 
-def _log_abs_tanh(a: Tensor) -> Tensor:
-    """``log|tanh a|`` without underflow: ``log|a| - a^2 / 3`` where ``|a| < 1e-3`` (error < 1e-13); ``-inf`` at 0."""
+def _log_abs_tanh(a: Tensor, h: Tensor) -> Tensor:
+    """``log|tanh a|`` without underflow, given ``h = tanh a``: ``log|a| - a^2 / 3`` where ``|a| < 1e-3`` (error
+    < 1e-13); ``-inf`` at 0."""
     small = a.abs() < 1e-3
-    return torch.where(small, a.abs().log() - a * a / 3.0, torch.tanh(torch.where(small, 1.0, a)).abs().log())
+    return torch.where(small, a.abs().log() - a * a / 3.0, torch.where(small, 1.0, h).abs().log())
 
 
-def _log_softplus(x: Tensor) -> Tensor:
-    """``log softplus(x)``, exact to rounding for every finite x: ``x - exp(x) / 2`` below -20 (error < 1e-18)."""
+def _softplus_pair(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(softplus(x), softplus(-x))``, each exact to rounding, from one ``log1p(exp(-|x|))`` (torch's CPU
+    ``log1p`` and ``softplus`` are scalar loops, so one shared pass instead of two or three). Where autograd
+    records (the plain path), torch's softplus, whose derivative at 0 is 1/2 (``clamp``'s and ``abs``' are 0)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return F.softplus(x), F.softplus(-x)
+    tail = torch.log1p(torch.exp(-x.abs()))
+    return x.clamp(min=0.0) + tail, (-x).clamp(min=0.0) + tail
+
+
+def _log_softplus(x: Tensor, sp: Tensor) -> Tensor:
+    """``log softplus(x)`` given ``sp = softplus(x)``, exact to rounding for every finite x: ``x - exp(x) / 2``
+    below -20 (error < 1e-18), where ``sp`` may underflow."""
     low = x < -20.0
-    return torch.where(
-        low, x - 0.5 * torch.exp(torch.clamp(x, max=-20.0)), torch.log(F.softplus(torch.clamp(x, min=-20.0)))
-    )
+    return torch.where(low, x - 0.5 * torch.exp(torch.clamp(x, max=-20.0)), torch.log(torch.where(low, 1.0, sp)))
 
 
-def _planar_log_factor(a: Tensor, wu: Tensor) -> Tensor:
-    """``log|1 + u_hat^T psi|`` of a planar layer (Eq. 11-12) from ``a = w^T z + b`` and ``wu = w^T u`` (raw u).
+def _planar_log_factor(a: Tensor, h: Tensor, wu: Tensor, sp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``log|1 + u_hat^T psi|`` of a planar layer (Eq. 11-12) from ``a = w^T z + b``, ``h = tanh a``, ``wu = w^T u``
+    (raw u) and ``sp = softplus(wu)``; with it ``log|tanh a|`` and ``log sech^2 a``, which the backward reuses.
 
     The factor is ``tanh^2(a) + sech^2(a) softplus(wu)`` (both terms >= 0, see :class:`PlanarTransform`), so
     ``log factor = logaddexp(2 log|tanh a|, log sech^2 a + log softplus(wu))`` with each log taken without
     underflow: exact (to rounding) wherever the factor is representable, and finite beyond (no clamp).
     Elementwise and broadcasting; forward only (the chain's backward uses :func:`_planar_log_factor_grads`).
     """
-    return torch.logaddexp(2.0 * _log_abs_tanh(a), log_sech2(a) + _log_softplus(wu))
+    log_t, log_s = _log_abs_tanh(a, h), log_sech2(a)
+    return torch.logaddexp(2.0 * log_t, log_s + _log_softplus(wu, sp)), log_t, log_s
 
 
-def _planar_log_factor_grads(a: Tensor, h: Tensor, wu: Tensor, log_f: Tensor) -> tuple[Tensor, Tensor]:
-    """``d log_f / d a`` and ``d log_f / d wu`` of :func:`_planar_log_factor` (``h = tanh a``), finite everywhere.
+def _planar_log_factor_grads(
+    h: Tensor, sp: Tensor, spn: Tensor, log_f: Tensor, log_t: Tensor, log_s: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``d log_f / d a`` and ``d log_f / d wu`` of :func:`_planar_log_factor`, finite everywhere, from its saved
+    pieces (``h = tanh a``, ``sp = softplus(wu)``, ``spn = softplus(-wu)``, ``log_f``, ``log_t = log|tanh a|``,
+    ``log_s = log sech^2 a``).
 
-    With ``f = h^2 + s sp`` (``s = sech^2 a``, ``sp = softplus(wu)``): ``df/da = 2 h s (1 - sp)`` and
-    ``df/dwu = s sigmoid(wu)``; both are divided by ``f = exp(log_f)`` in log space (exponents <= ~0).
+    With ``f = h^2 + s sp`` (``s = sech^2 a``): ``df/da = 2 h s (1 - sp)`` and ``df/dwu = s sigmoid(wu)``
+    (``log sigmoid(wu) = -spn``); both are divided by ``f = exp(log_f)`` in log space (exponents <= ~0).
     """
-    log_s = log_sech2(a)
-    d_a = 2.0 * torch.sign(h) * (1.0 - F.softplus(wu)) * torch.exp(_log_abs_tanh(a) + log_s - log_f)
-    d_wu = torch.exp(log_s + F.logsigmoid(wu) - log_f)
+    d_a = 2.0 * torch.sign(h) * (1.0 - sp) * torch.exp(log_t + log_s - log_f)
+    d_wu = torch.exp(log_s - spn - log_f)
     return d_a, d_wu
 
 
@@ -169,7 +184,7 @@ def _chain_forward(z0: Tensor, W: Tensor, U: Tensor, B: Tensor, keep: bool) -> t
     """
     k, (n, s, d) = W.shape[0], z0.shape
     WT = W.transpose(-1, -2)  # (K, N, D, 1)
-    if _plain() or (torch.is_grad_enabled() and any(t.requires_grad for t in (z0, W, U, B))):
+    if _recording(z0, W, U, B):
         # out= kernels record no gradients: the same arithmetic, allocating
         if torch.is_autocast_enabled(z0.device.type):  # the flow's own product stays in z's dtype (as with out=)
             with torch.autocast(z0.device.type, enabled=False):
@@ -192,32 +207,50 @@ def _chain_forward(z0: Tensor, W: Tensor, U: Tensor, B: Tensor, keep: bool) -> t
     return zl[k if keep else k % 2], a, h, zs
 
 
+def _recording(*tensors: Tensor) -> bool:
+    """True where the chain must run as differentiable ops: :func:`_plain`, or autograd recording for ``tensors``."""
+    return _plain() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _broadcast_shapes(*shapes: torch.Size) -> torch.Size:
+    """``torch.broadcast_shapes``, with equal shapes (the common case) answered without it (it costs tens of
+    microseconds per call)."""
+    return shapes[0] if all(s == shapes[0] for s in shapes[1:]) else torch.broadcast_shapes(*shapes)
+
+
 def _chain_outputs(z: Tensor, w: Tensor, u: Tensor, b: Tensor, ladj: bool, keep: bool = False):
     """``(z_K, second, saved, (batch, full))`` for :func:`planar_chain` (``ladj`` False: ``u`` is ``u_hat``,
     ``second`` is ``a``) and :func:`planar_chain_ladj` (``ladj`` True: ``u`` is the raw u, reparameterised here,
     ``second`` is the summed log-determinant). ``saved``: what the backward pass needs."""
-    batch = torch.broadcast_shapes(w.shape[:-2], u.shape[:-2], b.shape[:-1])
+    batch = _broadcast_shapes(w.shape[:-2], u.shape[:-2], b.shape[:-1])
     k, d = w.shape[-2:]
-    full = torch.broadcast_shapes(z.shape[:-1], batch)
+    full = _broadcast_shapes(z.shape[:-1], batch)
     sample = full[: len(full) - len(batch)]
     n, s = math.prod(batch), math.prod(sample)
     w3, u3 = (t.expand(*batch, k, d).reshape(n, k, d) for t in (w, u))
     B = b.expand(*batch, k).reshape(n, k).T.reshape(k, n, 1, 1)
     rep = ()
-    u_hat = u3
     if ladj:  # Appendix A.1: u_hat = u + (softplus(-w.u) - 1) w / |w|^2 (as planar_u_hat)
         wu, q = (w3 * u3).sum(-1), (w3 * w3).sum(-1)
-        c = F.softplus(-wu) - 1.0
+        sp, spn = _softplus_pair(wu)  # softplus(w.u), softplus(-w.u)
+        c = spn - 1.0
         r = c / q
-        u_hat = torch.addcmul(u3, r.unsqueeze(-1), w3)
-        rep = (u3, wu, q, c, r)
-    W, U = (t.unsqueeze(2).transpose(0, 1) for t in (w3, u_hat))
+    if _recording(z, w, u, b):  # differentiable: views and out-of-place ops
+        u_hat = torch.addcmul(u3, r.unsqueeze(-1), w3) if ladj else u3
+        W, U = (t.unsqueeze(2).transpose(0, 1) for t in (w3, u_hat))
+    else:  # layer-major copies (K, N, 1, D): a layer's rows side by side, for the loops and the backward's passes
+        W, U = (t.transpose(0, 1).contiguous().unsqueeze(2) for t in (w3, u3))
+        if ladj:
+            u3, U = U.squeeze(2).transpose(0, 1), torch.addcmul(U, r.T.reshape(k, n, 1, 1), W)
+    if ladj:
+        rep = (u3, wu, q, c, r, sp, spn)
     z0 = z.expand(*full, d).reshape(s, n, d).transpose(0, 1)
     z_k, a, h, zs = _chain_forward(z0, W, U, B, keep)
     if ladj:
-        log_f = _planar_log_factor(a, rep[1].T.reshape(k, n, 1, 1))  # (K, N, S, 1)
+        wu_k, sp_k = (t.T.reshape(k, n, 1, 1) for t in (rep[1], rep[5]))
+        log_f, log_t, log_s = _planar_log_factor(a, h, wu_k, sp_k)  # (K, N, S, 1) each
         second = log_f.sum(0).view(n, s).T.reshape(full)
-        rep = (*rep, log_f)
+        rep = (*rep, log_f, log_t, log_s)
     else:
         second = a.view(k, n, s).permute(2, 1, 0).reshape(*sample, *batch, k)
     z_k = z_k.transpose(0, 1).reshape(*full, d)
@@ -246,7 +279,7 @@ class _PlanarChain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_zk, g_second):
-        inputs, (W, U, a, h, zs, *rep) = ctx.saved_tensors[:4], ctx.saved_tensors[4:]
+        inputs, (W, U, _, h, zs, *rep) = ctx.saved_tensors[:4], ctx.saved_tensors[4:]
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain recomputation instead
             ladj = ctx.meta[-1]
             grads = _recompute_grads(lambda *t: _chain_outputs(*t, ladj)[:2], inputs, (g_zk, g_second))
@@ -263,9 +296,10 @@ class _PlanarChain(torch.autograd.Function):
             extra = g_second.reshape(s, n, k).permute(2, 1, 0).unsqueeze(-1)  # (K, N, S, 1)
         elif g_second is not None:
             g_l = g_second.reshape(s, n).T.unsqueeze(-1)  # (N, S, 1)
-            d_a, d_wu = _planar_log_factor_grads(a, h, rep[1].T.reshape(k, n, 1, 1), rep[-1])
+            sp, spn = (t.T.reshape(k, n, 1, 1) for t in rep[5:7])
+            d_a, d_wu = _planar_log_factor_grads(h, sp, spn, *rep[7:])
             extra = g_l * d_a
-            g_wu = (g_l * d_wu).sum((2, 3)).T  # (N, K)
+            g_wu = (g_l * d_wu).sum((2, 3))  # (K, N)
         dh = 1.0 - h * h
         g_a = torch.empty_like(h)
         gzl, wl, utl, gal, dhl = (t.unbind(0) for t in (gz, W, U.transpose(-1, -2), g_a, dh))
@@ -277,20 +311,23 @@ class _PlanarChain(torch.autograd.Function):
             else:
                 torch.addcmul(el[j], gal[j], dhl[j], out=gal[j])
             torch.addcmul(gzl[j + 1], wl[j], gal[j], out=gzl[j])
-        g_w = (g_a * zs[:k]).sum(2).transpose(0, 1)  # (N, K, D)
-        g_u = (h * gz[1:]).sum(2).transpose(0, 1)  # d/du_hat
+        # d/dw and d/du_hat, layer-major (K, N, D) like the buffers they come from (one pass each when S = 1)
+        if s == 1:
+            g_w, g_u = g_a.view(k, n, 1) * zs[:k].view(k, n, d), h.view(k, n, 1) * gz[1:].view(k, n, d)
+        else:
+            g_w, g_u = (g_a * zs[:k]).sum(2), (h * gz[1:]).sum(2)
         if ladj:  # back through u_hat = u + r w, r = c(w.u) / |w|^2, and the log-det's own w.u
-            u3, wu, q, c, r, _ = rep
-            w3 = W.squeeze(2).transpose(0, 1)
-            t = (g_u * w3).sum(-1)
+            u3, wu, q, c, r = (t.transpose(0, 1) for t in rep[:5])  # layer-major (K, N, ...)
+            w_k = W.squeeze(2)
+            t = (g_u * w_k).sum(-1)
             alpha = (g_wu if g_wu is not None else 0.0) - t * torch.sigmoid(-wu) / q
-            g_w = g_w.addcmul_(r.unsqueeze(-1), g_u).addcmul_(alpha.unsqueeze(-1), u3)
-            g_w = g_w.addcmul_((-2.0 * t * c / (q * q)).unsqueeze(-1), w3)
-            g_u = torch.addcmul(g_u, alpha.unsqueeze(-1), w3)
+            g_w.addcmul_(r.unsqueeze(-1), g_u).addcmul_(alpha.unsqueeze(-1), u3)
+            g_w.addcmul_((-2.0 * t * c / (q * q)).unsqueeze(-1), w_k)
+            g_u.addcmul_(alpha.unsqueeze(-1), w_k)
         return (
             gz[0].transpose(0, 1).reshape(*full, d).sum_to_size(z_shape),
-            g_w.reshape(*batch, k, d).sum_to_size(w_shape),
-            g_u.reshape(*batch, k, d).sum_to_size(u_shape),
+            g_w.transpose(0, 1).reshape(*batch, k, d).sum_to_size(w_shape),
+            g_u.transpose(0, 1).reshape(*batch, k, d).sum_to_size(u_shape),
             g_a.sum((2, 3)).T.reshape(*batch, k).sum_to_size(b_shape),
             None,
         )

@@ -414,3 +414,48 @@ def test_apply_threads_sets_torch_and_zero_leaves_it(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(old)
+
+
+class _FakeLibc:
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return 1
+
+
+def test_every_command_keeps_freed_memory_with_glibcs_mallopt(monkeypatch, tmp_path):
+    """Run sets glibc's mmap threshold to 32 MiB and its trim threshold to 1 GiB (docs/performance.md), so an
+    update's MB-sized temporaries are not faulted in afresh each update; not where the user set malloc's own
+    variables or NFVI_RETAIN_FREED_MEMORY=0, and not off glibc."""
+    import ctypes
+    import platform
+    import sys
+
+    from nfvi import runs
+
+    fake = _FakeLibc()
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: fake)
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+    for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(key, raising=False)
+    assert runs._set_malloc() is True
+    assert fake.calls == [(-3, 32 << 20), (-1, 1 << 30)]
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")  # the user's own setting stands
+    assert runs._set_malloc() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv("NFVI_RETAIN_FREED_MEMORY", "0")  # glibc's defaults
+    assert runs._set_malloc() is False
+    monkeypatch.delenv("NFVI_RETAIN_FREED_MEMORY")
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))  # musl: its mallopt does nothing
+    assert runs._set_malloc() is False
+    assert len(fake.calls) == 2
+
+    called = []
+    monkeypatch.setattr(runs, "retain_freed_memory", lambda: called.append(True) or True)
+    with runs.Run(tmp_path / "run", command="energy"):
+        pass
+    assert called == [True]
