@@ -23,6 +23,7 @@ import contextlib
 import csv
 import ctypes
 import errno
+import functools
 import io
 import json
 import logging
@@ -704,9 +705,9 @@ def apply_threads(threads: int) -> None:
 #: and the heap handed back to the kernel only beyond 1 GiB free
 MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD = 32 << 20, 1 << 30
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
-_malloc_retained: list[bool] = []
 
 
+@functools.cache
 def retain_freed_memory() -> bool:
     """Make glibc's ``malloc`` keep freed memory for reuse, as every nfvi command does for its process.
 
@@ -721,9 +722,7 @@ def retain_freed_memory() -> bool:
     defaults), and where ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES`` are in the
     environment (your own settings stand). Once per process.
     """
-    if not _malloc_retained:
-        _malloc_retained.append(_set_malloc())
-    return _malloc_retained[0]
+    return _set_malloc()
 
 
 def _set_malloc() -> bool:

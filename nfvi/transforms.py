@@ -254,7 +254,7 @@ def _chain_outputs(z: Tensor, w: Tensor, u: Tensor, b: Tensor, ladj: bool, keep:
     else:
         second = a.view(k, n, s).permute(2, 1, 0).reshape(*sample, *batch, k)
     z_k = z_k.transpose(0, 1).reshape(*full, d)
-    return z_k, second, (W, U, a, h, zs, *rep), (batch, full)
+    return z_k, second, (W, U, h, zs, *rep), (batch, full)
 
 
 class _PlanarChain(torch.autograd.Function):
@@ -279,7 +279,7 @@ class _PlanarChain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_zk, g_second):
-        inputs, (W, U, _, h, zs, *rep) = ctx.saved_tensors[:4], ctx.saved_tensors[4:]
+        inputs, (W, U, h, zs, *rep) = ctx.saved_tensors[:4], ctx.saved_tensors[4:]
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain recomputation instead
             ladj = ctx.meta[-1]
             grads = _recompute_grads(lambda *t: _chain_outputs(*t, ladj)[:2], inputs, (g_zk, g_second))
