@@ -720,14 +720,21 @@ def retain_freed_memory() -> bool:
 
     Returns True where set. A no-op (False) off Linux or off glibc, with ``NFVI_RETAIN_FREED_MEMORY=0`` (glibc's
     defaults), and where ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES`` are in the
-    environment (your own settings stand). Once per process.
+    environment (your own settings stand). Any other value of ``NFVI_RETAIN_FREED_MEMORY`` than 0 or 1 is a
+    one-line :class:`NfviError`. Once per process.
     """
     return _set_malloc()
 
 
 def _set_malloc() -> bool:
     env = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
-    if os.environ.get("NFVI_RETAIN_FREED_MEMORY", "1").strip() == "0":
+    choice = os.environ.get("NFVI_RETAIN_FREED_MEMORY", "").strip()
+    if choice not in ("", "0", "1"):
+        raise NfviError(
+            f"NFVI_RETAIN_FREED_MEMORY={choice!r}: use 1 (keep freed memory for reuse, the default) "
+            "or 0 (glibc's defaults)"
+        )
+    if choice == "0":
         return False
     if not sys.platform.startswith("linux") or any(os.environ.get(k) for k in env):
         return False

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from nfvi.errors import NonFiniteLossError
+from nfvi.errors import NfviError, NonFiniteLossError
 from nfvi.runs import MetricsLog, atomic_write_bytes, atomic_write_text, check_finite, new_file_mode
 
 
@@ -449,6 +449,9 @@ def test_every_command_keeps_freed_memory_with_glibcs_mallopt(monkeypatch, tmp_p
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
     monkeypatch.setenv("NFVI_RETAIN_FREED_MEMORY", "0")  # glibc's defaults
     assert runs._set_malloc() is False
+    monkeypatch.setenv("NFVI_RETAIN_FREED_MEMORY", "false")  # not a value it takes: one line, naming it
+    with pytest.raises(NfviError, match=r"NFVI_RETAIN_FREED_MEMORY='false': use 1 .* or 0"):
+        runs._set_malloc()
     monkeypatch.delenv("NFVI_RETAIN_FREED_MEMORY")
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))  # musl: its mallopt does nothing
     assert runs._set_malloc() is False
