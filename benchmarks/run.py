@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nfvi import kernels
 from nfvi.config import FlowConfig, OptimConfig
 from nfvi.estimators import default_batch_size, log_marginal_likelihood
 from nfvi.runs import retain_freed_memory
@@ -52,6 +53,7 @@ def machine_facts() -> dict:
         "torch": torch.__version__,
         "load_avg": " ".join(f"{v:.1f}" for v in os.getloadavg()),
         "malloc": "retained" if retain_freed_memory() else "default",  # nfvi.runs.retain_freed_memory
+        "kernels": "compiled" if kernels.enabled() and kernels.load() is not None else "torch",  # nfvi.kernels
     }
 
 

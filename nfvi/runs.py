@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from nfvi import kernels
 from nfvi.errors import NfviError, RunRefused
 from nfvi.trackers import flatten_config
 
@@ -825,6 +826,7 @@ class Run:
 
     def _setup(self) -> None:
         retain_freed_memory()
+        kernels.enabled()  # a bad NFVI_KERNELS ends here, in one line, before the run folder changes
         cfg = self.cfg
         if cfg is None:
             return

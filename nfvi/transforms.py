@@ -19,12 +19,15 @@ The fused planar and NICE chains (one autograd node for K layers) fall back to p
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import Transform, constraints
+
+from nfvi import kernels
 
 __all__ = [
     "FlowTransform",
@@ -225,7 +228,7 @@ def _chain_outputs(z: Tensor, w: Tensor, u: Tensor, b: Tensor, ladj: bool, keep:
     batch = _broadcast_shapes(w.shape[:-2], u.shape[:-2], b.shape[:-1])
     k, d = w.shape[-2:]
     full = _broadcast_shapes(z.shape[:-1], batch)
-    sample = full[: len(full) - len(batch)]
+    sample, batch = full[: len(full) - len(batch)], full[len(full) - len(batch) :]  # a size-1 batch axis broadcasts
     n, s = math.prod(batch), math.prod(sample)
     w3, u3 = (t.expand(*batch, k, d).reshape(n, k, d) for t in (w, u))
     B = b.expand(*batch, k).reshape(n, k).T.reshape(k, n, 1, 1)
@@ -257,6 +260,27 @@ def _chain_outputs(z: Tensor, w: Tensor, u: Tensor, b: Tensor, ladj: bool, keep:
     return z_k, second, (W, U, h, zs, *rep), (batch, full)
 
 
+def _compiled_outputs(z: Tensor, w: Tensor, u: Tensor, b: Tensor, keep: bool = False):
+    """:func:`_chain_outputs` with ``ladj`` through the compiled kernel (:mod:`nfvi.kernels`): the same
+    ``(z_K, log_det, saved, (batch, full))``, with ``saved = (u_hat, consts, zs)`` for :func:`kernels.planar_backward`.
+    ``w``, ``u`` and ``b`` are read in place (views of a parameter head's output need no copy)."""
+    batch = _broadcast_shapes(w.shape[:-2], u.shape[:-2], b.shape[:-1])
+    k, d = w.shape[-2:]
+    full = _broadcast_shapes(z.shape[:-1], batch)
+    sample, batch = full[: len(full) - len(batch)], full[len(full) - len(batch) :]  # a size-1 batch axis broadcasts
+    n, s = math.prod(batch), math.prod(sample)
+    w3, u3 = (t.expand(*batch, k, d).reshape(n, k, d) for t in (w, u))
+    u_hat, consts = kernels.planar_reparam(w3, u3)
+    z0 = z.expand(*full, d).reshape(s, n, d).transpose(0, 1)
+    z_k, ladj, zs = kernels.planar_forward(z0, w3, b.expand(*batch, k).reshape(n, k), u_hat, consts, keep)
+    return z_k.transpose(0, 1).reshape(*full, d), ladj.T.reshape(full), (u_hat, consts, zs), (batch, full)
+
+
+def _use_kernel(ladj: bool, *tensors: Tensor) -> bool:
+    """True where :func:`planar_chain_ladj` runs compiled: CPU float32 or float64 tensors, kernels available."""
+    return ladj and kernels.usable(*tensors)
+
+
 class _PlanarChain(torch.autograd.Function):
     """The K planar layers of :func:`planar_chain` / :func:`planar_chain_ladj` as one autograd node with a
     hand-written backward.
@@ -271,19 +295,24 @@ class _PlanarChain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, w, u, b, ladj):
+        ctx.compiled = _use_kernel(ladj, z, w, u, b)
         with torch.no_grad():
-            z_k, second, saved, (batch, full) = _chain_outputs(z, w, u, b, ladj, keep=True)
+            outputs = _compiled_outputs if ctx.compiled else functools.partial(_chain_outputs, ladj=ladj)
+            z_k, second, saved, (batch, full) = outputs(z, w, u, b, keep=True)
         ctx.save_for_backward(z, w, u, b, *saved)
         ctx.meta = (z.shape, w.shape, u.shape, b.shape, batch, full, ladj)
         return z_k, second
 
     @staticmethod
     def backward(ctx, g_zk, g_second):
-        inputs, (W, U, h, zs, *rep) = ctx.saved_tensors[:4], ctx.saved_tensors[4:]
+        inputs, saved = ctx.saved_tensors[:4], ctx.saved_tensors[4:]
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain recomputation instead
             ladj = ctx.meta[-1]
             grads = _recompute_grads(lambda *t: _chain_outputs(*t, ladj)[:2], inputs, (g_zk, g_second))
             return (*grads, None)
+        if ctx.compiled:
+            return (*_compiled_grads(ctx.meta, inputs, saved, g_zk, g_second), None)
+        W, U, h, zs, *rep = saved
         z_shape, w_shape, u_shape, b_shape, batch, full, ladj = ctx.meta
         k, n, s, d = zs.shape[0] - 1, *zs.shape[1:]
         gz = torch.empty_like(zs)  # gz[j] = dL/dz_j (gz[k]: at z_K)
@@ -333,6 +362,26 @@ class _PlanarChain(torch.autograd.Function):
         )
 
 
+def _compiled_grads(meta: tuple, inputs: tuple, saved: tuple, g_zk: Tensor | None, g_ladj: Tensor | None):
+    """The backward of :func:`_compiled_outputs` (:func:`kernels.planar_backward`), summed back to the inputs'
+    shapes: ``(g_z, g_w, g_u, g_b)``."""
+    z_shape, w_shape, u_shape, b_shape, batch, full, _ = meta
+    _, w, u, b = inputs
+    u_hat, consts, zs = saved
+    n, s, k, d = zs.shape
+    w3, u3 = (t.expand(*batch, k, d).reshape(n, k, d) for t in (w, u))
+    g_zk = None if g_zk is None else g_zk.reshape(s, n, d).transpose(0, 1)
+    g_ladj = None if g_ladj is None else g_ladj.reshape(s, n).T
+    b2 = b.expand(*batch, k).reshape(n, k)
+    g_z0, g_w, g_u, g_b = kernels.planar_backward(w3, u3, b2, u_hat, consts, zs, g_zk, g_ladj)
+    return (
+        g_z0.transpose(0, 1).reshape(*full, d).sum_to_size(z_shape),
+        g_w.reshape(*batch, k, d).sum_to_size(w_shape),
+        g_u.reshape(*batch, k, d).sum_to_size(u_shape),
+        g_b.reshape(*batch, k).sum_to_size(b_shape),
+    )
+
+
 def _recompute_grads(fn, inputs: tuple, grad_outputs: tuple) -> list:
     """The vector-Jacobian product of ``fn(*inputs)`` with ``grad_outputs``, recorded for higher derivatives
     (``create_graph=True``): the double-backward path of the fused chains. ``None`` for inputs needing no gradient."""
@@ -377,6 +426,8 @@ def planar_chain_ladj(z: Tensor, w: Tensor, u: Tensor, b: Tensor) -> tuple[Tenso
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (z, w, u, b)) and not _plain():
         return _PlanarChain.apply(z, w, u, b, True)
+    if _use_kernel(True, z, w, u, b) and not _recording(z, w, u, b):
+        return _compiled_outputs(z, w, u, b)[:2]
     return _chain_outputs(z, w, u, b, True)[:2]
 
 

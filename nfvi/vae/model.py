@@ -41,11 +41,12 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal
 
+from nfvi import kernels
 from nfvi.config import MAX_WIDTH, FlowConfig, store
 from nfvi.errors import NfviError, check_choice, check_int_range, check_range
 from nfvi.flows import Flow
 from nfvi.training import flow_from_config
-from nfvi.transforms import _plain
+from nfvi.transforms import _plain, _recompute_grads
 from nfvi.vae.conv import conv_architecture
 from nfvi.vae.gated_conv import GATE_INITS, gated_conv_architecture
 from nfvi.vae.likelihoods import SPECS
@@ -104,6 +105,39 @@ class ModelConfig:
 store("base_model", ModelConfig, group="model")
 
 
+class _WindowMax(torch.autograd.Function):
+    """The max over consecutive windows of the last axis through the compiled kernel (:mod:`nfvi.kernels`), with
+    ``amax``'s gradient (shared equally among ties). Under ``create_graph=True`` the backward differentiates
+    ``amax`` itself, so higher derivatives are exact."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, window: int) -> Tensor:
+        out = kernels.maxout_forward(x, window)
+        ctx.save_for_backward(x, out)
+        ctx.window = window
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out: Tensor):
+        x, out = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return *_recompute_grads(lambda t: _window_amax(t, ctx.window), (x,), (g_out,)), None
+        return kernels.maxout_backward(x, out, g_out, ctx.window), None
+
+
+def _window_amax(x: Tensor, window: int) -> Tensor:
+    return x.unflatten(-1, (-1, window)).amax(-1)
+
+
+def window_max(x: Tensor, window: int) -> Tensor:
+    """``x (*, units * window) -> (*, units)``: the max over consecutive windows of ``window`` values (maxout),
+    as ``x.unflatten(-1, (-1, window)).amax(-1)``, through the compiled kernel where it can (CPU float32 or
+    float64, outside ``torch.func``): one pass forward and one backward, against four to six for ``amax``."""
+    if kernels.usable(x):
+        return _WindowMax.apply(x, window)
+    return _window_amax(x, window)
+
+
 class Maxout(nn.Module):
     """``out`` maxout units: ``Linear(n_in, out * window)``, then the max over consecutive windows.
 
@@ -124,7 +158,7 @@ class Maxout(nn.Module):
             w = self.linear.weight.view(-1, self.window, n_in).transpose(0, 1).reshape(-1, n_in)
             b = self.linear.bias.view(-1, self.window).T.reshape(-1)
             return F.linear(x, w, b).unflatten(-1, (self.window, -1)).amax(-2)
-        return self.linear(x).unflatten(-1, (-1, self.window)).amax(-1)
+        return window_max(self.linear(x), self.window)
 
 
 def _hidden_layer(n_in: int, cfg) -> nn.Module:
