@@ -150,10 +150,10 @@ def load() -> ctypes.CDLL | None:
     for suffix in ("f32", "f64"):
         rep, fwd, bwd = (getattr(lib, f"planar_{name}_{suffix}") for name in ("reparam", "forward", "backward"))
         rep.restype = fwd.restype = bwd.restype = None
-        rep.argtypes = [_I64] * 3 + [_PTR, _PTR, _I64, _I64, _PTR, _PTR]
+        rep.argtypes = [_I64] * 3 + [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR]
         fwd.argtypes = [_I64] * 4 + [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR]
         fwd.argtypes += [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR]
-        bwd.argtypes = [_I64] * 4 + [_PTR, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR]
+        bwd.argtypes = [_I64] * 4 + [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR]
         bwd.argtypes += [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR]
         mf, mb = getattr(lib, f"maxout_forward_{suffix}"), getattr(lib, f"maxout_backward_{suffix}")
         mf.restype = mb.restype = None
@@ -173,12 +173,6 @@ def _ptr(t: Tensor | None) -> int | None:
 CONSTS = 8  # doubles per layer in planar.c's layer_consts
 
 
-def _params(w: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-    """``w`` and ``u`` with a unit last stride and one stride pattern (views where they have them)."""
-    w, u = _unit_last(w), _unit_last(u)
-    return (w, u) if w.stride() == u.stride() else (w.contiguous(), u.contiguous())
-
-
 def _unit_last(t: Tensor) -> Tensor:
     """``t`` with a unit stride along its last axis (a view where it has one)."""
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
@@ -188,11 +182,11 @@ def planar_reparam(w: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     """Appendix A.1 for ``w``, ``u (N, K, D)`` (any strides): ``u_hat (N, K, D)`` and the per-layer constants
     ``(N, K, 8)`` float64 (``w.u``, ``|w|^2``, ``softplus(+-w.u)``, ``r``, ...) that :func:`planar_forward` and
     :func:`planar_backward` read."""
-    w, u = _params(w, u)
+    w, u = _unit_last(w), _unit_last(u)
     n, k, d = w.shape
     u_hat, consts = torch.empty(n, k, d, dtype=w.dtype), torch.empty(n, k, CONSTS, dtype=torch.float64)
     fn = getattr(load(), f"planar_reparam_{_suffix(w)}")
-    fn(n, k, d, _ptr(w), _ptr(u), *w.stride()[:2], _ptr(u_hat), _ptr(consts))
+    fn(n, k, d, _ptr(w), *w.stride()[:2], _ptr(u), *u.stride()[:2], _ptr(u_hat), _ptr(consts))
     return u_hat, consts
 
 
@@ -232,7 +226,7 @@ def planar_backward(
     """Gradients of :func:`planar_forward` (``g_zk (N, S, D)``, ``g_ladj (N, S)``, either None for zero) with
     respect to ``z0 (N, S, D)`` (in an ``(S, N, D)`` buffer), ``w``, the raw ``u`` ``(N, K, D)`` and ``b (N, K)``."""
     n, s, k, d = zs.shape
-    w, u = _params(w, u)
+    w, u = _unit_last(w), _unit_last(u)
     g_zk = None if g_zk is None else _unit_last(g_zk)
     g_z0 = torch.empty(s, n, d, dtype=zs.dtype).transpose(0, 1)
     g_w, g_u, g_b = torch.empty(n, k, d, dtype=zs.dtype), torch.empty(n, k, d, dtype=zs.dtype), zs.new_empty(n, k)
@@ -240,9 +234,9 @@ def planar_backward(
     gl_strides = g_ladj.stride() if g_ladj is not None else (0, 0)
     scratch = torch.empty(d + 2 * k * (d + 1), dtype=torch.float64)
     fn = getattr(load(), f"planar_backward_{_suffix(zs)}")
-    fn(n, s, k, d, _ptr(w), _ptr(u), *w.stride()[:2], _ptr(b), *b.stride(), _ptr(u_hat), _ptr(consts), _ptr(zs),
-       _ptr(g_zk), *gk_strides, _ptr(g_ladj), *gl_strides, _ptr(g_z0), *g_z0.stride()[:2], _ptr(g_w), _ptr(g_u),
-       _ptr(g_b), _ptr(scratch))  # fmt: skip
+    fn(n, s, k, d, _ptr(w), *w.stride()[:2], _ptr(u), *u.stride()[:2], _ptr(b), *b.stride(), _ptr(u_hat),
+       _ptr(consts), _ptr(zs), _ptr(g_zk), *gk_strides, _ptr(g_ladj), *gl_strides, _ptr(g_z0), *g_z0.stride()[:2],
+       _ptr(g_w), _ptr(g_u), _ptr(g_b), _ptr(scratch))  # fmt: skip
     return g_z0, g_w, g_u, g_b
 
 

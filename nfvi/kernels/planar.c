@@ -11,7 +11,8 @@
  * w.u < -660), the same log f in log space.
  *
  * Layouts: element (n, s, d) of a (N, S, D) array at n * sn + s * ss + d; (n, k, d) of a (N, K, D) parameter at
- * n * pn + k * pk + d; b (n, k) at n * bn + k * bk. The saved layer inputs zs are (N, S, K, D), contiguous.
+ * n * pn + k * pk + d (u's: n * qn + k * qk + d); b (n, k) at n * bn + k * bk. The saved layer inputs zs are
+ * (N, S, K, D), contiguous.
  * Every product and sum inside a layer is taken in double; z, gradients and outputs are stored in T.
  */
 #include <math.h>
@@ -110,11 +111,11 @@ static inline double dot8(const double *acc, double tail) {
     }                                                                                                                 \
                                                                                                                       \
     /* Appendix A.1 for every layer: u_hat (N, K, D) and the constants (N, K), both contiguous */                     \
-    void planar_reparam_##SUFFIX(i64 N, i64 K, i64 D, const T *w, const T *u, i64 pn, i64 pk, T *u_hat,               \
-                                 layer_consts *c) {                                                                   \
+    void planar_reparam_##SUFFIX(i64 N, i64 K, i64 D, const T *w, i64 pn, i64 pk, const T *u, i64 qn, i64 qk,         \
+                                 T *u_hat, layer_consts *c) {                                                         \
         for (i64 n = 0; n < N; n++)                                                                                   \
             for (i64 k = 0; k < K; k++) {                                                                             \
-                const T *wk = w + n * pn + k * pk, *uk = u + n * pn + k * pk;                                         \
+                const T *wk = w + n * pn + k * pk, *uk = u + n * qn + k * qk;                                         \
                 layer_consts ck = consts_of(dot_##SUFFIX(wk, uk, D), dot_##SUFFIX(wk, wk, D));                        \
                 c[n * K + k] = ck;                                                                                    \
                 T *uh = u_hat + (n * K + k) * D;                                                                      \
@@ -148,14 +149,15 @@ static inline double dot8(const double *acc, double tail) {
     }                                                                                                                 \
                                                                                                                       \
     /* Gradients of sum(g_zk z_K) + sum(g_ladj ladj) (either NULL: zero) with respect to z0 (g_z0 at gzn, gzs),       \
-     * w, u ((N, K, D) contiguous) and b ((N, K) contiguous). gz: scratch, D + 2 K (D + 1) doubles. */                \
-    void planar_backward_##SUFFIX(i64 N, i64 S, i64 K, i64 D, const T *w, const T *u, i64 pn, i64 pk, const T *b,     \
-                                  i64 bn, i64 bk, const T *u_hat, const layer_consts *c, const T *zs, const T *g_zk,  \
-                                  i64 gkn, i64 gks, const T *g_ladj, i64 gln, i64 gls, T *g_z0, i64 gzn, i64 gzs,     \
-                                  T *g_w, T *g_u, T *g_b, double *gz) {                                               \
+     * w, u (g_w, g_u: (N, K, D) contiguous) and b (g_b: (N, K) contiguous). gz: scratch, D + 2 K (D + 1)
+     * doubles. */                                                                                                    \
+    void planar_backward_##SUFFIX(i64 N, i64 S, i64 K, i64 D, const T *w, i64 pn, i64 pk, const T *u, i64 qn, i64 qk, \
+                                  const T *b, i64 bn, i64 bk, const T *u_hat, const layer_consts *c, const T *zs,     \
+                                  const T *g_zk, i64 gkn, i64 gks, const T *g_ladj, i64 gln, i64 gls, T *g_z0,        \
+                                  i64 gzn, i64 gzs, T *g_w, T *g_u, T *g_b, double *gz) {                             \
         double *gw = gz + D, *guh = gw + K * D, *gwu = guh + K * D, *gb = gwu + K;                                    \
         for (i64 n = 0; n < N; n++) {                                                                                 \
-            const T *wn = w + n * pn, *un = u + n * pn, *uhn = u_hat + n * K * D;                                     \
+            const T *wn = w + n * pn, *u_n = u + n * qn, *uhn = u_hat + n * K * D;                                    \
             const layer_consts *cn = c + n * K;                                                                       \
             memset(gw, 0, sizeof(double) * (2 * K * D + 2 * K));                                                      \
             for (i64 s = 0; s < S; s++) {                                                                             \
@@ -182,13 +184,13 @@ static inline double dot8(const double *acc, double tail) {
             }                                                                                                         \
             /* back through u_hat = u + r w, r = (softplus(-w.u) - 1) / |w|^2, and the log-det's own w.u */           \
             for (i64 k = 0; k < K; k++) {                                                                             \
-                const T *wk = wn + k * pk, *uk = un + k * pk;                                                         \
+                const T *wk = wn + k * pk, *u_k = u_n + k * qk;                                                       \
                 const double *guhk = guh + k * D;                                                                     \
                 double t = dotd_##SUFFIX(wk, guhk, D), q = cn[k].q, r = cn[k].r;                                      \
                 double alpha = gwu[k] - t * cn[k].sig_neg / q, beta = -2.0 * t * (cn[k].spn - 1.0) / (q * q);         \
                 T *gwo = g_w + (n * K + k) * D, *guo = g_u + (n * K + k) * D;                                         \
                 for (i64 i = 0; i < D; i++) {                                                                         \
-                    gwo[i] = (T)(gw[k * D + i] + r * guhk[i] + alpha * (double)uk[i] + beta * (double)wk[i]);         \
+                    gwo[i] = (T)(gw[k * D + i] + r * guhk[i] + alpha * (double)u_k[i] + beta * (double)wk[i]);        \
                     guo[i] = (T)(guhk[i] + alpha * (double)wk[i]);                                                    \
                 }                                                                                                     \
                 g_b[n * K + k] = (T)gb[k];                                                                            \

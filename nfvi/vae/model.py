@@ -141,10 +141,12 @@ def window_max(x: Tensor, window: int) -> Tensor:
 class Maxout(nn.Module):
     """``out`` maxout units: ``Linear(n_in, out * window)``, then the max over consecutive windows.
 
-    Speed: with many rows (more than twice ``n_in``, e.g. the decoder in importance sampling), the product is taken
-    with the weight's rows reordered piece-major (a copy of the small weight), so that the max runs over ``window``
-    contiguous blocks of ``out`` values instead of ``out`` windows of ``window`` (3-4x faster on the CPU). The
-    same units and parameters; the max is exact, so only the product's rounding can differ.
+    Speed: on the CPU (float32 or float64) the max and its backward run in the compiled kernel
+    (:func:`window_max`, one pass each). Without it, with many rows (more than twice ``n_in``, e.g. the decoder in
+    importance sampling), the product is taken with the weight's rows reordered piece-major (a copy of the small
+    weight), so that ``amax`` runs over ``window`` contiguous blocks of ``out`` values instead of ``out`` windows of
+    ``window`` (3-4x faster). The same units and parameters; the max is exact, so only the product's rounding can
+    differ.
     """
 
     def __init__(self, n_in: int, n_out: int, window: int):
@@ -154,7 +156,7 @@ class Maxout(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n_in = x.shape[-1]
-        if x.numel() > 2 * n_in * n_in:  # rows > 2 n_in
+        if x.numel() > 2 * n_in * n_in and not kernels.usable(x):  # rows > 2 n_in, and no compiled window max
             w = self.linear.weight.view(-1, self.window, n_in).transpose(0, 1).reshape(-1, n_in)
             b = self.linear.bias.view(-1, self.window).T.reshape(-1)
             return F.linear(x, w, b).unflatten(-1, (self.window, -1)).amax(-2)
