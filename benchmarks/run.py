@@ -25,7 +25,7 @@ from nfvi import kernels
 from nfvi.config import FlowConfig, OptimConfig
 from nfvi.estimators import default_batch_size, log_marginal_likelihood
 from nfvi.runs import retain_freed_memory
-from nfvi.training import clip_gradients, optimizer_from_config
+from nfvi.training import optimizer_from_config, step_with_norm
 from nfvi.vae.model import ModelConfig, build_model
 from nfvi.vae.objectives import annealed_loss, beta_schedule, free_energy_terms
 
@@ -143,8 +143,7 @@ def make_nfvi_step(k: int, batch: int = BATCH, seed: int = 0, compile_optimizer:
         float(loss.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        float(clip_gradients(params, float("inf")))
-        opt.step()
+        float(step_with_norm(opt, params))  # clip_gradients(params, inf) and opt.step(), as Trainer.train_step
         state["step"] += 1
 
     return step

@@ -11,8 +11,10 @@ import math
 import types
 
 import torch
+import torch.optim.optimizer as torch_optimizer
 from omegaconf import DictConfig
 
+from nfvi import kernels
 from nfvi.config import FlowConfig, OptimConfig
 from nfvi.errors import DivergenceError, NonFiniteLossError
 from nfvi.flows import Flow, build_flow
@@ -26,6 +28,7 @@ __all__ = [
     "check_finite",
     "divergence_limit",
     "clip_gradients",
+    "step_with_norm",
     "compile_optimizer_step",
     "cosine_factor",
     "cosine_scheduler",
@@ -184,6 +187,77 @@ def clip_gradients(params, max_norm: float) -> torch.Tensor:
     if math.isfinite(max_norm):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
     return norm
+
+
+def step_with_norm(optimizer: torch.optim.Optimizer, params) -> torch.Tensor:
+    """``optimizer.step()`` and the global gradient norm of ``params``, as ``clip_gradients(params, inf)`` before
+    the step reports it (nothing is rescaled): the trainer's update without gradient clipping.
+
+    For RMSprop on the CPU (float32 or float64, not centered, not maximize, no step hooks, the same parameters as
+    ``params``) the step and the norm are one pass over each gradient (:func:`nfvi.kernels.rmsprop_step`, torch's
+    per-tensor arithmetic; the state is torch's own ``step``, ``square_avg`` and ``momentum_buffer``, so
+    ``state_dict`` and resuming see what they always saw). The norm was a second pass over every gradient: 0.9 ms
+    of Table 2's K=80 update (17 MB of gradients; docs/performance.md). Elsewhere, or with ``NFVI_KERNELS=0``:
+    :func:`clip_gradients`, then ``optimizer.step()``.
+    """
+    work = _fused_rmsprop_work(optimizer, params)
+    if work is None:
+        norm = clip_gradients(params, float("inf"))
+        optimizer.step()
+        return norm
+    total = 0.0
+    for group, items in work:
+        lr, alpha, eps = float(group["lr"]), group["alpha"], group["eps"]
+        weight_decay, momentum = group["weight_decay"], group["momentum"]
+        for p, state in items:
+            if not state:  # torch's RMSprop._init_group
+                state["step"] = torch.zeros((), dtype=_scalar_dtype())
+                state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if momentum > 0:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            buf = state.get("momentum_buffer")
+            total += kernels.rmsprop_step(
+                p.detach(), p.grad, state["square_avg"], buf, lr, alpha, eps, weight_decay, momentum
+            )
+    return torch.tensor(math.sqrt(total), dtype=torch.float32)
+
+
+def _scalar_dtype() -> torch.dtype:
+    """The dtype of torch's optimizer step counters (``torch.optim.optimizer._get_scalar_dtype``)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _fused_rmsprop_work(optimizer, params) -> list | None:
+    """``[(group, [(param, state), ...]), ...]`` where :func:`step_with_norm` can take ``optimizer``'s step in the
+    compiled kernel; None where it cannot (another optimizer, a setting the kernel lacks, hooks, tensors off the
+    CPU or not contiguous, ``params`` not the optimizer's parameters)."""
+    if type(optimizer) is not torch.optim.RMSprop:
+        return None
+    hooks = (optimizer, torch_optimizer)  # step hooks (the instance's, then the global ones) run only in step()
+    names = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_global_optimizer_pre_hooks")
+    if any(getattr(owner, name, None) for owner in hooks for name in (*names, "_global_optimizer_post_hooks")):
+        return None
+    work, seen = [], set()
+    for group in optimizer.param_groups:
+        if group["centered"] or group["maximize"] or group["differentiable"] or group["capturable"]:
+            return None
+        items = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = optimizer.state[p]
+            tensors = [p, p.grad, *(state[k] for k in ("square_avg", "momentum_buffer") if k in state)]
+            if not kernels.usable(*tensors) or not all(t.is_contiguous() and t.shape == p.shape for t in tensors):
+                return None
+            if p.grad.is_sparse or torch.is_complex(p):
+                return None
+            items.append((p, state))
+            seen.add(id(p))
+        work.append((group, items))
+    if seen != {id(p) for p in params if p.grad is not None}:
+        return None
+    return work
 
 
 def beta_schedule(step: int, beta0: float = 0.01, anneal_steps: int = 10000, anneal: bool = True) -> float:

@@ -1,10 +1,12 @@
 """Hand-written CPU kernels, compiled once per machine from the C sources shipped beside this file.
 
-Two, both on the training update's path (docs/performance.md):
+Three, all on the training update's path (docs/performance.md):
 
 - ``planar.c``: :func:`nfvi.transforms.planar_chain_ladj`'s K layers, log-determinants and hand-written backward
   as one loop per sample, instead of some thirty torch operations over ``(K, B, D)`` buffers;
-- ``maxout.c``: the max of :class:`nfvi.vae.model.Maxout` over windows and its backward, one pass each.
+- ``maxout.c``: the max of :class:`nfvi.vae.model.Maxout` over windows and its backward, one pass each;
+- ``rmsprop.c``: torch's RMSprop step with the gradient's squared norm in the same pass
+  (:func:`nfvi.training.step_with_norm`).
 
 nfvi stays a pure-Python wheel: the first use compiles the sources with the machine's C compiler (``$CC``, else
 ``cc``, ``gcc`` or ``clang``; about a second) into ``$XDG_CACHE_HOME/nfvi/kernels`` (``~/.cache/nfvi/kernels``;
@@ -45,14 +47,15 @@ __all__ = [
     "planar_backward",
     "planar_forward",
     "planar_reparam",
+    "rmsprop_step",
     "supports",
     "usable",
 ]
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("maxout.c", "planar.c"))
-FLAGS = ("-O3", "-shared", "-fPIC", "-std=gnu11")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("maxout.c", "planar.c", "rmsprop.c"))
+FLAGS = ("-O3", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11")
 NATIVE = ("-march=native",)  # tried first; dropped where the compiler refuses it
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
@@ -159,6 +162,9 @@ def load() -> ctypes.CDLL | None:
         mf.restype = mb.restype = None
         mf.argtypes = [_I64] * 3 + [_PTR, _I64, _PTR]
         mb.argtypes = [_I64] * 3 + [_PTR, _I64, _PTR, _PTR, _PTR]
+        rms = getattr(lib, f"rmsprop_step_{suffix}")
+        rms.restype = ctypes.c_double
+        rms.argtypes = [_I64, _PTR, _PTR, _PTR, _PTR] + [ctypes.c_double] * 5
     return lib
 
 
@@ -267,3 +273,21 @@ def maxout_backward(x: Tensor, out: Tensor, g_out: Tensor, window: int) -> Tenso
     fn = getattr(load(), f"maxout_backward_{_suffix(x)}")
     fn(rows.shape[0], units, window, _ptr(rows), rows.stride(0), _ptr(out), _ptr(g_out), _ptr(g_x))
     return g_x
+
+
+def rmsprop_step(
+    p: Tensor,
+    grad: Tensor,
+    square_avg: Tensor,
+    momentum_buffer: Tensor | None,
+    lr: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+) -> float:
+    """One torch RMSprop step (not centered, not maximize) of ``p`` in place, with its state; returns the sum of
+    the squared gradient (before weight decay). All tensors contiguous, on the CPU, of ``p``'s dtype."""
+    fn = getattr(load(), f"rmsprop_step_{_suffix(p)}")
+    buf = _ptr(momentum_buffer) if momentum > 0 else None
+    return fn(p.numel(), _ptr(p), _ptr(grad), _ptr(square_avg), buf, lr, alpha, eps, weight_decay, momentum)

@@ -75,6 +75,7 @@ from nfvi.training import (
     cosine_factor,
     early_stop_due,
     optimizer_from_config,
+    step_with_norm,
 )
 from nfvi.vae.checkpoint import (
     BEST,
@@ -415,8 +416,11 @@ class Trainer:
         loss, neg_elbo = self._loss_fn(x, beta)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = clip_gradients(self.params, t.grad_clip if t.grad_clip > 0 else float("inf"))  # foreach path
-        self.optimizer.step()
+        if t.grad_clip > 0:
+            grad_norm = clip_gradients(self.params, t.grad_clip)  # foreach path
+            self.optimizer.step()
+        else:  # the norm only reported: with RMSprop on the CPU, in the step's own pass over the gradients
+            grad_norm = step_with_norm(self.optimizer, self.params)
         self.step += 1
         return {"loss": loss.detach(), "neg_elbo": neg_elbo, "grad_norm": grad_norm.detach()}
 
