@@ -185,3 +185,66 @@ def test_the_library_is_built_once_into_the_cache_named_by_its_hash(monkeypatch,
         assert kernels.load() is not None and built.stat().st_mtime_ns == stamp  # reused, not rebuilt
     finally:
         kernels.load.cache_clear()
+
+
+def _rmsprop_pair(momentum: float, weight_decay: float, dtype=torch.float32, **extra):
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(37, 5), (101,), (3, 4, 6)]
+    ours = [torch.nn.Parameter(torch.randn(*s, generator=gen, dtype=dtype)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    kwargs = {"lr": 1e-3, "momentum": momentum, "weight_decay": weight_decay, "eps": 1e-8, **extra}
+    return ours, theirs, torch.optim.RMSprop(ours, **kwargs), torch.optim.RMSprop(theirs, **kwargs)
+
+
+@needs_kernels
+@pytest.mark.parametrize("momentum, weight_decay", [(0.9, 0.0), (0.0, 0.1), (0.5, 1e-3)])
+def test_step_with_norm_is_torchs_rmsprop_step_and_its_gradient_norm(momentum, weight_decay):
+    """30 steps through the kernel against clip_gradients(inf) + torch's RMSprop.step: the same norms, parameters
+    and state (step, square_avg, momentum_buffer) to float32 rounding, and a state_dict with torch's keys."""
+    from nfvi.training import _fused_rmsprop_work, clip_gradients, step_with_norm
+
+    ours, theirs, opt, ref = _rmsprop_pair(momentum, weight_decay)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(30):
+        for p, q in zip(ours, theirs, strict=True):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        assert _fused_rmsprop_work(opt, ours) is not None  # the kernel's path, not the fallback
+        norm = step_with_norm(opt, ours)
+        want = clip_gradients(theirs, float("inf"))
+        ref.step()
+        torch.testing.assert_close(norm, want, rtol=1e-6, atol=0)
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for key in ref.state[q]:
+            torch.testing.assert_close(opt.state[p][key], ref.state[q][key], rtol=1e-5, atol=1e-5)  # buf: O(10)
+    assert opt.state_dict()["state"][0].keys() == ref.state_dict()["state"][0].keys()
+
+
+def test_step_with_norm_falls_back_to_torchs_step_where_the_kernel_cannot(monkeypatch):
+    """Centered RMSprop, Adam, a step hook, a parameter list that is not the optimizer's, float16 and
+    NFVI_KERNELS=0 take clip_gradients + optimizer.step(): the same numbers as calling those."""
+    from nfvi.training import _fused_rmsprop_work, clip_gradients, step_with_norm
+
+    cases = [
+        _rmsprop_pair(0.9, 0.0, centered=True)[::2],
+        (lambda p: (p, torch.optim.Adam(p, lr=1e-3)))([torch.nn.Parameter(torch.randn(7))]),
+        _rmsprop_pair(0.0, 0.0, dtype=torch.float16)[::2],
+    ]
+    hooked = _rmsprop_pair(0.9, 0.0)[::2]
+    hooked[1].register_step_post_hook(lambda *a: None)
+    cases.append(hooked)
+    for params, opt in cases:
+        for p in params:
+            p.grad = torch.ones_like(p)
+        assert _fused_rmsprop_work(opt, params) is None
+        before = [p.detach().clone() for p in params]
+        norm = step_with_norm(opt, params)
+        assert float(norm) == pytest.approx(float(clip_gradients(params, float("inf"))), rel=1e-3)
+        assert any(not torch.equal(p, b) for p, b in zip(params, before, strict=True))  # stepped
+    params, opt = _rmsprop_pair(0.9, 0.0)[::2]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    assert _fused_rmsprop_work(opt, params[:1]) is None  # params not the optimizer's: the norm would differ
+    monkeypatch.setenv("NFVI_KERNELS", "0")
+    assert _fused_rmsprop_work(opt, params) is None
