@@ -262,7 +262,8 @@ def _chain_outputs(z: Tensor, w: Tensor, u: Tensor, b: Tensor, ladj: bool, keep:
 
 def _compiled_outputs(z: Tensor, w: Tensor, u: Tensor, b: Tensor, keep: bool = False):
     """:func:`_chain_outputs` with ``ladj`` through the compiled kernel (:mod:`nfvi.kernels`): the same
-    ``(z_K, log_det, saved, (batch, full))``, with ``saved = (u_hat, consts, zs)`` for :func:`kernels.planar_backward`.
+    ``(z_K, log_det, saved, (batch, full))``, with ``saved = (u_hat, consts, zs, terms)`` (``keep``) for
+    :func:`kernels.planar_backward`.
     ``w``, ``u`` and ``b`` are read in place (views of a parameter head's output need no copy)."""
     batch = _broadcast_shapes(w.shape[:-2], u.shape[:-2], b.shape[:-1])
     k, d = w.shape[-2:]
@@ -272,8 +273,9 @@ def _compiled_outputs(z: Tensor, w: Tensor, u: Tensor, b: Tensor, keep: bool = F
     w3, u3 = (t.expand(*batch, k, d).reshape(n, k, d) for t in (w, u))
     u_hat, consts = kernels.planar_reparam(w3, u3)
     z0 = z.expand(*full, d).reshape(s, n, d).transpose(0, 1)
-    z_k, ladj, zs = kernels.planar_forward(z0, w3, b.expand(*batch, k).reshape(n, k), u_hat, consts, keep)
-    return z_k.transpose(0, 1).reshape(*full, d), ladj.T.reshape(full), (u_hat, consts, zs), (batch, full)
+    z_k, ladj, saved = kernels.planar_forward(z0, w3, b.expand(*batch, k).reshape(n, k), u_hat, consts, keep)
+    saved = (u_hat, consts, *saved) if keep else ()
+    return z_k.transpose(0, 1).reshape(*full, d), ladj.T.reshape(full), saved, (batch, full)
 
 
 def _use_kernel(ladj: bool, *tensors: Tensor) -> bool:
@@ -366,14 +368,13 @@ def _compiled_grads(meta: tuple, inputs: tuple, saved: tuple, g_zk: Tensor | Non
     """The backward of :func:`_compiled_outputs` (:func:`kernels.planar_backward`), summed back to the inputs'
     shapes: ``(g_z, g_w, g_u, g_b)``."""
     z_shape, w_shape, u_shape, b_shape, batch, full, _ = meta
-    _, w, u, b = inputs
-    u_hat, consts, zs = saved
+    _, w, u, _ = inputs
+    u_hat, consts, zs, terms = saved
     n, s, k, d = zs.shape
     w3, u3 = (t.expand(*batch, k, d).reshape(n, k, d) for t in (w, u))
     g_zk = None if g_zk is None else g_zk.reshape(s, n, d).transpose(0, 1)
     g_ladj = None if g_ladj is None else g_ladj.reshape(s, n).T
-    b2 = b.expand(*batch, k).reshape(n, k)
-    g_z0, g_w, g_u, g_b = kernels.planar_backward(w3, u3, b2, u_hat, consts, zs, g_zk, g_ladj)
+    g_z0, g_w, g_u, g_b = kernels.planar_backward(w3, u3, u_hat, consts, (zs, terms), g_zk, g_ladj)
     return (
         g_z0.transpose(0, 1).reshape(*full, d).sum_to_size(z_shape),
         g_w.reshape(*batch, k, d).sum_to_size(w_shape),

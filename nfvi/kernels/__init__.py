@@ -155,8 +155,8 @@ def load() -> ctypes.CDLL | None:
         rep.restype = fwd.restype = bwd.restype = None
         rep.argtypes = [_I64] * 3 + [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR]
         fwd.argtypes = [_I64] * 4 + [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR]
-        fwd.argtypes += [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR]
-        bwd.argtypes = [_I64] * 4 + [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR]
+        fwd.argtypes += [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR]
+        bwd.argtypes = [_I64] * 4 + [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR]
         bwd.argtypes += [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR]
         mf, mb = getattr(lib, f"maxout_forward_{suffix}"), getattr(lib, f"maxout_backward_{suffix}")
         mf.restype = mb.restype = None
@@ -198,13 +198,14 @@ def planar_reparam(w: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
 
 def planar_forward(
     z0: Tensor, w: Tensor, b: Tensor, u_hat: Tensor, consts: Tensor, keep: bool
-) -> tuple[Tensor, Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
     """K planar layers (Eq. 10) and their summed log-determinants (Eq. 11-12), compiled.
 
     ``z0 (N, S, D)``, ``w (N, K, D)`` and ``b (N, K)`` with any strides (views of a parameter head's output are
     read in place), ``u_hat`` and ``consts`` from :func:`planar_reparam`. Returns ``z_K (N, S, D)`` (in an
-    ``(S, N, D)`` buffer), ``ladj (N, S)`` (in ``(S, N)``) and, with ``keep``, every layer's input
-    ``zs (N, S, K, D)`` for :func:`planar_backward`.
+    ``(S, N, D)`` buffer), ``ladj (N, S)`` (in ``(S, N)``) and, with ``keep``, what :func:`planar_backward`
+    reads: every layer's input ``zs (N, S, K, D)`` and its ``tanh a``, ``sech^2 a`` and the log-determinant's
+    derivatives, ``terms (N, S, K, 4)`` float64.
     """
     n, s, d = z0.shape
     k = w.shape[1]
@@ -212,25 +213,28 @@ def planar_forward(
     z_k = torch.empty(s, n, d, dtype=z0.dtype).transpose(0, 1)
     ladj = torch.empty(s, n, dtype=z0.dtype).T
     zs = torch.empty(n, s, k, d, dtype=z0.dtype) if keep else None
+    terms = torch.empty(n, s, k, 4, dtype=torch.float64) if keep else None
     scratch = torch.empty(d, dtype=z0.dtype)
     fn = getattr(load(), f"planar_forward_{_suffix(z0)}")
     fn(n, s, k, d, _ptr(z0), *z0.stride()[:2], _ptr(w), *w.stride()[:2], _ptr(b), *b.stride(), _ptr(u_hat),
-       _ptr(consts), _ptr(z_k), *z_k.stride()[:2], _ptr(ladj), *ladj.stride(), _ptr(zs), _ptr(scratch))  # fmt: skip
-    return z_k, ladj, zs
+       _ptr(consts), _ptr(z_k), *z_k.stride()[:2], _ptr(ladj), *ladj.stride(), _ptr(zs), _ptr(terms),
+       _ptr(scratch))  # fmt: skip
+    return z_k, ladj, (zs, terms) if keep else None
 
 
 def planar_backward(
     w: Tensor,
     u: Tensor,
-    b: Tensor,
     u_hat: Tensor,
     consts: Tensor,
-    zs: Tensor,
+    saved: tuple[Tensor, Tensor],
     g_zk: Tensor | None,
     g_ladj: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of :func:`planar_forward` (``g_zk (N, S, D)``, ``g_ladj (N, S)``, either None for zero) with
-    respect to ``z0 (N, S, D)`` (in an ``(S, N, D)`` buffer), ``w``, the raw ``u`` ``(N, K, D)`` and ``b (N, K)``."""
+    respect to ``z0 (N, S, D)`` (in an ``(S, N, D)`` buffer), ``w``, the raw ``u`` ``(N, K, D)`` and ``b (N, K)``;
+    ``saved``: the forward's ``(zs, terms)``."""
+    zs, terms = saved
     n, s, k, d = zs.shape
     w, u = _unit_last(w), _unit_last(u)
     g_zk = None if g_zk is None else _unit_last(g_zk)
@@ -240,8 +244,8 @@ def planar_backward(
     gl_strides = g_ladj.stride() if g_ladj is not None else (0, 0)
     scratch = torch.empty(d + 2 * k * (d + 1), dtype=torch.float64)
     fn = getattr(load(), f"planar_backward_{_suffix(zs)}")
-    fn(n, s, k, d, _ptr(w), *w.stride()[:2], _ptr(u), *u.stride()[:2], _ptr(b), *b.stride(), _ptr(u_hat),
-       _ptr(consts), _ptr(zs), _ptr(g_zk), *gk_strides, _ptr(g_ladj), *gl_strides, _ptr(g_z0), *g_z0.stride()[:2],
+    fn(n, s, k, d, _ptr(w), *w.stride()[:2], _ptr(u), *u.stride()[:2], _ptr(u_hat), _ptr(consts), _ptr(zs),
+       _ptr(terms), _ptr(g_zk), *gk_strides, _ptr(g_ladj), *gl_strides, _ptr(g_z0), *g_z0.stride()[:2],
        _ptr(g_w), _ptr(g_u), _ptr(g_b), _ptr(scratch))  # fmt: skip
     return g_z0, g_w, g_u, g_b
 

@@ -123,11 +123,12 @@ static inline double dot8(const double *acc, double tail) {
             }                                                                                                         \
     }                                                                                                                 \
                                                                                                                       \
-    /* z_K and ladj = sum_k log f_k per (n, s); with zs (not NULL), every layer's input z_k, (N, S, K, D).
+    /* z_K and ladj = sum_k log f_k per (n, s). For the backward (where zs is not NULL): every layer's input z_k      \
+     * (zs, (N, S, K, D)) and its tanh a, sech^2 a, d log f / d a and d log f / d(w.u) (terms, (N, S, K, 4)).         \
      * z: scratch, D values. */                                                                                       \
     void planar_forward_##SUFFIX(i64 N, i64 S, i64 K, i64 D, const T *z0, i64 z0n, i64 z0s, const T *w, i64 pn,       \
                                  i64 pk, const T *b, i64 bn, i64 bk, const T *u_hat, const layer_consts *c, T *zk,    \
-                                 i64 zkn, i64 zks, T *ladj, i64 ln, i64 ls, T *zs, T *z) {                            \
+                                 i64 zkn, i64 zks, T *ladj, i64 ln, i64 ls, T *zs, double *terms, T *z) {             \
         for (i64 n = 0; n < N; n++) {                                                                                 \
             const T *wn = w + n * pn, *uhn = u_hat + n * K * D;                                                       \
             const layer_consts *cn = c + n * K;                                                                       \
@@ -135,9 +136,14 @@ static inline double dot8(const double *acc, double tail) {
                 memcpy(z, z0 + n * z0n + s * z0s, sizeof(T) * D);                                                     \
                 double total = 0.0;                                                                                   \
                 for (i64 k = 0; k < K; k++) {                                                                         \
-                    if (zs) memcpy(zs + ((n * S + s) * K + k) * D, z, sizeof(T) * D);                                 \
                     double a = (double)b[n * bn + k * bk] + dot_##SUFFIX(wn + k * pk, z, D);                          \
-                    layer_terms t = terms_of(a, cn + k, 1, 0);                                                        \
+                    layer_terms t = terms_of(a, cn + k, 1, zs != 0);                                                  \
+                    if (zs) {                                                                                         \
+                        i64 at = (n * S + s) * K + k;                                                                 \
+                        memcpy(zs + at * D, z, sizeof(T) * D);                                                        \
+                        double *saved = terms + 4 * at;                                                               \
+                        saved[0] = t.h, saved[1] = t.s, saved[2] = t.d_a, saved[3] = t.d_wu;                          \
+                    }                                                                                                 \
                     const T *uh = uhn + k * D;                                                                        \
                     for (i64 i = 0; i < D; i++) z[i] = (T)((double)z[i] + (double)uh[i] * t.h);                       \
                     total += t.log_f;                                                                                 \
@@ -149,10 +155,10 @@ static inline double dot8(const double *acc, double tail) {
     }                                                                                                                 \
                                                                                                                       \
     /* Gradients of sum(g_zk z_K) + sum(g_ladj ladj) (either NULL: zero) with respect to z0 (g_z0 at gzn, gzs),       \
-     * w, u (g_w, g_u: (N, K, D) contiguous) and b (g_b: (N, K) contiguous). gz: scratch, D + 2 K (D + 1)
-     * doubles. */                                                                                                    \
+     * w, u (g_w, g_u: (N, K, D) contiguous) and b (g_b: (N, K) contiguous), from the forward's zs and terms.         \
+     * gz: scratch, D + 2 K (D + 1) doubles. */                                                                       \
     void planar_backward_##SUFFIX(i64 N, i64 S, i64 K, i64 D, const T *w, i64 pn, i64 pk, const T *u, i64 qn, i64 qk, \
-                                  const T *b, i64 bn, i64 bk, const T *u_hat, const layer_consts *c, const T *zs,     \
+                                  const T *u_hat, const layer_consts *c, const T *zs, const double *terms,            \
                                   const T *g_zk, i64 gkn, i64 gks, const T *g_ladj, i64 gln, i64 gls, T *g_z0,        \
                                   i64 gzn, i64 gzs, T *g_w, T *g_u, T *g_b, double *gz) {                             \
         double *gw = gz + D, *guh = gw + K * D, *gwu = guh + K * D, *gb = gwu + K;                                    \
@@ -164,19 +170,19 @@ static inline double dot8(const double *acc, double tail) {
                 for (i64 i = 0; i < D; i++) gz[i] = g_zk ? (double)g_zk[n * gkn + s * gks + i] : 0.0;                 \
                 double g_l = g_ladj ? (double)g_ladj[n * gln + s * gls] : 0.0;                                        \
                 for (i64 k = K - 1; k >= 0; k--) {                                                                    \
-                    const T *z = zs + ((n * S + s) * K + k) * D, *wk = wn + k * pk;                                   \
-                    double a = (double)b[n * bn + k * bk] + dot_##SUFFIX(wk, z, D);                                   \
-                    layer_terms t = terms_of(a, cn + k, 0, g_l != 0.0);                                               \
-                    double g_a = t.s * dotd_##SUFFIX(uhn + k * D, gz, D);                                             \
+                    i64 at = (n * S + s) * K + k;                                                                     \
+                    const T *z = zs + at * D, *wk = wn + k * pk;                                                      \
+                    const double *t = terms + 4 * at; /* tanh a, sech^2 a, d log f / d a, d log f / d(w.u) */         \
+                    double g_a = t[1] * dotd_##SUFFIX(uhn + k * D, gz, D);                                            \
                     if (g_l != 0.0) {                                                                                 \
-                        g_a += g_l * t.d_a;                                                                           \
-                        gwu[k] += g_l * t.d_wu;                                                                       \
+                        g_a += g_l * t[2];                                                                            \
+                        gwu[k] += g_l * t[3];                                                                         \
                     }                                                                                                 \
                     gb[k] += g_a;                                                                                     \
                     double *gwk = gw + k * D, *guhk = guh + k * D;                                                    \
                     for (i64 i = 0; i < D; i++) {                                                                     \
                         gwk[i] += g_a * (double)z[i];                                                                 \
-                        guhk[i] += t.h * gz[i];                                                                       \
+                        guhk[i] += t[0] * gz[i];                                                                      \
                         gz[i] += g_a * (double)wk[i];                                                                 \
                     }                                                                                                 \
                 }                                                                                                     \
