@@ -28,6 +28,7 @@ __all__ = [
     "check_finite",
     "divergence_limit",
     "clip_gradients",
+    "match_state_layout",
     "step_with_norm",
     "compile_optimizer_step",
     "cosine_factor",
@@ -223,6 +224,23 @@ def step_with_norm(optimizer: torch.optim.Optimizer, params) -> torch.Tensor:
     return torch.tensor(math.sqrt(total), dtype=torch.float32)
 
 
+def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each optimizer state tensor its parameter's memory layout (the same values), in place: state loaded
+    from a checkpoint written before the amortized flow heads were stored column-major is row-major, and
+    :func:`step_with_norm`'s one-pass step needs the parameter's layout (elsewhere torch's step runs, slower)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype, device=value.device).copy_(value)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """True where ``t``'s elements fill its storage without gaps, in row-major order or (2-D) transposed."""
+    return t.is_contiguous() or (t.dim() == 2 and t.t().is_contiguous())
+
+
 def _scalar_dtype() -> torch.dtype:
     """The dtype of torch's optimizer step counters (``torch.optim.optimizer._get_scalar_dtype``)."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
@@ -231,7 +249,7 @@ def _scalar_dtype() -> torch.dtype:
 def _fused_rmsprop_work(optimizer, params) -> list | None:
     """``[(group, [(param, state), ...]), ...]`` where :func:`step_with_norm` can take ``optimizer``'s step in the
     compiled kernel; None where it cannot (another optimizer, a setting the kernel lacks, hooks, tensors off the
-    CPU or not contiguous, ``params`` not the optimizer's parameters)."""
+    CPU, not dense or not of one layout, ``params`` not the optimizer's parameters)."""
     if type(optimizer) is not torch.optim.RMSprop:
         return None
     hooks = (optimizer, torch_optimizer)  # step hooks (the instance's, then the global ones) run only in step()
@@ -248,8 +266,8 @@ def _fused_rmsprop_work(optimizer, params) -> list | None:
                 continue
             state = optimizer.state[p]
             tensors = [p, p.grad, *(state[k] for k in ("square_avg", "momentum_buffer") if k in state)]
-            if not kernels.usable(*tensors) or not all(t.is_contiguous() and t.shape == p.shape for t in tensors):
-                return None
+            if not kernels.usable(*tensors) or not _dense(p) or any(t.stride() != p.stride() for t in tensors):
+                return None  # the kernel runs over the storage in memory order: the same dense layout for all
             if p.grad.is_sparse or torch.is_complex(p):
                 return None
             items.append((p, state))

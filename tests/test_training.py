@@ -121,3 +121,34 @@ def test_optimizer_step_stays_eager_with_a_warning_where_compiling_fails(monkeyp
     warnings = [r.getMessage() for r in caplog.records if r.name == "nfvi.training"]
     assert len(warnings) == 1 and "optim.compile=true (rmsprop)" in warnings[0]
     assert "No working C++ compiler found" in warnings[0] and "more detail" not in warnings[0]
+
+
+def test_match_state_layout_gives_old_row_major_state_the_parameters_layout():
+    """An amortized flow head's weight is column-major; optimizer state saved before that (row-major) is given
+    the parameter's layout on load, values unchanged, so step_with_norm's one-pass step takes it again."""
+    from nfvi.flows import build_flow
+    from nfvi.training import _fused_rmsprop_work, match_state_layout
+
+    flow = build_flow("planar", dim=2, length=3, context_dim=5)
+    weight = flow.head.weight
+    assert weight.shape == (3 * 5, 5) and weight.t().is_contiguous() and not weight.is_contiguous()
+    opt = torch.optim.RMSprop(flow.parameters(), lr=1e-3, momentum=0.9)
+    for p in flow.parameters():
+        p.grad = torch.ones_like(p)
+    old = {id(p): {"step": torch.tensor(3.0), "square_avg": torch.rand(p.shape), "momentum_buffer": torch.rand(p.shape)}
+           for p in flow.parameters()}  # fmt: skip
+    for p in flow.parameters():
+        opt.state[p] = {k: v.clone() for k, v in old[id(p)].items()}  # contiguous, as an older checkpoint's
+    assert _fused_rmsprop_work(opt, list(flow.parameters())) is None  # the head's state has another layout
+    match_state_layout(opt)
+    for p in flow.parameters():
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, old[id(p)][key])
+            assert value.dim() == 0 or value.stride() == p.stride()
+    assert _fused_rmsprop_work(opt, list(flow.parameters())) is not None or not kernels_loaded()
+
+
+def kernels_loaded() -> bool:
+    from nfvi import kernels
+
+    return kernels.load() is not None

@@ -74,6 +74,7 @@ from nfvi.training import (
     clip_gradients,
     cosine_factor,
     early_stop_due,
+    match_state_layout,
     optimizer_from_config,
     step_with_norm,
 )
@@ -282,6 +283,7 @@ class Trainer:
             raise NfviError(f"checkpoint {self.out / CHECKPOINT} cannot be restored: {why}") from None
         try:
             self.optimizer.load_state_dict(state["optimizer"])
+            match_state_layout(self.optimizer)
             torch.set_rng_state(state["rng"]["torch"])
             if self.device.type == "cuda" and state["rng"]["cuda"]:
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
