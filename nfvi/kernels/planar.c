@@ -22,6 +22,13 @@
 
 typedef int64_t i64;
 
+/* log(1 + x) to a few ulps from one log (Goldberg 1991, Theorem 4: the rounding of 1 + x cancels in
+ * log(u) x / (u - 1)); glibc's log1p is several times slower than its log. */
+static inline double log1p_(double x) {
+    double u = 1.0 + x;
+    return u == 1.0 ? x : log(u) * x / (u - 1.0);
+}
+
 /* Per-layer constants of Appendix A.1 from w.u and |w|^2, eight doubles each (the layout nfvi.kernels allocates):
  * w.u, |w|^2, softplus(w.u), softplus(-w.u), r = (softplus(-w.u) - 1) / |w|^2, log softplus(w.u), sigmoid(w.u),
  * sigmoid(-w.u). One exp and one log1p for all of them (the log only where the slow path of terms_of needs it). */
@@ -31,7 +38,7 @@ typedef struct {
 
 static layer_consts consts_of(double wu, double q) {
     layer_consts c;
-    double e = exp(-fabs(wu)), tail = log1p(e);
+    double e = exp(-fabs(wu)), tail = log1p_(e);
     c.wu = wu;
     c.q = q;
     c.sp = fmax(wu, 0.0) + tail;
@@ -66,7 +73,7 @@ static layer_terms terms_of(double a, const layer_consts *c, int want_log, int g
      * where tanh^2 a rounds to 1), else the sum of the two non-negative terms (no cancellation) */
     double x = t.s * (c->sp - 1.0), f = x >= -0.5 ? 1.0 + x : th * th + t.s * c->sp;
     if (f > 1e-290) {
-        if (want_log) t.log_f = x >= -0.5 ? log1p(x) : log(f);
+        if (want_log) t.log_f = x >= -0.5 ? log1p_(x) : log(f);
         if (grads) {
             t.d_a = 2.0 * t.h * t.s * (1.0 - c->sp) / f;
             t.d_wu = t.s * c->sig / f;
