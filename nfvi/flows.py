@@ -44,7 +44,8 @@ from nfvi.transforms import (
     coupling_context_terms,
     householder_matrix,
     log1p_tanh_product,
-    planar_chain_ladj,
+    planar_chain_packed,
+    planar_split,
 )
 
 __all__ = [
@@ -210,14 +211,7 @@ class PlanarFlow(_ElementwiseParamFlow):
         return torch.cat([u, w, torch.zeros(1)])
 
     def _split(self, raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        # torch.split, not slicing: its backward writes the three gradients into one tensor (a cat), where each
-        # slice's backward fills a raw-sized tensor with zeros and the three are then added (2.6 MB each at K=80)
-        d = self.dim
-        u, w, b = raw.split([d, d, 1], dim=-1)
-        if self.w_floor is not None:
-            w_1, w_rest = w.split([1, d - 1], dim=-1)
-            w = torch.cat([self.w_floor + F.softplus(w_1), w_rest], dim=-1)
-        return u, w, b.squeeze(-1)
+        return planar_split(raw, self.w_floor)
 
     def make(self, raw):
         return PlanarTransform(*self._split(raw))
@@ -225,14 +219,13 @@ class PlanarFlow(_ElementwiseParamFlow):
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Same maths as chaining :meth:`transforms` (``PlanarTransform.call_and_ladj``), fewer kernels.
 
-        Speed: the reparameterisation (``w`` floor, ``u_hat``, ``w.u``) runs once on all K layers'
-        ``(*batch, K, P)`` parameters; :func:`nfvi.transforms.planar_chain_ladj` (one autograd node with a
-        hand-written backward) reparameterises ``u``, runs the K layers with three small kernels per layer
-        into preallocated buffers and evaluates all log-determinants together in the exact form (no clamp).
+        Speed: :func:`nfvi.transforms.planar_chain_packed`, one autograd node with a hand-written backward over
+        the ``(*batch, K, P)`` raw parameters: the ``w`` floor, ``u_hat`` (Appendix A.1), the K layers and all
+        log-determinants in the exact form (no clamp); on the CPU in the compiled kernel (:mod:`nfvi.kernels`),
+        which reads the parameters in place and writes their gradient whole.
         """
         check_flow_input(self, z, context)
-        u, w, b = self._split(self.raw_params(context))  # (*batch, K, D), (*batch, K, D), (*batch, K)
-        return planar_chain_ladj(z, w, u, b)
+        return planar_chain_packed(z, self.raw_params(context), self.w_floor)  # raw (*batch, K, 2D + 1)
 
 
 class RadialFlow(_ElementwiseParamFlow):

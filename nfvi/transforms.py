@@ -46,6 +46,9 @@ __all__ = [
     "coupling_context_terms",
     "planar_chain",
     "planar_chain_ladj",
+    "planar_chain_packed",
+    "planar_split",
+    "planar_w_floor",
     "log_softplus",
     "log1p_tanh_product",
     "log1p_scaled_sech2",
@@ -260,21 +263,21 @@ def _chain_outputs(z: Tensor, w: Tensor, u: Tensor, b: Tensor, ladj: bool, keep:
     return z_k, second, (W, U, h, zs, *rep), (batch, full)
 
 
-def _compiled_outputs(z: Tensor, w: Tensor, u: Tensor, b: Tensor, keep: bool = False):
+def _compiled_outputs(z: Tensor, w: Tensor, u: Tensor, b: Tensor, keep: bool = False, w_floor: float | None = None):
     """:func:`_chain_outputs` with ``ladj`` through the compiled kernel (:mod:`nfvi.kernels`): the same
-    ``(z_K, log_det, saved, (batch, full))``, with ``saved = (u_hat, consts, zs, terms)`` (``keep``) for
-    :func:`kernels.planar_backward`.
-    ``w``, ``u`` and ``b`` are read in place (views of a parameter head's output need no copy)."""
+    ``(z_K, log_det, saved, (batch, full))``, with ``saved = (w_eff, u_hat, consts, zs, terms)`` (``keep``) for
+    :func:`kernels.planar_backward`. ``w``, ``u`` and ``b`` are read in place (views of a parameter head's output
+    need no copy); with ``w_floor``, ``w`` is raw and floored as :func:`planar_w_floor`."""
     batch = _broadcast_shapes(w.shape[:-2], u.shape[:-2], b.shape[:-1])
     k, d = w.shape[-2:]
     full = _broadcast_shapes(z.shape[:-1], batch)
     sample, batch = full[: len(full) - len(batch)], full[len(full) - len(batch) :]  # a size-1 batch axis broadcasts
     n, s = math.prod(batch), math.prod(sample)
     w3, u3 = (t.expand(*batch, k, d).reshape(n, k, d) for t in (w, u))
-    u_hat, consts = kernels.planar_reparam(w3, u3)
+    w_eff, u_hat, consts = kernels.planar_reparam(w3, u3, w_floor)
     z0 = z.expand(*full, d).reshape(s, n, d).transpose(0, 1)
-    z_k, ladj, saved = kernels.planar_forward(z0, w3, b.expand(*batch, k).reshape(n, k), u_hat, consts, keep)
-    saved = (u_hat, consts, *saved) if keep else ()
+    z_k, ladj, saved = kernels.planar_forward(z0, w_eff, b.expand(*batch, k).reshape(n, k), u_hat, consts, keep)
+    saved = (w_eff, u_hat, consts, *saved) if keep else ()
     return z_k.transpose(0, 1).reshape(*full, d), ladj.T.reshape(full), saved, (batch, full)
 
 
@@ -368,19 +371,97 @@ def _compiled_grads(meta: tuple, inputs: tuple, saved: tuple, g_zk: Tensor | Non
     """The backward of :func:`_compiled_outputs` (:func:`kernels.planar_backward`), summed back to the inputs'
     shapes: ``(g_z, g_w, g_u, g_b)``."""
     z_shape, w_shape, u_shape, b_shape, batch, full, _ = meta
-    _, w, u, _ = inputs
-    u_hat, consts, zs, terms = saved
-    n, s, k, d = zs.shape
-    w3, u3 = (t.expand(*batch, k, d).reshape(n, k, d) for t in (w, u))
-    g_zk = None if g_zk is None else g_zk.reshape(s, n, d).transpose(0, 1)
-    g_ladj = None if g_ladj is None else g_ladj.reshape(s, n).T
-    g_z0, g_w, g_u, g_b = kernels.planar_backward(w3, u3, u_hat, consts, (zs, terms), g_zk, g_ladj)
+    n, s, k, d = saved[3].shape
+    g_z0, g_w, g_u, g_b = _kernel_backward(inputs[2].expand(*batch, k, d).reshape(n, k, d), saved, g_zk, g_ladj)
     return (
         g_z0.transpose(0, 1).reshape(*full, d).sum_to_size(z_shape),
         g_w.reshape(*batch, k, d).sum_to_size(w_shape),
         g_u.reshape(*batch, k, d).sum_to_size(u_shape),
         g_b.reshape(*batch, k).sum_to_size(b_shape),
     )
+
+
+def _kernel_backward(u3: Tensor, saved: tuple, g_zk: Tensor | None, g_ladj: Tensor | None, out=None):
+    """:func:`kernels.planar_backward` from :func:`_compiled_outputs`' ``saved`` and the raw ``u (N, K, D)``,
+    with the output gradients in the chain's ``(*sample, *batch, ...)`` layout."""
+    w_eff, u_hat, consts, zs, terms = saved
+    n, s, k, d = zs.shape
+    g_zk = None if g_zk is None else g_zk.reshape(s, n, d).transpose(0, 1)
+    g_ladj = None if g_ladj is None else g_ladj.reshape(s, n).T
+    return kernels.planar_backward(w_eff, u3, u_hat, consts, (zs, terms), g_zk, g_ladj, out)
+
+
+def planar_w_floor(w: Tensor, w_floor: float | None) -> Tensor:
+    """:class:`nfvi.flows.PlanarFlow`'s guard against the amortized blow-up: ``w_1 = w_floor + softplus(w_1')``,
+    the other coordinates as they are (``w (*, D)``, raw); ``w`` itself where ``w_floor`` is None."""
+    if w_floor is None:
+        return w
+    w_1, w_rest = w.split([1, w.shape[-1] - 1], dim=-1)
+    return torch.cat([w_floor + F.softplus(w_1), w_rest], dim=-1)
+
+
+def planar_split(raw: Tensor, w_floor: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(u, w, b)`` of planar layers from their raw parameters ``raw (*batch, K, 2D + 1)`` = ``[u, w', b]``
+    (:class:`nfvi.flows.PlanarFlow`'s layout), ``w`` through :func:`planar_w_floor`: ``(*batch, K, D)`` twice and
+    ``(*batch, K)``. ``torch.split``, not slicing: its backward writes the three gradients into one tensor."""
+    d = (raw.shape[-1] - 1) // 2
+    u, w, b = raw.split([d, d, 1], dim=-1)
+    return u, planar_w_floor(w, w_floor), b.squeeze(-1)
+
+
+class _PackedPlanarChain(torch.autograd.Function):
+    """:func:`planar_chain_packed` through the compiled kernel, one autograd node whose backward writes the raw
+    parameters' gradient ``(*batch, K, 2D + 1)`` in place of three (and of the floor's own operations)."""
+
+    @staticmethod
+    def forward(ctx, z, raw, w_floor):
+        u, w, b = planar_split(raw)
+        with torch.no_grad():
+            z_k, ladj, saved, (batch, full) = _compiled_outputs(z, w, u, b, keep=True, w_floor=w_floor)
+        ctx.save_for_backward(z, raw, *saved)
+        ctx.meta = (z.shape, batch, full, w_floor)
+        return z_k, ladj
+
+    @staticmethod
+    def backward(ctx, g_zk, g_ladj):
+        z, raw, *saved = ctx.saved_tensors
+        z_shape, batch, full, w_floor = ctx.meta
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain recomputation instead
+            grads = _recompute_grads(lambda z, raw: _packed_plain(z, raw, w_floor), (z, raw), (g_zk, g_ladj))
+            return (*grads, None)
+        n, s, k, d = saved[3].shape
+        g_raw = torch.empty(n, k, 2 * d + 1, dtype=raw.dtype)
+        g_u, g_w, g_b = g_raw.split([d, d, 1], dim=-1)
+        u3 = raw.reshape(n, k, 2 * d + 1)[..., :d]
+        g_z0 = _kernel_backward(u3, saved, g_zk, g_ladj, out=(g_w, g_u, g_b.squeeze(-1)))[0]
+        return g_z0.transpose(0, 1).reshape(*full, d).sum_to_size(z_shape), g_raw.view(raw.shape), None
+
+
+def _packed_plain(z: Tensor, raw: Tensor, w_floor: float | None) -> tuple[Tensor, Tensor]:
+    u, w, b = planar_split(raw, w_floor)
+    return _chain_outputs(z, w, u, b, True)[:2]
+
+
+def planar_chain_packed(z: Tensor, raw: Tensor, w_floor: float | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`planar_chain_ladj` of the planar layers packed in ``raw (*batch, K, 2D + 1)`` (:func:`planar_split`,
+    with :class:`nfvi.flows.PlanarFlow`'s ``w`` floor): ``(z_K, log_det)``.
+
+    The same numbers as ``planar_chain_ladj(z, w, u, b)`` after ``u, w, b = planar_split(raw, w_floor)``. On the CPU
+    with the compiled kernel (:mod:`nfvi.kernels`) and ``raw``'s batch axes those of ``z`` (no broadcast of the
+    parameters), one autograd node reads ``raw`` in place and writes its gradient whole: no split, no floor
+    operations, no concatenation of three gradients (2.6 MB per update of Table 2's K=80 model). Elsewhere, the
+    split and :func:`planar_chain_ladj`.
+    """
+    batch = raw.shape[:-2]
+    full = _broadcast_shapes(z.shape[:-1], batch)
+    packed = full[len(full) - len(batch) :] == batch and raw.shape[-1] >= 3 and raw.shape[-1] % 2 == 1
+    if packed and kernels.usable(z, raw):
+        if torch.is_grad_enabled() and (z.requires_grad or raw.requires_grad):
+            return _PackedPlanarChain.apply(z, raw, w_floor)
+        u, w, b = planar_split(raw)
+        return _compiled_outputs(z, w, u, b, w_floor=w_floor)[:2]
+    u, w, b = planar_split(raw, w_floor)
+    return planar_chain_ladj(z, w, u, b)
 
 
 def _recompute_grads(fn, inputs: tuple, grad_outputs: tuple) -> list:

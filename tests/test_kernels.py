@@ -105,7 +105,7 @@ def test_the_compiled_planar_chain_passes_gradcheck():
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("window", [4, 3])
+@pytest.mark.parametrize("window", [4, 3, 10])
 def test_the_compiled_maxout_is_amax_with_its_gradient(dtype, window):
     """window_max equals amax over windows exactly, with amax's gradient: shared among ties, NaN through a window
     holding NaN; also on a non-contiguous input and three axes."""
@@ -248,3 +248,49 @@ def test_step_with_norm_falls_back_to_torchs_step_where_the_kernel_cannot(monkey
     assert _fused_rmsprop_work(opt, params[:1]) is None  # params not the optimizer's: the norm would differ
     monkeypatch.setenv("NFVI_KERNELS", "0")
     assert _fused_rmsprop_work(opt, params) is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("w_floor", [None, 0.1])
+@pytest.mark.parametrize(
+    "z_shape, batch", [((6,), (6,)), ((3, 5), (5,)), ((4,), ())], ids=["amortized", "samples", "global"]
+)
+def test_the_packed_planar_chain_gives_the_split_chains_numbers(w_floor, z_shape, batch, monkeypatch):
+    """planar_chain_packed (one node over PlanarFlow's raw [u, w', b], floor included, the raw gradient written
+    whole) against planar_split + planar_chain_ladj through torch's ops, float64: values and gradients to 1e-12."""
+    from nfvi.transforms import planar_chain_packed, planar_split
+
+    gen = torch.Generator().manual_seed(6)
+    d, k = 4, 5
+    z = torch.randn(*z_shape, d, generator=gen, dtype=torch.float64)
+    raw = torch.randn(*batch, k, 2 * d + 1, generator=gen, dtype=torch.float64) * 0.8
+    g = torch.Generator().manual_seed(7)
+    results = []
+    for packed in (True, False):
+        monkeypatch.setenv("NFVI_KERNELS", "1" if packed else "0")
+        zl, rl = z.clone().requires_grad_(), raw.clone().requires_grad_()
+        if packed:
+            z_k, ladj = planar_chain_packed(zl, rl, w_floor)
+        else:
+            u, w, b = planar_split(rl, w_floor)
+            z_k, ladj = planar_chain_ladj(zl, w, u, b)
+        g.manual_seed(7)
+        loss = (z_k * torch.randn(z_k.shape, generator=g, dtype=z.dtype)).sum() + (
+            ladj * torch.randn(ladj.shape, generator=g, dtype=z.dtype)
+        ).sum()
+        results.append((z_k.detach(), ladj.detach(), *torch.autograd.grad(loss, (zl, rl))))
+        with torch.no_grad():
+            results[-1] += planar_chain_packed(z, raw, w_floor) if packed else ()
+    for got, want in zip(results[0], results[1], strict=False):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[0][4], results[1][0], rtol=1e-12, atol=1e-12)  # no-gradient path too
+
+
+@needs_kernels
+def test_the_packed_planar_chain_passes_gradcheck_with_the_floor():
+    from nfvi.transforms import planar_chain_packed
+
+    z = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
+    raw = (torch.randn(3, 4, 7, dtype=torch.float64) * 0.7).requires_grad_()
+    assert torch.autograd.gradcheck(lambda z, r: planar_chain_packed(z, r, 0.1), (z, raw))
+    assert torch.autograd.gradgradcheck(lambda z, r: planar_chain_packed(z, r, 0.1), (z, raw))

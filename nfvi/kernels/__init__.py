@@ -153,11 +153,13 @@ def load() -> ctypes.CDLL | None:
     for suffix in ("f32", "f64"):
         rep, fwd, bwd = (getattr(lib, f"planar_{name}_{suffix}") for name in ("reparam", "forward", "backward"))
         rep.restype = fwd.restype = bwd.restype = None
-        rep.argtypes = [_I64] * 3 + [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR]
+        rep.argtypes = [_I64] * 3 + [_PTR, _I64, _I64, _PTR, _I64, _I64, ctypes.c_int, ctypes.c_double, _PTR, _PTR]
+        rep.argtypes += [_PTR]
         fwd.argtypes = [_I64] * 4 + [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR]
         fwd.argtypes += [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR]
-        bwd.argtypes = [_I64] * 4 + [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR]
-        bwd.argtypes += [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR]
+        bwd.argtypes = [_I64] * 4 + [_PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR]
+        bwd.argtypes += [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64]
+        bwd.argtypes += [_PTR]
         mf, mb = getattr(lib, f"maxout_forward_{suffix}"), getattr(lib, f"maxout_backward_{suffix}")
         mf.restype = mb.restype = None
         mf.argtypes = [_I64] * 3 + [_PTR, _I64, _PTR]
@@ -176,7 +178,7 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-CONSTS = 8  # doubles per layer in planar.c's layer_consts
+CONSTS = 9  # doubles per layer in planar.c's layer_consts
 
 
 def _unit_last(t: Tensor) -> Tensor:
@@ -184,16 +186,20 @@ def _unit_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def planar_reparam(w: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-    """Appendix A.1 for ``w``, ``u (N, K, D)`` (any strides): ``u_hat (N, K, D)`` and the per-layer constants
-    ``(N, K, 8)`` float64 (``w.u``, ``|w|^2``, ``softplus(+-w.u)``, ``r``, ...) that :func:`planar_forward` and
-    :func:`planar_backward` read."""
+def planar_reparam(w: Tensor, u: Tensor, w_floor: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Appendix A.1 for ``w``, ``u (N, K, D)`` (any strides): ``(w_eff, u_hat, consts)``, the layers' ``w``
+    (``w`` itself, or with ``w_floor`` :class:`nfvi.flows.PlanarFlow`'s floor ``w_1 = w_floor + softplus(w_1)``)
+    and ``u_hat``, both ``(N, K, D)`` contiguous, and the per-layer constants ``(N, K, 9)`` float64 (``w.u``,
+    ``|w|^2``, ``softplus(+-w.u)``, ``r``, ...) that :func:`planar_forward` and :func:`planar_backward` read."""
     w, u = _unit_last(w), _unit_last(u)
     n, k, d = w.shape
-    u_hat, consts = torch.empty(n, k, d, dtype=w.dtype), torch.empty(n, k, CONSTS, dtype=torch.float64)
+    w_eff, u_hat = torch.empty(n, k, d, dtype=w.dtype), torch.empty(n, k, d, dtype=w.dtype)
+    consts = torch.empty(n, k, CONSTS, dtype=torch.float64)
+    floored, floor = w_floor is not None, float(w_floor or 0.0)
     fn = getattr(load(), f"planar_reparam_{_suffix(w)}")
-    fn(n, k, d, _ptr(w), *w.stride()[:2], _ptr(u), *u.stride()[:2], _ptr(u_hat), _ptr(consts))
-    return u_hat, consts
+    fn(n, k, d, _ptr(w), *w.stride()[:2], _ptr(u), *u.stride()[:2], floored, floor, _ptr(w_eff), _ptr(u_hat),
+       _ptr(consts))  # fmt: skip
+    return w_eff, u_hat, consts
 
 
 def planar_forward(
@@ -201,11 +207,11 @@ def planar_forward(
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
     """K planar layers (Eq. 10) and their summed log-determinants (Eq. 11-12), compiled.
 
-    ``z0 (N, S, D)``, ``w (N, K, D)`` and ``b (N, K)`` with any strides (views of a parameter head's output are
-    read in place), ``u_hat`` and ``consts`` from :func:`planar_reparam`. Returns ``z_K (N, S, D)`` (in an
-    ``(S, N, D)`` buffer), ``ladj (N, S)`` (in ``(S, N)``) and, with ``keep``, what :func:`planar_backward`
-    reads: every layer's input ``zs (N, S, K, D)`` and its ``tanh a``, ``sech^2 a`` and the log-determinant's
-    derivatives, ``terms (N, S, K, 4)`` float64.
+    ``z0 (N, S, D)``, ``w (N, K, D)`` (:func:`planar_reparam`'s ``w_eff``) and ``b (N, K)`` with any strides
+    (views of a parameter head's output are read in place), ``u_hat`` and ``consts`` from :func:`planar_reparam`.
+    Returns ``z_K (N, S, D)`` (in an ``(S, N, D)`` buffer), ``ladj (N, S)`` (in ``(S, N)``) and, with ``keep``,
+    what :func:`planar_backward` reads: every layer's input ``zs (N, S, K, D)`` and its ``tanh a``, ``sech^2 a``
+    and the log-determinant's derivatives, ``terms (N, S, K, 4)`` float64.
     """
     n, s, d = z0.shape
     k = w.shape[1]
@@ -223,30 +229,35 @@ def planar_forward(
 
 
 def planar_backward(
-    w: Tensor,
+    w_eff: Tensor,
     u: Tensor,
     u_hat: Tensor,
     consts: Tensor,
     saved: tuple[Tensor, Tensor],
     g_zk: Tensor | None,
     g_ladj: Tensor | None,
+    out: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of :func:`planar_forward` (``g_zk (N, S, D)``, ``g_ladj (N, S)``, either None for zero) with
-    respect to ``z0 (N, S, D)`` (in an ``(S, N, D)`` buffer), ``w``, the raw ``u`` ``(N, K, D)`` and ``b (N, K)``;
-    ``saved``: the forward's ``(zs, terms)``."""
+    respect to ``z0 (N, S, D)`` (in an ``(S, N, D)`` buffer), the raw ``w`` (through the floor, if any) and ``u``
+    ``(N, K, D)`` and ``b (N, K)``: ``(g_z0, g_w, g_u, g_b)``. ``saved``: the forward's ``(zs, terms)``; ``out``:
+    where to write ``(g_w, g_u, g_b)`` (views into one raw parameter's gradient, ``g_w`` and ``g_u`` with the same
+    strides and unit last stride), else new contiguous tensors."""
     zs, terms = saved
     n, s, k, d = zs.shape
-    w, u = _unit_last(w), _unit_last(u)
+    u = _unit_last(u)
     g_zk = None if g_zk is None else _unit_last(g_zk)
     g_z0 = torch.empty(s, n, d, dtype=zs.dtype).transpose(0, 1)
-    g_w, g_u, g_b = torch.empty(n, k, d, dtype=zs.dtype), torch.empty(n, k, d, dtype=zs.dtype), zs.new_empty(n, k)
+    if out is None:
+        out = torch.empty(n, k, d, dtype=zs.dtype), torch.empty(n, k, d, dtype=zs.dtype), zs.new_empty(n, k)
+    g_w, g_u, g_b = out
     gk_strides = g_zk.stride()[:2] if g_zk is not None else (0, 0)
     gl_strides = g_ladj.stride() if g_ladj is not None else (0, 0)
     scratch = torch.empty(d + 2 * k * (d + 1), dtype=torch.float64)
     fn = getattr(load(), f"planar_backward_{_suffix(zs)}")
-    fn(n, s, k, d, _ptr(w), *w.stride()[:2], _ptr(u), *u.stride()[:2], _ptr(u_hat), _ptr(consts), _ptr(zs),
-       _ptr(terms), _ptr(g_zk), *gk_strides, _ptr(g_ladj), *gl_strides, _ptr(g_z0), *g_z0.stride()[:2],
-       _ptr(g_w), _ptr(g_u), _ptr(g_b), _ptr(scratch))  # fmt: skip
+    fn(n, s, k, d, _ptr(w_eff), _ptr(u), *u.stride()[:2], _ptr(u_hat), _ptr(consts), _ptr(zs), _ptr(terms),
+       _ptr(g_zk), *gk_strides, _ptr(g_ladj), *gl_strides, _ptr(g_z0), *g_z0.stride()[:2], _ptr(g_w), _ptr(g_u),
+       *g_w.stride()[:2], _ptr(g_b), *g_b.stride(), _ptr(scratch))  # fmt: skip
     return g_z0, g_w, g_u, g_b
 
 

@@ -29,11 +29,12 @@ static inline double log1p_(double x) {
     return u == 1.0 ? x : log(u) * x / (u - 1.0);
 }
 
-/* Per-layer constants of Appendix A.1 from w.u and |w|^2, eight doubles each (the layout nfvi.kernels allocates):
+/* Per-layer constants of Appendix A.1 from w.u and |w|^2, nine doubles each (the layout nfvi.kernels allocates):
  * w.u, |w|^2, softplus(w.u), softplus(-w.u), r = (softplus(-w.u) - 1) / |w|^2, log softplus(w.u), sigmoid(w.u),
- * sigmoid(-w.u). One exp and one log1p for all of them (the log only where the slow path of terms_of needs it). */
+ * sigmoid(-w.u), and d w_1 / d w_1' of the w floor (1 without one). One exp and one log for the first eight (the
+ * log of softplus only where the slow path of terms_of needs it). */
 typedef struct {
-    double wu, q, sp, spn, r, log_sp, sig, sig_neg;
+    double wu, q, sp, spn, r, log_sp, sig, sig_neg, d_floor;
 } layer_consts;
 
 static layer_consts consts_of(double wu, double q) {
@@ -47,6 +48,7 @@ static layer_consts consts_of(double wu, double q) {
     c.log_sp = wu < -20.0 ? wu - 0.5 * exp(wu) : NAN; /* log(sp) taken in terms_of when needed */
     c.sig = wu >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
     c.sig_neg = wu >= 0 ? e / (1.0 + e) : 1.0 / (1.0 + e);
+    c.d_floor = 1.0;
     return c;
 }
 
@@ -117,16 +119,26 @@ static inline double dot8(const double *acc, double tail) {
         return dot8(acc, tail);                                                                                       \
     }                                                                                                                 \
                                                                                                                       \
-    /* Appendix A.1 for every layer: u_hat (N, K, D) and the constants (N, K), both contiguous */                     \
+    /* Appendix A.1 for every layer: w (w_eff), u_hat (both (N, K, D)) and the constants (N, K), all contiguous.      \
+     * With floored (PlanarFlow's w floor), w_1 = floor + softplus(w_1') from the raw w' (the rest as it is). */      \
     void planar_reparam_##SUFFIX(i64 N, i64 K, i64 D, const T *w, i64 pn, i64 pk, const T *u, i64 qn, i64 qk,         \
-                                 T *u_hat, layer_consts *c) {                                                         \
+                                 int floored, double floor, T *w_eff, T *u_hat, layer_consts *c) {                    \
         for (i64 n = 0; n < N; n++)                                                                                   \
             for (i64 k = 0; k < K; k++) {                                                                             \
                 const T *wk = w + n * pn + k * pk, *uk = u + n * qn + k * qk;                                         \
-                layer_consts ck = consts_of(dot_##SUFFIX(wk, uk, D), dot_##SUFFIX(wk, wk, D));                        \
+                T *we = w_eff + (n * K + k) * D;                                                                      \
+                memcpy(we, wk, sizeof(T) * D);                                                                        \
+                double d_floor = 1.0;                                                                                 \
+                if (floored) {                                                                                        \
+                    double x = (double)wk[0], e = exp(-fabs(x));                                                      \
+                    we[0] = (T)(floor + (fmax(x, 0.0) + log1p_(e)));                                                  \
+                    d_floor = x >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e); /* sigmoid(w_1') */                           \
+                }                                                                                                     \
+                layer_consts ck = consts_of(dot_##SUFFIX(we, uk, D), dot_##SUFFIX(we, we, D));                        \
+                ck.d_floor = d_floor;                                                                                 \
                 c[n * K + k] = ck;                                                                                    \
                 T *uh = u_hat + (n * K + k) * D;                                                                      \
-                for (i64 i = 0; i < D; i++) uh[i] = (T)((double)uk[i] + ck.r * (double)wk[i]);                        \
+                for (i64 i = 0; i < D; i++) uh[i] = (T)((double)uk[i] + ck.r * (double)we[i]);                        \
             }                                                                                                         \
     }                                                                                                                 \
                                                                                                                       \
@@ -162,15 +174,17 @@ static inline double dot8(const double *acc, double tail) {
     }                                                                                                                 \
                                                                                                                       \
     /* Gradients of sum(g_zk z_K) + sum(g_ladj ladj) (either NULL: zero) with respect to z0 (g_z0 at gzn, gzs),       \
-     * w, u (g_w, g_u: (N, K, D) contiguous) and b (g_b: (N, K) contiguous), from the forward's zs and terms.         \
+     * w', u (g_w, g_u: (n, k, d) at n * gn + k * gk + d) and b (g_b: (n, k) at n * gbn + k * gbk), from the          \
+     * forward's zs and terms; w is reparam's w_eff (contiguous), the gradient is the raw w''s (through the floor).   \
      * gz: scratch, D + 2 K (D + 1) doubles. */                                                                       \
-    void planar_backward_##SUFFIX(i64 N, i64 S, i64 K, i64 D, const T *w, i64 pn, i64 pk, const T *u, i64 qn, i64 qk, \
+    void planar_backward_##SUFFIX(i64 N, i64 S, i64 K, i64 D, const T *w, const T *u, i64 qn, i64 qk,                 \
                                   const T *u_hat, const layer_consts *c, const T *zs, const double *terms,            \
                                   const T *g_zk, i64 gkn, i64 gks, const T *g_ladj, i64 gln, i64 gls, T *g_z0,        \
-                                  i64 gzn, i64 gzs, T *g_w, T *g_u, T *g_b, double *gz) {                             \
+                                  i64 gzn, i64 gzs, T *g_w, T *g_u, i64 gn, i64 gk, T *g_b, i64 gbn, i64 gbk,         \
+                                  double *gz) {                                                                       \
         double *gw = gz + D, *guh = gw + K * D, *gwu = guh + K * D, *gb = gwu + K;                                    \
         for (i64 n = 0; n < N; n++) {                                                                                 \
-            const T *wn = w + n * pn, *u_n = u + n * qn, *uhn = u_hat + n * K * D;                                    \
+            const T *wn = w + n * K * D, *u_n = u + n * qn, *uhn = u_hat + n * K * D;                                 \
             const layer_consts *cn = c + n * K;                                                                       \
             memset(gw, 0, sizeof(double) * (2 * K * D + 2 * K));                                                      \
             for (i64 s = 0; s < S; s++) {                                                                             \
@@ -178,7 +192,7 @@ static inline double dot8(const double *acc, double tail) {
                 double g_l = g_ladj ? (double)g_ladj[n * gln + s * gls] : 0.0;                                        \
                 for (i64 k = K - 1; k >= 0; k--) {                                                                    \
                     i64 at = (n * S + s) * K + k;                                                                     \
-                    const T *z = zs + at * D, *wk = wn + k * pk;                                                      \
+                    const T *z = zs + at * D, *wk = wn + k * D;                                                       \
                     const double *t = terms + 4 * at; /* tanh a, sech^2 a, d log f / d a, d log f / d(w.u) */         \
                     double g_a = t[1] * dotd_##SUFFIX(uhn + k * D, gz, D);                                            \
                     if (g_l != 0.0) {                                                                                 \
@@ -197,16 +211,17 @@ static inline double dot8(const double *acc, double tail) {
             }                                                                                                         \
             /* back through u_hat = u + r w, r = (softplus(-w.u) - 1) / |w|^2, and the log-det's own w.u */           \
             for (i64 k = 0; k < K; k++) {                                                                             \
-                const T *wk = wn + k * pk, *u_k = u_n + k * qk;                                                       \
+                const T *wk = wn + k * D, *u_k = u_n + k * qk;                                                        \
                 const double *guhk = guh + k * D;                                                                     \
                 double t = dotd_##SUFFIX(wk, guhk, D), q = cn[k].q, r = cn[k].r;                                      \
                 double alpha = gwu[k] - t * cn[k].sig_neg / q, beta = -2.0 * t * (cn[k].spn - 1.0) / (q * q);         \
-                T *gwo = g_w + (n * K + k) * D, *guo = g_u + (n * K + k) * D;                                         \
+                T *gwo = g_w + n * gn + k * gk, *guo = g_u + n * gn + k * gk;                                         \
                 for (i64 i = 0; i < D; i++) {                                                                         \
                     gwo[i] = (T)(gw[k * D + i] + r * guhk[i] + alpha * (double)u_k[i] + beta * (double)wk[i]);        \
                     guo[i] = (T)(guhk[i] + alpha * (double)wk[i]);                                                    \
                 }                                                                                                     \
-                g_b[n * K + k] = (T)gb[k];                                                                            \
+                gwo[0] = (T)((double)gwo[0] * cn[k].d_floor);                                                         \
+                g_b[n * gbn + k * gbk] = (T)gb[k];                                                                    \
             }                                                                                                         \
         }                                                                                                             \
     }
