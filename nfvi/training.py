@@ -194,8 +194,9 @@ def step_with_norm(optimizer: torch.optim.Optimizer, params) -> torch.Tensor:
     """``optimizer.step()`` and the global gradient norm of ``params``, as ``clip_gradients(params, inf)`` before
     the step reports it (nothing is rescaled): the trainer's update without gradient clipping.
 
-    For RMSprop on the CPU (float32 or float64, not centered, not maximize, no step hooks, the same parameters as
-    ``params``) the step and the norm are one pass over each gradient (:func:`nfvi.kernels.rmsprop_step`, torch's
+    For RMSprop on the CPU with one torch thread (nfvi's default ``threads=1``; float32 or float64, not centered,
+    not maximize, no step hooks, the same parameters as ``params``) the step and the norm are one pass over each
+    gradient (:func:`nfvi.kernels.rmsprop_step`, torch's
     per-tensor arithmetic; the state is torch's own ``step``, ``square_avg`` and ``momentum_buffer``, so
     ``state_dict`` and resuming see what they always saw). The norm was a second pass over every gradient: 0.9 ms
     of Table 2's K=80 update (17 MB of gradients; docs/performance.md). Elsewhere, or with ``NFVI_KERNELS=0``:
@@ -248,10 +249,11 @@ def _scalar_dtype() -> torch.dtype:
 
 def _fused_rmsprop_work(optimizer, params) -> list | None:
     """``[(group, [(param, state), ...]), ...]`` where :func:`step_with_norm` can take ``optimizer``'s step in the
-    compiled kernel; None where it cannot (another optimizer, a setting the kernel lacks, hooks, tensors off the
-    CPU, not dense or not of one layout, ``params`` not the optimizer's parameters)."""
-    if type(optimizer) is not torch.optim.RMSprop:
-        return None
+    compiled kernel; None where it cannot (another optimizer, more than one torch thread, a setting the kernel
+    lacks, hooks, tensors off the CPU, not dense or not of one layout, ``params`` not the optimizer's
+    parameters)."""
+    if type(optimizer) is not torch.optim.RMSprop or torch.get_num_threads() != 1:
+        return None  # the kernel runs on one thread; with more, torch's (parallel) step
     hooks = (optimizer, torch_optimizer)  # step hooks (the instance's, then the global ones) run only in step()
     names = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_global_optimizer_pre_hooks")
     if any(getattr(owner, name, None) for owner in hooks for name in (*names, "_global_optimizer_post_hooks")):

@@ -196,9 +196,18 @@ def _rmsprop_pair(momentum: float, weight_decay: float, dtype=torch.float32, **e
     return ours, theirs, torch.optim.RMSprop(ours, **kwargs), torch.optim.RMSprop(theirs, **kwargs)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread, as nfvi's commands run (threads=1): where step_with_norm takes the kernel."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @needs_kernels
 @pytest.mark.parametrize("momentum, weight_decay", [(0.9, 0.0), (0.0, 0.1), (0.5, 1e-3)])
-def test_step_with_norm_is_torchs_rmsprop_step_and_its_gradient_norm(momentum, weight_decay):
+def test_step_with_norm_is_torchs_rmsprop_step_and_its_gradient_norm(momentum, weight_decay, one_thread):
     """30 steps through the kernel against clip_gradients(inf) + torch's RMSprop.step: the same norms, parameters
     and state (step, square_avg, momentum_buffer) to float32 rounding, and a state_dict with torch's keys."""
     from nfvi.training import _fused_rmsprop_work, clip_gradients, step_with_norm
@@ -221,7 +230,7 @@ def test_step_with_norm_is_torchs_rmsprop_step_and_its_gradient_norm(momentum, w
     assert opt.state_dict()["state"][0].keys() == ref.state_dict()["state"][0].keys()
 
 
-def test_step_with_norm_falls_back_to_torchs_step_where_the_kernel_cannot(monkeypatch):
+def test_step_with_norm_falls_back_to_torchs_step_where_the_kernel_cannot(monkeypatch, one_thread):
     """Centered RMSprop, Adam, a step hook, a parameter list that is not the optimizer's, float16 and
     NFVI_KERNELS=0 take clip_gradients + optimizer.step(): the same numbers as calling those."""
     from nfvi.training import _fused_rmsprop_work, clip_gradients, step_with_norm
@@ -246,6 +255,9 @@ def test_step_with_norm_falls_back_to_torchs_step_where_the_kernel_cannot(monkey
     for p in params:
         p.grad = torch.ones_like(p)
     assert _fused_rmsprop_work(opt, params[:1]) is None  # params not the optimizer's: the norm would differ
+    torch.set_num_threads(2)
+    assert _fused_rmsprop_work(opt, params) is None  # the kernel is one thread; torch's step uses them all
+    torch.set_num_threads(1)
     monkeypatch.setenv("NFVI_KERNELS", "0")
     assert _fused_rmsprop_work(opt, params) is None
 
