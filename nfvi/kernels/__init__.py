@@ -150,24 +150,29 @@ def load() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as err:
         log.warning("nfvi.kernels: torch operations run instead of the compiled kernels (%s)", err)
         return None
-    for suffix in ("f32", "f64"):
-        rep, fwd, bwd = (getattr(lib, f"planar_{name}_{suffix}") for name in ("reparam", "forward", "backward"))
-        rep.restype = fwd.restype = bwd.restype = None
-        rep.argtypes = [_I64] * 3 + [_PTR, _I64, _I64, _PTR, _I64, _I64, ctypes.c_int, ctypes.c_double, _PTR, _PTR]
-        rep.argtypes += [_PTR]
-        fwd.argtypes = [_I64] * 4 + [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR]
-        fwd.argtypes += [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR]
-        bwd.argtypes = [_I64] * 4 + [_PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR]
-        bwd.argtypes += [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64]
-        bwd.argtypes += [_PTR]
-        mf, mb = getattr(lib, f"maxout_forward_{suffix}"), getattr(lib, f"maxout_backward_{suffix}")
-        mf.restype = mb.restype = None
-        mf.argtypes = [_I64] * 3 + [_PTR, _I64, _PTR]
-        mb.argtypes = [_I64] * 3 + [_PTR, _I64, _PTR, _PTR, _PTR]
-        rms = getattr(lib, f"rmsprop_step_{suffix}")
-        rms.restype = ctypes.c_double
-        rms.argtypes = [_I64, _PTR, _PTR, _PTR, _PTR] + [ctypes.c_double] * 5
+    _declare(lib)
     return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """The C signatures (the argument names as in the sources), for each of float32 (``_f32``) and float64."""
+    i, p, f, flag = _I64, _PTR, ctypes.c_double, ctypes.c_int
+    signatures = {
+        # N K D, w (pn pk), u (qn qk), floored floor, w_eff u_hat consts
+        "planar_reparam": (None, [i, i, i, p, i, i, p, i, i, flag, f, p, p, p]),
+        # N S K D, z0 (z0n z0s), w (pn pk), b (bn bk), u_hat consts, zk (zkn zks), ladj (ln ls), zs terms z
+        "planar_forward": (None, [i, i, i, i, p, i, i, p, i, i, p, i, i, p, p, p, i, i, p, i, i, p, p, p]),
+        # N S K D, w u (qn qk), u_hat consts zs terms, g_zk (gkn gks), g_ladj (gln gls), g_z0 (gzn gzs),
+        # g_w g_u (gn gk), g_b (gbn gbk), gz
+        "planar_backward": (None, [i] * 4 + [p, p, i, i] + [p] * 4 + [p, i, i] * 3 + [p, p, i, i, p, i, i, p]),
+        "maxout_forward": (None, [i, i, i, p, i, p]),  # rows units window, x xr, out
+        "maxout_backward": (None, [i, i, i, p, i, p, p, p]),  # rows units window, x xr, out g_out g_x
+        "rmsprop_step": (f, [i, p, p, p, p, f, f, f, f, f]),  # n p g v buf, lr alpha eps weight_decay momentum
+    }
+    for name, (restype, argtypes) in signatures.items():
+        for suffix in ("f32", "f64"):
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.restype, fn.argtypes = restype, argtypes
 
 
 def _suffix(t: Tensor) -> str:
