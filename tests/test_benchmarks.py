@@ -188,3 +188,22 @@ def test_importance_sampling_gives_the_previous_codes_numbers():
             torch.manual_seed(1)
             out.append(bench.log_marginal_likelihood(m, x, 50, batch_size=batch_size))
         torch.testing.assert_close(out[0], out[1], rtol=1e-6, atol=2e-4)
+
+
+def test_divergence_script_runs_and_the_kernels_stay_within_rounding_at_first(tmp_path, monkeypatch):
+    """benchmarks/divergence.py at toy size (random images): it writes its table, and after one update the
+    kernels' parameters are within float32 rounding of torch's (the growth after that is the protocol's chaos,
+    docs/performance.md)."""
+    import pandas as pd
+
+    from benchmarks import divergence
+
+    monkeypatch.delenv("NFVI_DATA", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        divergence.main(["--k", "2", "--steps", "2", "--out", str(tmp_path / "d.csv")])
+    finally:
+        torch.set_num_threads(threads)
+    table = pd.read_csv(tmp_path / "d.csv")
+    assert list(table["update"]) == [1, 2]
+    assert table["kernels_vs_torch"].iloc[0] < 1e-6 and table["torch_vs_torch_nudged_1e-7"].iloc[0] > 0
