@@ -196,12 +196,12 @@ def step_with_norm(optimizer: torch.optim.Optimizer, params) -> torch.Tensor:
 
     For RMSprop on the CPU with one torch thread (nfvi's default ``threads=1``; float32 or float64, not centered,
     not maximize, no step hooks, the same parameters as ``params``) the step and the norm are one pass over each
-    gradient (:func:`nfvi.kernels.rmsprop_step`, torch's
-    per-tensor arithmetic; the state is torch's own ``step``, ``square_avg`` and ``momentum_buffer``, so
-    ``state_dict`` and resuming see what they always saw). The norm was a second pass over every gradient: 0.9 ms
-    of Table 2's K=80 update (17 MB of gradients; docs/performance.md). Elsewhere, or with ``NFVI_KERNELS=0``:
-    :func:`clip_gradients`, then ``optimizer.step()``.
+    gradient (:func:`nfvi.kernels.rmsprop_step`: torch's per-tensor arithmetic on torch's own ``step``,
+    ``square_avg`` and ``momentum_buffer``, so ``state_dict`` and resuming see what they always saw). The norm was
+    a second pass over every gradient: 0.9 ms of Table 2's K=80 update (17 MB of gradients; docs/performance.md).
+    Elsewhere, or with ``NFVI_KERNELS=0``: :func:`clip_gradients`, then ``optimizer.step()``.
     """
+    params = list(params)
     work = _fused_rmsprop_work(optimizer, params)
     if work is None:
         norm = clip_gradients(params, float("inf"))
@@ -266,12 +266,12 @@ def _fused_rmsprop_work(optimizer, params) -> list | None:
         for p in group["params"]:
             if p.grad is None:
                 continue
+            if p.grad.is_sparse or torch.is_complex(p):
+                return None
             state = optimizer.state[p]
             tensors = [p, p.grad, *(state[k] for k in ("square_avg", "momentum_buffer") if k in state)]
             if not kernels.usable(*tensors) or not _dense(p) or any(t.stride() != p.stride() for t in tensors):
                 return None  # the kernel runs over the storage in memory order: the same dense layout for all
-            if p.grad.is_sparse or torch.is_complex(p):
-                return None
             items.append((p, state))
             seen.add(id(p))
         work.append((group, items))

@@ -248,7 +248,7 @@ def test_step_with_norm_falls_back_to_torchs_step_where_the_kernel_cannot(monkey
             p.grad = torch.ones_like(p)
         assert _fused_rmsprop_work(opt, params) is None
         before = [p.detach().clone() for p in params]
-        norm = step_with_norm(opt, params)
+        norm = step_with_norm(opt, iter(params))  # any iterable, as torch's optimizers take
         assert float(norm) == pytest.approx(float(clip_gradients(params, float("inf"))), rel=1e-3)
         assert any(not torch.equal(p, b) for p, b in zip(params, before, strict=True))  # stepped
     params, opt = _rmsprop_pair(0.9, 0.0)[::2]
