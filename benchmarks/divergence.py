@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.run import kernels_on
 from nfvi.config import FlowConfig, OptimConfig
 from nfvi.runs import retain_freed_memory
 from nfvi.training import optimizer_from_config, step_with_norm
@@ -55,9 +56,7 @@ def trajectory(
 ) -> dict[int, torch.Tensor]:
     """The flattened parameters after each update in ``keep`` (0-based), with the kernels on or off, starting
     from weights multiplied by ``1 + nudge * noise``."""
-    before = os.environ.get("NFVI_KERNELS")
-    os.environ["NFVI_KERNELS"] = "1" if kernels else "0"
-    try:
+    with kernels_on(kernels):
         torch.manual_seed(1)
         model = build_model(ModelConfig(), FlowConfig(kind="planar" if k else "none", length=k), X_DIM)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -77,11 +76,6 @@ def trajectory(
             if t in keep:
                 kept[t] = torch.cat([p.detach().flatten() for p in params]).clone()
         return kept
-    finally:
-        if before is None:
-            del os.environ["NFVI_KERNELS"]
-        else:
-            os.environ["NFVI_KERNELS"] = before
 
 
 def measure(k: int, steps: int) -> tuple[list[dict], str]:

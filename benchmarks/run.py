@@ -7,6 +7,7 @@ because the machine may be shared. See benchmarks/README.md for the columns.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
@@ -149,20 +150,27 @@ def make_nfvi_step(k: int, batch: int = BATCH, seed: int = 0, compile_optimizer:
     return step
 
 
+@contextlib.contextmanager
+def kernels_on(on: bool):
+    """``NFVI_KERNELS`` set to 1 or 0 (:mod:`nfvi.kernels` or torch operations) inside the block, restored after."""
+    before = os.environ.get("NFVI_KERNELS")
+    os.environ["NFVI_KERNELS"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["NFVI_KERNELS"]
+        else:
+            os.environ["NFVI_KERNELS"] = before
+
+
 def without_kernels(step):
     """``step`` run with ``NFVI_KERNELS=0`` (torch operations instead of :mod:`nfvi.kernels`), the setting restored
     after each call, so that it interleaves with steps that use the kernels."""
 
     def run():
-        before = os.environ.get("NFVI_KERNELS")
-        os.environ["NFVI_KERNELS"] = "0"
-        try:
+        with kernels_on(False):
             step()
-        finally:
-            if before is None:
-                del os.environ["NFVI_KERNELS"]
-            else:
-                os.environ["NFVI_KERNELS"] = before
 
     return run
 

@@ -224,16 +224,25 @@ def _broadcast_shapes(*shapes: torch.Size) -> torch.Size:
     return shapes[0] if all(s == shapes[0] for s in shapes[1:]) else torch.broadcast_shapes(*shapes)
 
 
+def _chain_layout(z: Tensor, w: Tensor, u: Tensor, b: Tensor):
+    """The chain's flattened layout: ``(k, d, n, s, batch, full, w3, u3, z0)`` with ``w3``, ``u3`` ``(N, K, D)``
+    and ``z0 (N, S, D)`` (views where they can be), ``N`` the batch and ``S`` the sample elements; a batch axis
+    of size 1 broadcasts against ``z``'s."""
+    batch = _broadcast_shapes(w.shape[:-2], u.shape[:-2], b.shape[:-1])
+    k, d = w.shape[-2:]
+    full = _broadcast_shapes(z.shape[:-1], batch)
+    sample, batch = full[: len(full) - len(batch)], full[len(full) - len(batch) :]
+    n, s = math.prod(batch), math.prod(sample)
+    w3, u3 = (t.expand(*batch, k, d).reshape(n, k, d) for t in (w, u))
+    z0 = z.expand(*full, d).reshape(s, n, d).transpose(0, 1)
+    return k, d, n, s, batch, full, w3, u3, z0
+
+
 def _chain_outputs(z: Tensor, w: Tensor, u: Tensor, b: Tensor, ladj: bool, keep: bool = False):
     """``(z_K, second, saved, (batch, full))`` for :func:`planar_chain` (``ladj`` False: ``u`` is ``u_hat``,
     ``second`` is ``a``) and :func:`planar_chain_ladj` (``ladj`` True: ``u`` is the raw u, reparameterised here,
     ``second`` is the summed log-determinant). ``saved``: what the backward pass needs."""
-    batch = _broadcast_shapes(w.shape[:-2], u.shape[:-2], b.shape[:-1])
-    k, d = w.shape[-2:]
-    full = _broadcast_shapes(z.shape[:-1], batch)
-    sample, batch = full[: len(full) - len(batch)], full[len(full) - len(batch) :]  # a size-1 batch axis broadcasts
-    n, s = math.prod(batch), math.prod(sample)
-    w3, u3 = (t.expand(*batch, k, d).reshape(n, k, d) for t in (w, u))
+    k, d, n, s, batch, full, w3, u3, z0 = _chain_layout(z, w, u, b)
     B = b.expand(*batch, k).reshape(n, k).T.reshape(k, n, 1, 1)
     rep = ()
     if ladj:  # Appendix A.1: u_hat = u + (softplus(-w.u) - 1) w / |w|^2 (as planar_u_hat)
@@ -250,7 +259,6 @@ def _chain_outputs(z: Tensor, w: Tensor, u: Tensor, b: Tensor, ladj: bool, keep:
             u3, U = U.squeeze(2).transpose(0, 1), torch.addcmul(U, r.T.reshape(k, n, 1, 1), W)
     if ladj:
         rep = (u3, wu, q, c, r, sp, spn)
-    z0 = z.expand(*full, d).reshape(s, n, d).transpose(0, 1)
     z_k, a, h, zs = _chain_forward(z0, W, U, B, keep)
     if ladj:
         wu_k, sp_k = (t.T.reshape(k, n, 1, 1) for t in (rep[1], rep[5]))
@@ -258,7 +266,7 @@ def _chain_outputs(z: Tensor, w: Tensor, u: Tensor, b: Tensor, ladj: bool, keep:
         second = log_f.sum(0).view(n, s).T.reshape(full)
         rep = (*rep, log_f, log_t, log_s)
     else:
-        second = a.view(k, n, s).permute(2, 1, 0).reshape(*sample, *batch, k)
+        second = a.view(k, n, s).permute(2, 1, 0).reshape(*full, k)
     z_k = z_k.transpose(0, 1).reshape(*full, d)
     return z_k, second, (W, U, h, zs, *rep), (batch, full)
 
@@ -268,14 +276,8 @@ def _compiled_outputs(z: Tensor, w: Tensor, u: Tensor, b: Tensor, keep: bool = F
     ``(z_K, log_det, saved, (batch, full))``, with ``saved = (w_eff, u_hat, consts, zs, terms)`` (``keep``) for
     :func:`kernels.planar_backward`. ``w``, ``u`` and ``b`` are read in place (views of a parameter head's output
     need no copy); with ``w_floor``, ``w`` is raw and floored as :func:`planar_w_floor`."""
-    batch = _broadcast_shapes(w.shape[:-2], u.shape[:-2], b.shape[:-1])
-    k, d = w.shape[-2:]
-    full = _broadcast_shapes(z.shape[:-1], batch)
-    sample, batch = full[: len(full) - len(batch)], full[len(full) - len(batch) :]  # a size-1 batch axis broadcasts
-    n, s = math.prod(batch), math.prod(sample)
-    w3, u3 = (t.expand(*batch, k, d).reshape(n, k, d) for t in (w, u))
+    k, d, n, s, batch, full, w3, u3, z0 = _chain_layout(z, w, u, b)
     w_eff, u_hat, consts = kernels.planar_reparam(w3, u3, w_floor)
-    z0 = z.expand(*full, d).reshape(s, n, d).transpose(0, 1)
     z_k, ladj, saved = kernels.planar_forward(z0, w_eff, b.expand(*batch, k).reshape(n, k), u_hat, consts, keep)
     saved = (w_eff, u_hat, consts, *saved) if keep else ()
     return z_k.transpose(0, 1).reshape(*full, d), ladj.T.reshape(full), saved, (batch, full)

@@ -196,15 +196,6 @@ def _rmsprop_pair(momentum: float, weight_decay: float, dtype=torch.float32, **e
     return ours, theirs, torch.optim.RMSprop(ours, **kwargs), torch.optim.RMSprop(theirs, **kwargs)
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread, as nfvi's commands run (threads=1): where step_with_norm takes the kernel."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @needs_kernels
 @pytest.mark.parametrize("momentum, weight_decay", [(0.9, 0.0), (0.0, 0.1), (0.5, 1e-3)])
 def test_step_with_norm_is_torchs_rmsprop_step_and_its_gradient_norm(momentum, weight_decay, one_thread):
